@@ -1,0 +1,182 @@
+"""Config schemas: the types and defaults of every key, registered in Hydra's ConfigStore.
+
+Each config group file in `conf/` starts from one of these schemas (its defaults list names
+`/schema/<group>/<kind>`), so a misspelled key or a value of the wrong type stops the run at
+start-up with the full key named. Checks that need more than a type (allowed values,
+ranges) live in `validate`, which reports every problem at once.
+
+This module imports no torch, so `python train.py --help` stays quick.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from finetune.errors import ConfigError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # any name in torchvision.models.list_models(module=torchvision.models)
+    weights: str | None = "auto"  # auto | DEFAULT | IMAGENET1K_V1 | ... | null (random init)
+    checkpoint: str | None = None  # local state-dict file loaded over the weights
+    keep_classifier: bool = False  # keep the backbone's own classifier (the seed's alexnet)
+    allow_download: bool = True  # False: use only the local torch cache, never the network
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra torchvision builder args
+
+
+@dataclass
+class HeadConfig:
+    # `_target_` entries built in order into Net.add_layers; in_features / num_features of the
+    # first layers and out_features of the last one are filled in when left out.
+    layers: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | imagefolder | fake
+    image_size: int = 32
+    batch_size: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    name: str = "digits"
+    val_fraction: float = 0.2  # fixed stratified split, independent of `seed`
+    classes: list[int] | None = None  # keep only these digits (the seed experiment uses [0, 1])
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    name: str = "imagefolder"
+    root: str | None = None  # holds train/<class>/* and val/<class>/*
+    augment: bool = False  # random resized crop + horizontal flip for training
+    use_weights_transform: bool = True  # with pretrained weights, use their preprocessing
+
+
+@dataclass
+class FakeDataConfig(DataConfig):
+    name: str = "fake"
+    num_classes: int = 10
+    train_size: int = 256
+    val_size: int = 64
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    decay_bias_and_norm: bool = False  # False: 1-d parameters (biases, norm weights) get none
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    _target_: str = "torch.optim.AdamW"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    _target_: str | None = None  # null: constant learning rate
+
+
+@dataclass
+class CosineSchedulerConfig(SchedulerConfig):
+    _target_: str | None = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    T_max: int = MISSING  # epochs; the shipped file sets it to trainer.max_epochs
+    eta_min: float = 0.0
+
+
+@dataclass
+class StepSchedulerConfig(SchedulerConfig):
+    _target_: str | None = "torch.optim.lr_scheduler.StepLR"
+    step_size: int = 5  # epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = MISSING
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
+    frozen_modules: str = "eval"  # eval: fully frozen modules stay in eval mode | train
+    seed: int = 0
+    dry_run: bool = False  # build everything and print the report; train and save nothing
+    optimized_metric: str = "best_val_acc"  # what train.py returns to sweepers
+
+
+OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_loss")
+FROZEN_MODULE_MODES = ("eval", "train")
+
+SCHEMAS = {
+    (None, "config_schema"): Config,
+    ("schema/backbone", "backbone"): BackboneConfig,
+    ("schema/head", "head"): HeadConfig,
+    ("schema/data", "digits"): DigitsDataConfig,
+    ("schema/data", "imagefolder"): ImageFolderDataConfig,
+    ("schema/data", "fake"): FakeDataConfig,
+    ("schema/optimizer", "sgd"): SGDConfig,
+    ("schema/optimizer", "adamw"): AdamWConfig,
+    ("schema/scheduler", "none"): SchedulerConfig,
+    ("schema/scheduler", "cosine"): CosineSchedulerConfig,
+    ("schema/scheduler", "step"): StepSchedulerConfig,
+    ("schema/trainer", "trainer"): TrainerConfig,
+}
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        store.store(group=group, name=name, node=node)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what types cannot express; raise one ConfigError listing every problem."""
+    problems = []
+
+    def check(ok: bool, key: str, value: Any, valid: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value!r} is not valid: {valid}.")
+
+    check(cfg.frozen_modules in FROZEN_MODULE_MODES, "frozen_modules", cfg.frozen_modules,
+          "use eval (fully frozen modules keep eval mode while training) or train")
+    check(cfg.optimized_metric in OPTIMIZED_METRICS, "optimized_metric", cfg.optimized_metric,
+          "use one of " + ", ".join(OPTIMIZED_METRICS))
+    check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
+          "use 1 or more")
+    check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")
+    check(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "use 0 or more")
+    check(cfg.data.image_size >= 1, "data.image_size", cfg.data.image_size, "use 1 or more")
+    check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
+    check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,
+          "use 0 or more")
+    if cfg.data.name == "digits":
+        check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction,
+              "use a number between 0 and 1")
+    for index, layer in enumerate(cfg.head.layers):
+        check(isinstance(layer, DictConfig) and "_target_" in layer, f"head.layers[{index}]",
+              layer, "each head layer needs a _target_, e.g. {_target_: torch.nn.Linear}")
+    if problems:
+        raise ConfigError(" ".join(problems))

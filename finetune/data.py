@@ -1,0 +1,132 @@
+"""Data stage: cfg.data and the backbone's InputSpec -> train/val loaders and class names."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import datasets, transforms
+
+from finetune.errors import ConfigError
+from finetune.model import InputSpec
+
+DIGITS_SPLIT_SEED = 0  # the digits train/val split is fixed, whatever the run's seed
+
+
+@dataclass
+class Data:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def normalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def select_digit_classes(images, labels, classes: list[int] | None):
+    """Keep only `classes` (relabelled 0..k-1 in the given order); all ten when None."""
+    if classes is None:
+        return images, labels, [str(digit) for digit in range(10)]
+    if len(set(classes)) != len(classes) or len(classes) < 2 or not set(classes) <= set(range(10)):
+        raise ConfigError(f"data.classes={classes} is not valid: give two or more distinct "
+                          "digits from 0 to 9, or null for all ten.")
+    keep = [i for i, label in enumerate(labels) if label in classes]
+    relabel = {digit: index for index, digit in enumerate(classes)}
+    return images[keep], [relabel[labels[i]] for i in keep], [str(digit) for digit in classes]
+
+
+def digits_tensors(cfg: DictConfig, spec: InputSpec):
+    """scikit-learn's bundled 8x8 digits, resized and normalized once, kept as tensors."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bundle = load_digits()
+    images, labels, class_names = select_digit_classes(
+        bundle.images, bundle.target.tolist(), None if cfg.classes is None else list(cfg.classes))
+    train_index, val_index = train_test_split(
+        list(range(len(labels))), test_size=cfg.val_fraction, stratify=labels,
+        random_state=DIGITS_SPLIT_SEED)
+    pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = F.interpolate(pixels, size=(spec.image_size, spec.image_size), mode="bilinear",
+                           align_corners=False)
+    pixels = normalize(pixels.expand(-1, 3, -1, -1), spec).contiguous()
+    targets = torch.tensor(labels)
+    train = TensorDataset(pixels[train_index], targets[train_index])
+    val = TensorDataset(pixels[val_index], targets[val_index])
+    return train, val, class_names
+
+
+def image_transforms(spec: InputSpec, augment: bool):
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    evaluation = transforms.Compose([
+        transforms.Resize(spec.resize_size, interpolation=spec.interpolation),
+        transforms.CenterCrop(spec.image_size), *to_tensor])
+    if not augment:
+        return evaluation, evaluation
+    training = transforms.Compose([
+        transforms.RandomResizedCrop(spec.image_size, interpolation=spec.interpolation),
+        transforms.RandomHorizontalFlip(), *to_tensor])
+    return training, evaluation
+
+
+def image_folders(cfg: DictConfig, spec: InputSpec):
+    """torchvision ImageFolder over ROOT/train and ROOT/val (one folder per class)."""
+    if not cfg.root:
+        raise ConfigError("data.root is not set: data=imagefolder needs data.root=PATH where "
+                          "PATH/train/<class>/ and PATH/val/<class>/ hold the images.")
+    root = os.path.expanduser(cfg.root)
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise ConfigError(f"data.root={cfg.root!r}: {os.path.join(root, split)} does not "
+                              "exist; the root must hold train/<class>/ and val/<class>/ folders.")
+    train_transform, val_transform = image_transforms(spec, cfg.augment)
+    try:
+        train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_transform)
+        val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
+    if train.classes != val.classes:
+        raise ConfigError(f"data.root={cfg.root!r}: train and val have different class folders "
+                          f"({train.classes} vs {val.classes}); they must match.")
+    return train, val, train.classes
+
+
+def fake_data(cfg: DictConfig, spec: InputSpec):
+    """torchvision FakeData (random images, deterministic per index) for smoke tests."""
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+    shape = (3, spec.image_size, spec.image_size)
+    train = datasets.FakeData(cfg.train_size, shape, cfg.num_classes, transform)
+    val = datasets.FakeData(cfg.val_size, shape, cfg.num_classes, transform,
+                            random_offset=cfg.train_size)
+    return train, val, [str(index) for index in range(cfg.num_classes)]
+
+
+BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data}
+
+
+def loader(dataset: Dataset, cfg: DictConfig, shuffle: bool, seed: int, pin_memory: bool):
+    in_memory = isinstance(dataset, TensorDataset)  # nothing to decode: workers only add cost
+    workers = 0 if in_memory else cfg.num_workers
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
+        pin_memory=pin_memory and not in_memory, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False) -> Data:
+    if cfg.name not in BUILDERS:
+        raise ConfigError(f"data.name={cfg.name!r} is not valid: use one of {', '.join(BUILDERS)}.")
+    train, val, class_names = BUILDERS[cfg.name](cfg, spec)
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
+    return Data(loader(train, cfg, True, seed, pin_memory), loader(val, cfg, False, seed, pin_memory),
+                class_names)

@@ -1,0 +1,169 @@
+"""Trainer stage: the epoch loop (train pass, eval pass, metrics.csv, checkpoints)."""
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from finetune.checkpoint import save_atomic
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POSTFIX_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+
+METRIC_COLUMNS = list(EpochMetrics.__dataclass_fields__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a named device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"trainer.device={name!r} is not a device: use auto, cpu, cuda, "
+                          "cuda:N or mps.") from error
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ConfigError(f"trainer.device={name!r} is not available on this machine: use "
+                          "trainer.device=auto or cpu.")
+    return device
+
+
+class Totals:
+    """Loss and accuracy summed on the device, read back once per epoch."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach() * labels.numel()
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.count += labels.numel()
+
+    def means(self) -> tuple[float, float]:
+        return self.loss.item() / self.count, self.correct.item() / self.count
+
+
+def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, description: str) -> tuple[float, float]:
+    net.train()  # Net.train keeps fully frozen modules in eval mode
+    totals = Totals(device)
+    bar = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = net(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals.add(loss, logits, labels)
+        if step % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    return totals.means()
+
+
+def evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    net.eval()
+    totals = Totals(device)
+    with torch.inference_mode():
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            logits = net(images)
+            totals.add(F.cross_entropy(logits, labels), logits, labels)
+    return totals.means()
+
+
+class MetricsCsv:
+    """metrics.csv: one row per finished epoch, flushed so it can be watched."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "w", newline="") as handle:
+            csv.writer(handle).writerow(METRIC_COLUMNS)
+
+    def append(self, metrics: EpochMetrics) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow(asdict(metrics).values())
+
+
+@dataclass
+class Monitor:
+    """Which validation metric decides the best checkpoint."""
+
+    key: str = "val_acc"
+    higher_is_better: bool = True
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    best_epoch: int
+
+
+def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+        optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, device: torch.device,
+        run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]]) -> FitResult:
+    """Train for max_epochs, writing metrics.csv and checkpoints/{last,best}.pt each epoch."""
+    metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"))
+    history: list[EpochMetrics] = []
+    best, best_epoch = None, 0
+    for epoch in range(1, max_epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, device,
+                                                f"epoch {epoch}/{max_epochs}")
+        val_loss, val_acc = evaluate(net, val_loader, device)
+        if scheduler is not None:
+            scheduler.step()
+        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr,
+                               time.perf_counter() - started)
+        history.append(metrics)
+        metrics_csv.append(metrics)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  %.1fs",
+                 epoch, max_epochs, train_loss, train_acc, val_loss, val_acc, lr, metrics.seconds)
+        value = getattr(metrics, monitor.key)
+        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
+        save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
+        if monitor.improved(value, best):
+            best, best_epoch = value, epoch
+            save_atomic(state, os.path.join(run_dir, "checkpoints", "best.pt"))
+    return FitResult(history, best_epoch)
