@@ -89,7 +89,7 @@ def check_backbone_name(name: str) -> None:
 
 def weights_enum_for(backbone_name: str, weights_name: str) -> WeightsEnum:
     weights_class = torchvision.models.get_model_weights(backbone_name)
-    members = list(weights_class.__members__)
+    members = [name for name in weights_class.__members__ if name != "DEFAULT"]
     if weights_name == "DEFAULT":
         return weights_class.DEFAULT
     if weights_name not in members:

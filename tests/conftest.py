@@ -1,0 +1,70 @@
+"""Shared fixtures: composed configs, an offline torch cache, small models."""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import nn
+
+from finetune.config import register_schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+register_schemas()
+
+
+def make_config(*overrides: str) -> DictConfig:
+    """The config `python train.py OVERRIDES` would run with (without the hydra section)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# Small and quick: random init, tiny fake images, one epoch.
+FAST = ("backbone.weights=null", "data=fake", "data.train_size=64", "data.val_size=32",
+        "data.batch_size=16", "trainer.max_epochs=1", "trainer.device=cpu")
+
+
+@pytest.fixture(autouse=True)
+def offline_torch_cache(monkeypatch, tmp_path_factory):
+    """An empty torch cache per test, and no network: downloads fail as they would offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+    def no_network(url, *args, **kwargs):
+        raise OSError(f"network disabled in tests: {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+@contextmanager
+def parameters_on_meta():
+    """Build models with parameters and buffers on the meta device: shapes only, no memory."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def to_meta_parameter(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def to_meta_buffer(module, name, buffer, persistent=True):
+        register_buffer(module, name, None if buffer is None else buffer.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, to_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python train.py OVERRIDES` in a subprocess, never downloading."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "backbone.allow_download=false",
+                           *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
