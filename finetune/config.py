@@ -1,7 +1,8 @@
 """Config schemas: the types and defaults of every key, registered in Hydra's ConfigStore.
 
-Each config group file in `conf/` starts from one of these schemas (its defaults list names
-`/schema/<group>/<kind>`), so a misspelled key or a value of the wrong type stops the run at
+`Config` types the whole tree; where a group's options differ in their keys (data, optimizer,
+scheduler) each option file starts from its own schema (`/schema/<group>/<option>` in its
+defaults list). Either way a misspelled key or a value of the wrong type stops the run at
 start-up with the full key named. Checks that need more than a type (allowed values,
 ranges) live in `validate`, which reports every problem at once.
 
@@ -132,8 +133,6 @@ FROZEN_MODULE_MODES = ("eval", "train")
 
 SCHEMAS = {
     (None, "config_schema"): Config,
-    ("schema/backbone", "backbone"): BackboneConfig,
-    ("schema/head", "head"): HeadConfig,
     ("schema/data", "digits"): DigitsDataConfig,
     ("schema/data", "imagefolder"): ImageFolderDataConfig,
     ("schema/data", "fake"): FakeDataConfig,
@@ -142,7 +141,6 @@ SCHEMAS = {
     ("schema/scheduler", "none"): SchedulerConfig,
     ("schema/scheduler", "cosine"): CosineSchedulerConfig,
     ("schema/scheduler", "step"): StepSchedulerConfig,
-    ("schema/trainer", "trainer"): TrainerConfig,
 }
 
 

@@ -1,0 +1,54 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from finetune.checkpoint import load_safe, save_atomic
+from finetune.errors import ConfigError
+
+
+def test_save_then_load_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 2, "names": ["a"]}
+    save_atomic(state, str(tmp_path / "ckpt" / "last.pt"))
+    loaded = load_safe(str(tmp_path / "ckpt" / "last.pt"))
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 2
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_atomic({"epoch": 1}, path)
+
+    def crash(obj, stream):
+        stream.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_safe(path) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": RunsCode(str(marker))}, handle, protocol=2)
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        load_safe(str(path), key="backbone.checkpoint")
+    assert not marker.exists()
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint=.*missing.pt' does not exist"):
+        load_safe(str(tmp_path / "missing.pt"))

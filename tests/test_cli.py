@@ -1,0 +1,90 @@
+"""End-to-end: `python train.py ...` in a subprocess, as a user runs it."""
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import run_train
+from test_freeze import SEED_NAMES
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_reaches_90_percent_on_digits(tmp_path):
+    result = run_train(f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_completed"] == 10
+    assert summary["best_val_acc"] >= 0.90
+    assert 0 < summary["trainable_params"] < summary["total_params"]  # part of it is frozen
+    assert "random init" in result.stdout  # offline: said at start-up
+
+
+def test_one_epoch_run_leaves_a_complete_run_directory(tmp_path):
+    result = run_train(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", "head=mlp")
+    assert result.returncode == 0, result.stderr
+    for name in ("metrics.csv", "summary.json", "params.tsv", "train.log",
+                 "checkpoints/last.pt", "checkpoints/best.pt", ".hydra/config.yaml"):
+        assert (tmp_path / name).is_file(), name
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 1 and float(rows[0]["val_acc"]) > 0.1
+    params = list(csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t"))
+    assert params[0] == {"name": "pretrained.conv1.weight", "shape": "64x3x7x7", "numel": "9408",
+                         "trainable": "False"}
+    assert "epoch 1/1" in result.stdout and "best epoch 1" in result.stdout
+
+
+def test_seed_experiment_dry_run_prints_the_seed_table(tmp_path):
+    result = run_train("experiment=seed", "dry_run=true", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("params: ")]
+    flags = [False] * 16 + [True] * 4
+    assert lines == [f"params: \t{name}, \tgradient: {flag}"
+                     for name, flag in zip(SEED_NAMES, flags, strict=True)]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+def test_image_folder_run_with_a_frozen_resnet50(tmp_path):
+    for split in ("train", "val"):
+        for label, colour in (("ants", (200, 10, 10)), ("bees", (10, 10, 200))):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for n in range(3):
+                Image.new("RGB", (50, 40), colour).save(tmp_path / "photos" / split / label / f"{n}.jpg")
+    result = run_train("backbone=resnet50", "data=imagefolder", f"data.root={tmp_path}/photos",
+                       "freeze=[pretrained]", "optimizer.lr=3e-4", "data.image_size=64",
+                       "data.num_workers=2", "trainer.max_epochs=1",
+                       f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["trainable_params"] == 2048 * 2 + 2  # only the Linear head
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["backbone=resnet99"], ["backbone/resnet99", "resnet18"]),
+    (["backbone.name=resnt18"], ["backbone.name='resnt18'", "resnet18"]),
+    (["backbone.weights=IMAGENET1K_V1"], ["resnet18-f37072fd.pth", "hub/checkpoints"]),
+    (["backbone.weights=V2"], ["backbone.weights='V2'", "IMAGENET1K_V1"]),
+    (["backbone.nmae=x"], ["nmae"]),
+    (["optimizer.lr=fast"], ["optimizer.lr", "fast"]),
+    (["data=imagefolder", "data.root=/no/such/photos"], ["/no/such/photos"]),
+    (["freeze=[pretrained.layer9]"], ["pretrained.layer9", "pretrained.layer4"]),
+    (["freeze=[pretrained,add_layers]"], ["freezes all"]),
+])
+def test_bad_input_exits_non_zero_with_one_clear_message(tmp_path, overrides, fragments):
+    result = run_train(*overrides, f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_bad_config_loses_nothing_in_an_existing_run_directory(tmp_path):
+    first = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    again = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "trainer.max_epochs=1")
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    assert {p: p.read_bytes() for p in before} == before

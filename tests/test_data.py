@@ -1,0 +1,95 @@
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_config
+from finetune.data import build_data
+from finetune.errors import ConfigError
+from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from torchvision.transforms import InterpolationMode
+
+
+def spec(size=32):
+    return InputSpec(size, round(size / 0.875), IMAGENET_MEAN, IMAGENET_STD,
+                     InterpolationMode.BILINEAR)
+
+
+def test_digits_are_resized_three_channel_tensors_with_a_fixed_split():
+    data = build_data(make_config().data, spec(32), seed=0)
+    assert data.class_names == [str(i) for i in range(10)]
+    train, val = data.train_loader.dataset, data.val_loader.dataset
+    assert (len(train), len(val)) == (1437, 360)
+    images, labels = next(iter(data.train_loader))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.min() >= 0 and labels.max() <= 9
+    other_seed = build_data(make_config().data, spec(32), seed=7)
+    assert torch.equal(other_seed.val_loader.dataset.tensors[0], val.tensors[0])
+
+
+def test_digits_class_subset_is_relabelled():
+    data = build_data(make_config("data.classes=[0,1]").data, spec(16), seed=0)
+    assert data.class_names == ["0", "1"] and data.num_classes == 2
+    labels = data.train_loader.dataset.tensors[1]
+    assert set(labels.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("classes", ["[3]", "[1,1]", "[0,12]"])
+def test_bad_digit_classes_are_refused(classes):
+    with pytest.raises(ConfigError, match="data.classes="):
+        build_data(make_config(f"data.classes={classes}").data, spec(), seed=0)
+
+
+def test_shuffle_order_follows_the_seed():
+    first = next(iter(build_data(make_config().data, spec(8), seed=1).train_loader))[1]
+    again = next(iter(build_data(make_config().data, spec(8), seed=1).train_loader))[1]
+    other = next(iter(build_data(make_config().data, spec(8), seed=2).train_loader))[1]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_fake_data():
+    cfg = make_config("data=fake", "data.num_classes=3", "data.train_size=12", "data.val_size=6")
+    data = build_data(cfg.data, spec(16), seed=0)
+    assert data.num_classes == 3
+    assert len(data.train_loader.dataset) == 12 and len(data.val_loader.dataset) == 6
+    assert next(iter(data.val_loader))[0].shape == (6, 3, 16, 16)
+
+
+def make_image_folder(root, classes=("cat", "dog"), per_class=3, splits=("train", "val")):
+    for split in splits:
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for n in range(per_class):
+                Image.new("RGB", (40 + n, 30), (index * 100, n * 40, 0)).save(folder / f"{n}.png")
+    return root
+
+
+def test_image_folder_reads_train_and_val(tmp_path):
+    make_image_folder(tmp_path)
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0",
+                      "data.batch_size=4", "data.augment=true")
+    data = build_data(cfg.data, spec(24), seed=0)
+    assert data.class_names == ["cat", "dog"]
+    images, labels = next(iter(data.val_loader))
+    assert images.shape == (4, 3, 24, 24)
+    assert labels.tolist() == [0, 0, 0, 1]
+    assert next(iter(data.train_loader))[0].shape == (4, 3, 24, 24)
+
+
+def test_missing_data_root_is_named(tmp_path):
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}/photos")
+    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}/photos'.*train does not exist"):
+        build_data(cfg.data, spec(), seed=0)
+
+
+def test_unset_data_root_says_what_to_set():
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        build_data(make_config("data=imagefolder").data, spec(), seed=0)
+
+
+def test_train_and_val_classes_must_match(tmp_path):
+    make_image_folder(tmp_path, classes=("cat", "dog"), splits=("train",))
+    make_image_folder(tmp_path, classes=("cat", "cow"), splits=("val",))
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}")
+    with pytest.raises(ConfigError, match="different class folders"):
+        build_data(cfg.data, spec(), seed=0)

@@ -1,0 +1,66 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import FAST, make_config
+from finetune.checkpoint import load_safe
+from finetune.errors import ConfigError
+from finetune.run import run
+
+
+def test_run_writes_every_output_and_returns_the_optimized_metric(tmp_path):
+    value = run(make_config(*FAST, "trainer.max_epochs=2"), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints", "metrics.csv", "params.tsv", "summary.json"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert value == summary["best_val_acc"]
+    assert summary["epochs_completed"] == 2 and summary["status"] == "ok"
+    assert summary["weights"].startswith("random init")
+    assert summary["trainable_params"] < summary["total_params"]
+    for key in ("last_val_acc", "seconds", "best_epoch"):
+        assert key in summary
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert summary["best_val_acc"] == max(float(row["val_acc"]) for row in rows)
+    assert summary["last_val_acc"] == float(rows[-1]["val_acc"])
+    best = load_safe(str(tmp_path / "checkpoints" / "best.pt"))
+    assert best["config"]["backbone"]["name"] == "resnet18"
+    assert "pretrained.layer1.0.conv1.weight" not in best["trainable"]
+
+
+@pytest.mark.parametrize("metric", ["last_val_acc", "best_val_loss"])
+def test_optimized_metric_choice(tmp_path, metric):
+    value = run(make_config(*FAST, f"optimized_metric={metric}"), str(tmp_path))
+    assert value == json.loads((tmp_path / "summary.json").read_text())[metric]
+
+
+def test_dry_run_trains_and_saves_nothing(tmp_path):
+    assert run(make_config(*FAST, "dry_run=true"), str(tmp_path)) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["params.tsv"]
+
+
+def test_same_seed_same_result_on_cpu(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        run(make_config(*FAST, "trainer.max_epochs=2", "seed=5"), str(tmp_path / name))
+        rows = [{k: v for k, v in row.items() if k != "seconds"}
+                for row in csv.DictReader(open(tmp_path / name / "metrics.csv"))]
+        results.append((rows, load_safe(str(tmp_path / name / "checkpoints" / "last.pt"))["model"]))
+    (rows_a, model_a), (rows_b, model_b) = results
+    assert rows_a == rows_b
+    assert all(torch.equal(model_a[key], model_b[key]) for key in model_a)
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch\n1\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(make_config(*FAST), str(tmp_path))
+    assert (tmp_path / "metrics.csv").read_text() == "epoch\n1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_config_error_happens_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError):
+        run(make_config(*FAST, "freeze=[pretrained.nothing]"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

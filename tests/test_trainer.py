@@ -1,0 +1,109 @@
+import csv
+
+import pytest
+import torch
+
+from conftest import FAST, make_config
+from finetune.checkpoint import load_safe
+from finetune.errors import ConfigError
+from finetune.run import build
+from finetune.trainer import Monitor, evaluate, fit, resolve_device, train_one_epoch
+
+FROZEN = "freeze=[pretrained.conv1,pretrained.bn1,pretrained.layer1]"
+
+
+def snapshot(module):
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def train_epoch(setup):
+    train_one_epoch(setup.net, setup.data.train_loader, setup.optimizer, setup.device, "test")
+
+
+def test_frozen_parameters_are_bit_identical_and_trainable_ones_change():
+    setup = build(make_config(*FAST, FROZEN))
+    before = snapshot(setup.net)
+    train_epoch(setup)
+    after = setup.net.state_dict()
+    for name, param in setup.net.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(after[name], before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(after[name], before[name]), f"frozen {name} changed"
+    assert any(not p.requires_grad for p in setup.net.parameters())
+
+
+def batchnorm_buffers(net, prefix):
+    return {name: value.clone() for name, value in net.named_buffers() if name.startswith(prefix)}
+
+
+def test_batchnorm_statistics_in_frozen_parts_stay_put_by_default():
+    setup = build(make_config(*FAST, FROZEN))
+    frozen_before = batchnorm_buffers(setup.net, "pretrained.layer1.")
+    trained_before = batchnorm_buffers(setup.net, "pretrained.layer2.")
+    train_epoch(setup)
+    frozen_after = batchnorm_buffers(setup.net, "pretrained.layer1.")
+    trained_after = batchnorm_buffers(setup.net, "pretrained.layer2.")
+    assert frozen_before and all(torch.equal(frozen_after[k], v) for k, v in frozen_before.items())
+    assert not torch.equal(trained_after["pretrained.layer2.0.bn1.running_mean"],
+                           trained_before["pretrained.layer2.0.bn1.running_mean"])
+
+
+def test_batchnorm_statistics_move_with_frozen_modules_train():
+    setup = build(make_config(*FAST, FROZEN, "frozen_modules=train"))
+    before = batchnorm_buffers(setup.net, "pretrained.layer1.")
+    train_epoch(setup)
+    after = batchnorm_buffers(setup.net, "pretrained.layer1.")
+    assert not torch.equal(after["pretrained.layer1.0.bn1.running_mean"],
+                           before["pretrained.layer1.0.bn1.running_mean"])
+    assert after["pretrained.layer1.0.bn1.num_batches_tracked"] == 4  # 64 images / 16
+    # the weights themselves are still frozen
+    assert not setup.net.pretrained.layer1[0].bn1.weight.requires_grad
+
+
+def test_forward_hooks_see_train_mode_in_training_and_eval_mode_in_validation():
+    setup = build(make_config(*FAST, FROZEN, "head=mlp"))
+    seen = {"frozen": [], "trainable": [], "head_dropout": []}
+    watched = {"frozen": setup.net.pretrained.layer1[0].bn1,
+               "trainable": setup.net.pretrained.layer2[0].bn1,
+               "head_dropout": setup.net.add_layers[2]}
+    for key, module in watched.items():
+        module.register_forward_hook(lambda m, args, out, key=key: seen[key].append(m.training))
+    train_epoch(setup)
+    assert seen == {"frozen": [False] * 4, "trainable": [True] * 4, "head_dropout": [True] * 4}
+    for flags in seen.values():
+        flags.clear()
+    evaluate(setup.net, setup.data.val_loader, setup.device)
+    assert seen == {"frozen": [False] * 2, "trainable": [False] * 2, "head_dropout": [False] * 2}
+
+
+def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
+    setup = build(make_config(*FAST, "trainer.max_epochs=2"))
+    result = fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
+                 setup.scheduler, 2, setup.device, str(tmp_path), Monitor(),
+                 lambda: {"class_names": setup.data.class_names})
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                             "seconds"]
+    assert float(rows[0]["lr"]) == 0.05 and float(rows[1]["lr"]) < 0.05  # cosine over 2 epochs
+    last = load_safe(str(tmp_path / "checkpoints" / "last.pt"))
+    best = load_safe(str(tmp_path / "checkpoints" / "best.pt"))
+    assert last["epoch"] == 2 and best["epoch"] == result.best_epoch
+    assert last["class_names"] == [str(i) for i in range(10)]
+    for name, value in setup.net.state_dict().items():
+        assert torch.equal(last["model"][name], value)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_monitor_direction():
+    assert Monitor("val_acc", True).improved(0.5, 0.4)
+    assert not Monitor("val_loss", False).improved(0.5, 0.4)
+    assert Monitor().improved(0.0, None)
+
+
+def test_device_auto_is_available_and_unknown_devices_are_refused():
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="trainer.device='gpu0'"):
+        resolve_device("gpu0")
