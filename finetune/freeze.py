@@ -71,8 +71,9 @@ def no_match_error(pattern: str, names: Sequence[str]) -> ConfigError:
     body = pattern.removeprefix("!").removeprefix("re:")
     hints = closest(body, sorted(module_names(names)) + list(names), n=5)
     hint = f" Closest names: {', '.join(hints)}." if hints else f" The first name is {names[0]}."
-    return ConfigError(f"freeze pattern {pattern!r} matches no parameter.{hint} Print all names "
-                       "with dry_run=true.")
+    return ConfigError(f"freeze pattern {pattern!r} matches no parameter.{hint} To list every "
+                       "parameter name: python train.py dry_run=true 'freeze=[]' (plus your "
+                       "backbone overrides).")
 
 
 def trainable_flags(names: Sequence[str], patterns: Sequence[str]) -> dict[str, bool]:

@@ -65,6 +65,5 @@ def parameters_on_meta():
 def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
     """`python train.py OVERRIDES` in a subprocess, never downloading."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "backbone.allow_download=false",
-                           *overrides], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, "backbone.allow_download=false"]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,9 +3,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF_DIR, make_config
 from finetune.config import validate
 from finetune.errors import ConfigError
+
+from conftest import CONF_DIR, make_config
 
 GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "experiment")
 

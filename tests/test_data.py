@@ -1,12 +1,13 @@
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
-from conftest import make_config
 from finetune.data import build_data
 from finetune.errors import ConfigError
 from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
-from torchvision.transforms import InterpolationMode
+
+from conftest import make_config
 
 
 def spec(size=32):

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_config
 from finetune.errors import ConfigError
 from finetune.freeze import (
     apply_freeze,
@@ -15,6 +14,8 @@ from finetune.freeze import (
 )
 from finetune.model import Net
 from finetune.run import build
+
+from conftest import make_config
 
 # The seed recipe's printout, copied from shared/seed: 16 frozen alexnet tensors, 4 head ones.
 SEED_NAMES = [

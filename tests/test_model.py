@@ -5,8 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import make_config, parameters_on_meta
 from finetune.errors import ConfigError
+from finetune.freeze import apply_freeze
 from finetune.model import (
     Net,
     build_backbone,
@@ -16,13 +16,15 @@ from finetune.model import (
     weights_cache_path,
 )
 
+from conftest import make_config, parameters_on_meta
+
 # Features each shipped backbone hands the head once its classifier is replaced.
 SHIPPED_WIDTHS = {"alexnet": 4096, "resnet18": 512, "resnet50": 2048, "mobilenet_v3_small": 1024,
                   "efficientnet_b0": 1280, "convnext_tiny": 768, "vit_b_16": 768}
 
 
-def build_on_meta(*overrides, num_classes=10):
-    cfg = make_config("backbone.weights=null", *overrides)
+def build_on_meta(*overrides, num_classes=10, config=None):
+    cfg = config or make_config("backbone.weights=null", *overrides)
     weights = resolve_weights(cfg.backbone)
     with parameters_on_meta():
         backbone = build_backbone(cfg.backbone, weights)
@@ -39,6 +41,15 @@ def test_head_input_size_is_inferred_for_shipped_backbones(name, width):
     assert (last.in_features, last.out_features) == (256, 10)
     out = net.eval()(torch.zeros(2, 3, spec.image_size, spec.image_size, device="meta"))
     assert tuple(out.shape) == (2, 10)
+
+
+@pytest.mark.parametrize("name", SHIPPED_WIDTHS)
+def test_each_shipped_backbone_has_a_default_freeze_list_that_fits_it(name):
+    cfg = make_config(f"backbone={name}", "backbone.weights=null")
+    net, _ = build_on_meta(config=cfg)
+    report = apply_freeze(net, cfg.freeze, "eval")
+    assert 0 < report.trainable_params < report.total_params
+    assert all(module.startswith("pretrained.") for module in report.eval_modules)
 
 
 def test_kept_classifier_feeds_its_logits_to_the_head():

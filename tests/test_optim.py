@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import FAST, make_config
 from finetune.errors import ConfigError
 from finetune.run import build
+
+from conftest import FAST, make_config
 
 
 def optimizer_params(optimizer):

@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, make_config
 from finetune.checkpoint import load_safe
 from finetune.errors import ConfigError
 from finetune.run import run
+
+from conftest import FAST, make_config
 
 
 def test_run_writes_every_output_and_returns_the_optimized_metric(tmp_path):

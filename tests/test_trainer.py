@@ -3,11 +3,12 @@ import csv
 import pytest
 import torch
 
-from conftest import FAST, make_config
 from finetune.checkpoint import load_safe
 from finetune.errors import ConfigError
 from finetune.run import build
 from finetune.trainer import Monitor, evaluate, fit, resolve_device, train_one_epoch
+
+from conftest import FAST, make_config
 
 FROZEN = "freeze=[pretrained.conv1,pretrained.bn1,pretrained.layer1]"
 
