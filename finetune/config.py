@@ -114,6 +114,21 @@ class TrainerConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    patterns: list[str] = MISSING  # parameters of this group (first matching entry wins)
+    lr_mult: float = 1.0  # learning rate = lr_mult x optimizer.lr
+    weight_decay: float | None = None  # null: optimizer.weight_decay (1-d params exempt)
+    name: str | None = None  # shown in the report; default group<index>
+
+
+@dataclass
+class UnfreezePhaseConfig:
+    epoch: int = MISSING  # 1-based epoch at whose start the parameters become trainable
+    patterns: list[str] = MISSING
+    lr_mult: float = 1.0  # learning rate of the new parameters = lr_mult x optimizer.lr
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = MISSING
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -122,6 +137,9 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
+    unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    lr_decay: float | None = None  # layer-wise decay: x lr_decay per stage from the head down
     frozen_modules: str = "eval"  # eval: fully frozen modules stay in eval mode | train
     seed: int = 0
     dry_run: bool = False  # build everything and print the report; train and save nothing
@@ -170,6 +188,14 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
     check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,
           "use 0 or more")
+    check(cfg.lr_decay is None or 0 < cfg.lr_decay <= 1, "lr_decay", cfg.lr_decay,
+          "use a number in (0, 1], e.g. 0.7, or null")
+    for index, entry in enumerate(cfg.param_groups):
+        check(entry.lr_mult > 0, f"param_groups[{index}].lr_mult", entry.lr_mult, "use a positive number")
+        check(entry.weight_decay is None or entry.weight_decay >= 0,
+              f"param_groups[{index}].weight_decay", entry.weight_decay, "use 0 or more, or null")
+    for index, phase in enumerate(cfg.unfreeze):
+        check(phase.lr_mult > 0, f"unfreeze[{index}].lr_mult", phase.lr_mult, "use a positive number")
     if cfg.data.name == "digits":
         check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction,
               "use a number between 0 and 1")

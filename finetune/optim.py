@@ -1,5 +1,14 @@
-"""Optimizer stage: the trainable parameters + cfg.optimizer / cfg.scheduler."""
+"""Optimizer stage: trainable parameters + param_groups / lr_decay / cfg.optimizer / cfg.scheduler.
 
+Every trainable parameter lands in exactly one group: the first `param_groups` entry whose
+patterns match it, else its layer-wise decay group (`lr_decay`), else `default`. A group's
+learning rate is `lr_mult` x optimizer.lr. Its weight decay is the entry's own when given;
+otherwise optimizer.weight_decay, with 1-d parameters (biases, norm weights) split off into
+a `<name>/no_decay` group unless optimizer.decay_bias_and_norm is true.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -8,21 +17,87 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.patterns import matching, under_any
+from finetune.stages import Aliases
 
 OWN_KEYS = ("_target_", "decay_bias_and_norm")  # read here, not passed to the optimizer
 
 
-def parameter_groups(net: nn.Module, weight_decay: float,
-                     decay_bias_and_norm: bool) -> list[dict[str, Any]]:
-    """The trainable parameters (the same tensors), 1-d ones (biases, norms) without decay."""
-    trainable = [param for _, param in net.named_parameters() if param.requires_grad]
-    if decay_bias_and_norm:
-        return [{"params": trainable, "weight_decay": weight_decay}]
-    decayed = [param for param in trainable if param.ndim > 1]
-    undecayed = [param for param in trainable if param.ndim <= 1]
-    groups = [{"params": decayed, "weight_decay": weight_decay},
-              {"params": undecayed, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+@dataclass
+class GroupRule:
+    name: str
+    matches: Callable[[str], bool]
+    lr_mult: float = 1.0
+    weight_decay: float | None = None  # None: optimizer.weight_decay, 1-d params exempt
+
+
+def explicit_rules(entries: Sequence[DictConfig], names: Sequence[str],
+                   aliases: Aliases) -> list[GroupRule]:
+    """param_groups entries; each pattern must match some parameter."""
+    rules = []
+    for index, entry in enumerate(entries):
+        members = set()
+        for position, pattern in enumerate(entry.patterns):
+            members.update(matching(names, pattern, aliases,
+                                    f"param_groups[{index}].patterns[{position}]"))
+        rules.append(GroupRule(entry.name or f"group{index}", members.__contains__,
+                               entry.lr_mult, entry.weight_decay))
+    return rules
+
+
+def layer_decay_rules(lr_decay: float, aliases: Aliases) -> list[GroupRule]:
+    """Head and classifier at the full rate, then x lr_decay per stage down to the stem."""
+    count = aliases.stage_count
+    if count == 0:
+        raise ConfigError(f"lr_decay={lr_decay} needs the backbone's stages, but the backbone "
+                          f"({aliases.family}) has no stage mapping; use param_groups instead.")
+    depths = [("@head", 0), ("@classifier", 0)]
+    depths += [(f"@stage{stage}", count - stage + 1) for stage in range(count, 0, -1)]
+    depths.append(("@stem", count + 1))
+    return [GroupRule(alias, under_any(aliases.lookup(alias)), lr_decay ** depth)
+            for alias, depth in depths]
+
+
+def group_rules(cfg: DictConfig, names: Sequence[str], aliases: Aliases) -> list[GroupRule]:
+    """The rules from cfg.param_groups and cfg.lr_decay, first match wins."""
+    rules = explicit_rules(cfg.param_groups, names, aliases)
+    if cfg.lr_decay is not None:
+        rules += layer_decay_rules(cfg.lr_decay, aliases)
+    return rules
+
+
+def optimizer_groups(named: Sequence[tuple[str, nn.Parameter]], name: str, lr_mult: float,
+                     weight_decay: float | None, cfg: DictConfig) -> list[dict[str, Any]]:
+    """One logical group as optimizer param groups: split off 1-d params from weight decay."""
+    params = [param for _, param in named]
+
+    def group(suffix: str, members: list, decay: float) -> dict[str, Any]:
+        return {"params": members, "name": name + suffix, "lr": cfg.lr * lr_mult,
+                "lr_mult": lr_mult, "weight_decay": decay}
+
+    if weight_decay is not None or cfg.decay_bias_and_norm:
+        return [group("", params, cfg.weight_decay if weight_decay is None else weight_decay)]
+    decayed = [param for param in params if param.ndim > 1]
+    exempt = [param for param in params if param.ndim <= 1]
+    groups = [group("", decayed, cfg.weight_decay), group("/no_decay", exempt, 0.0)]
+    return [entry for entry in groups if entry["params"]]
+
+
+def parameter_groups(net: nn.Module, rules: Sequence[GroupRule],
+                     cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every trainable parameter (the same tensor objects) in exactly one group."""
+    assigned: dict[str, list] = {}
+    chosen: dict[str, GroupRule] = {}
+    default = GroupRule("default", lambda name: True)
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            rule = next((rule for rule in rules if rule.matches(name)), default)
+            assigned.setdefault(rule.name, []).append((name, param))
+            chosen[rule.name] = rule
+    order = ["default"] + [rule.name for rule in rules]  # the default group first
+    return [group for key in order if key in assigned
+            for group in optimizer_groups(assigned[key], key, chosen[key].lr_mult,
+                                          chosen[key].weight_decay, cfg)]
 
 
 def target_class(cfg: DictConfig, key: str) -> type:
@@ -33,10 +108,11 @@ def target_class(cfg: DictConfig, key: str) -> type:
                           f"{error}") from error
 
 
-def build_optimizer(net: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    arguments = {key: value for key, value in OmegaConf.to_container(cfg).items()
+def build_optimizer(net: nn.Module, cfg: DictConfig,
+                    rules: Sequence[GroupRule] = ()) -> torch.optim.Optimizer:
+    arguments = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
                  if key not in OWN_KEYS}
-    groups = parameter_groups(net, cfg.weight_decay, cfg.decay_bias_and_norm)
+    groups = parameter_groups(net, rules, cfg)
     try:
         return target_class(cfg, "optimizer")(groups, **arguments)
     except (TypeError, ValueError) as error:
@@ -53,3 +129,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig):
         return target_class(cfg, "scheduler")(optimizer, **arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"scheduler={arguments} is not valid for {cfg._target_}: {error}") from error
+
+
+def add_groups(optimizer: torch.optim.Optimizer, scheduler: Any,
+               groups: Sequence[dict[str, Any]]) -> None:
+    """Add groups mid-run so the scheduler drives them too.
+
+    PyTorch schedulers zip their base_lrs with the optimizer's groups, so a group added
+    without a base_lr is silently never scheduled. Here each new group gets one, and starts
+    at the learning rate it would have now had it been there from the start: it joins the
+    schedule where it is, rather than restarting it.
+    """
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+        optimizer.add_param_group(group)
+        if scheduler is not None:
+            scheduler.base_lrs.append(group["lr"])
+    if scheduler is None or scheduler.last_epoch == 0:
+        return
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is not None:
+        current = closed_form()
+    else:  # multiplicative schedules: scale like the first group
+        reference = optimizer.param_groups[0]
+        scale = reference["lr"] / reference["initial_lr"]
+        current = [base * scale for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups[-len(groups):], current[-len(groups):], strict=True):
+        group["lr"] = lr

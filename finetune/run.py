@@ -15,10 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.config import validate
 from finetune.data import Data, build_data
 from finetune.errors import ConfigError
-from finetune.freeze import FreezeReport, apply_freeze, format_report, write_params_tsv
+from finetune.freeze import apply_freeze
 from finetune.model import Net, Weights, build_backbone, build_net, input_spec, resolve_weights
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.optim import build_optimizer, build_scheduler, group_rules
+from finetune.report import (
+    ParamRow,
+    format_report,
+    parameter_rows,
+    total_count,
+    trainable_count,
+    write_params_tsv,
+)
+from finetune.stages import Aliases, resolve_aliases
 from finetune.trainer import FitResult, Monitor, fit, resolve_device
+from finetune.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +83,13 @@ class Setup:
     weights: Weights
     data: Data
     net: Net
-    report: FreezeReport
+    aliases: Aliases
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    unfreeze: UnfreezeSchedule
+
+    def rows(self) -> list[ParamRow]:
+        return parameter_rows(self.net, self.optimizer)
 
 
 def build(cfg: DictConfig) -> Setup:
@@ -93,11 +107,25 @@ def build(cfg: DictConfig) -> Setup:
                       cfg.data.get("use_weights_transform", False))
     data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda")
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
-    report = apply_freeze(net, cfg.freeze, cfg.frozen_modules)
+    aliases = resolve_aliases(net.pretrained)
+    apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    plan = plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
     net.to(device)
-    optimizer = build_optimizer(net, cfg.optimizer)
+    names = [name for name, _ in net.named_parameters()]
+    optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, names, aliases))
     scheduler = build_scheduler(optimizer, cfg.scheduler)
-    return Setup(device, weights, data, net, report, optimizer, scheduler)
+    unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
+    return Setup(device, weights, data, net, aliases, optimizer, scheduler, unfreeze)
+
+
+def report(cfg: DictConfig, setup: Setup) -> str:
+    lines = [f"parameters (freeze={list(cfg.freeze)}):"]
+    lines += format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules)
+    if setup.unfreeze.plan:
+        lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
+    if cfg.dry_run:
+        lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]
+    return "\n".join(lines)
 
 
 def run(cfg: DictConfig, run_dir: str) -> float | None:
@@ -105,25 +133,34 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
     started = time.perf_counter()
     check_fresh_run_dir(run_dir)
     setup = build(cfg)
-    log.info("parameters (freeze=%s):\n%s", list(cfg.freeze), format_report(setup.report))
+    log.info("%s", report(cfg, setup))
     os.makedirs(run_dir, exist_ok=True)
-    write_params_tsv(setup.report, os.path.join(run_dir, "params.tsv"))
+    write_params_tsv(setup.rows(), os.path.join(run_dir, "params.tsv"))
     if cfg.dry_run:
         log.info("dry run: built %s on %s for %d classes; nothing trained or saved.",
                  cfg.backbone.name, setup.device, setup.data.num_classes)
         return None
 
+    def before_epoch(epoch: int) -> None:
+        for phase in setup.unfreeze.start_epoch(epoch):
+            log.info("epoch %d: unfreeze phase %d: %s (%d tensors) join the optimizer as group %s",
+                     epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
+            write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
+
     def checkpoint_extras() -> dict:
         return {"config": OmegaConf.to_container(cfg, resolve=True),
                 "class_names": setup.data.class_names,
-                "trainable": [row.name for row in setup.report.rows if row.trainable]}
+                "unfreeze_phase": setup.unfreeze.active,
+                "trainable": [name for name, param in setup.net.named_parameters()
+                              if param.requires_grad]}
 
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
     result = fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
                  setup.scheduler, cfg.trainer.max_epochs, setup.device, run_dir, monitor,
-                 checkpoint_extras)
-    summary = summarize(result, setup.weights.description, setup.report.trainable_params,
-                        setup.report.total_params, time.perf_counter() - started)
+                 checkpoint_extras, before_epoch)
+    rows = setup.rows()
+    summary = summarize(result, setup.weights.description, trainable_count(rows),
+                        total_count(rows), time.perf_counter() - started)
     write_json(summary, os.path.join(run_dir, "summary.json"))
     best = result.history[result.best_epoch - 1]
     log.info("best epoch %d: val acc %.4f, val loss %.4f. Run directory: %s",

@@ -89,7 +89,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         optimizer.step()
         totals.add(loss, logits, labels)
         if step % POSTFIX_EVERY == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
     return totals.means()
 
 
@@ -103,6 +103,12 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> tuple[
             logits = net(images)
             totals.add(F.cross_entropy(logits, labels), logits, labels)
     return totals.means()
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """optimizer.lr under the schedule: the first group's rate without its multiplier."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)
 
 
 class MetricsCsv:
@@ -139,14 +145,19 @@ class FitResult:
 
 def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, device: torch.device,
-        run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]]) -> FitResult:
-    """Train for max_epochs, writing metrics.csv and checkpoints/{last,best}.pt each epoch."""
+        run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
+        before_epoch: Callable[[int], None] = lambda epoch: None) -> FitResult:
+    """Train for max_epochs, writing metrics.csv and checkpoints/{last,best}.pt each epoch.
+
+    `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there).
+    """
     metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"))
     history: list[EpochMetrics] = []
     best, best_epoch = None, 0
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        before_epoch(epoch)
+        lr = base_lr(optimizer)
         train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, device,
                                                 f"epoch {epoch}/{max_epochs}")
         val_loss, val_acc = evaluate(net, val_loader, device)

@@ -19,7 +19,8 @@ def test_default_config_has_every_section():
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.scheduler.T_max == cfg.trainer.max_epochs == 10
     assert cfg.optimized_metric == "best_val_acc"
-    assert list(cfg.freeze) == ["pretrained.conv1", "pretrained.bn1", "pretrained.layer1"]
+    assert list(cfg.freeze) == ["@stem", "@stage1"]
+    assert list(cfg.unfreeze) == [] and list(cfg.param_groups) == [] and cfg.lr_decay is None
     validate(cfg)
 
 

@@ -5,15 +5,11 @@ import torch
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.freeze import (
-    apply_freeze,
-    format_report,
-    fully_frozen_modules,
-    trainable_flags,
-    write_params_tsv,
-)
+from finetune.freeze import apply_freeze, fully_frozen_modules, trainable_flags
 from finetune.model import Net
+from finetune.report import format_report, parameter_rows, write_params_tsv
 from finetune.run import build
+from finetune.stages import resolve_aliases
 
 from conftest import make_config
 
@@ -44,10 +40,15 @@ def small_net() -> Net:
 
 
 NAMES = [name for name, _ in small_net().named_parameters()]
+ALIASES = resolve_aliases(small_net().pretrained)  # a plain Sequential: @backbone and @head only
+
+
+def freeze(net, patterns, mode="eval"):
+    return apply_freeze(net, patterns, mode, resolve_aliases(net.pretrained))
 
 
 def frozen(patterns):
-    flags = trainable_flags(NAMES, patterns)
+    flags = trainable_flags(NAMES, patterns, ALIASES)
     return sorted(name for name, trainable in flags.items() if not trainable)
 
 
@@ -88,30 +89,30 @@ def test_negation_makes_trainable_again_in_order():
 
 def test_pattern_matching_nothing_names_it_and_the_closest_names():
     with pytest.raises(ConfigError) as info:
-        trainable_flags(NAMES, ["pretrained", "pretrained.clasifier"])
-    assert "'pretrained.clasifier' matches no parameter" in str(info.value)
+        trainable_flags(NAMES, ["pretrained", "pretrained.clasifier"], ALIASES)
+    assert "freeze[1]='pretrained.clasifier' matches no parameter" in str(info.value)
     assert "pretrained.classifier" in str(info.value)
 
 
 @pytest.mark.parametrize("pattern", ["!layer9", "re:^nothing", "*.gamma"])
 def test_every_pattern_form_must_match(pattern):
     with pytest.raises(ConfigError, match="matches no parameter"):
-        trainable_flags(NAMES, [pattern])
+        trainable_flags(NAMES, [pattern], ALIASES)
 
 
 def test_freezing_everything_is_an_error():
     with pytest.raises(ConfigError, match="freezes all 28 parameters"):
-        trainable_flags(NAMES, ["pretrained", "add_layers"])
+        trainable_flags(NAMES, ["pretrained", "add_layers"], ALIASES)
 
 
 def test_bad_regular_expression_is_named():
-    with pytest.raises(ConfigError, match="'re:layer\\(' is not a valid regular expression"):
-        trainable_flags(NAMES, ["re:layer("])
+    with pytest.raises(ConfigError, match="freeze\\[0\\]='re:layer\\(' is not a valid regular expression"):
+        trainable_flags(NAMES, ["re:layer("], ALIASES)
 
 
 def test_fully_frozen_modules_are_the_outermost_ones():
     net = small_net()
-    apply_freeze(net, ["pretrained.features", "pretrained.classifier.1.weight"], "eval")
+    freeze(net, ["pretrained.features", "pretrained.classifier.1.weight"])
     # classifier.1 is only partly frozen; the features block is chosen, not its children
     assert fully_frozen_modules(net) == ["pretrained.features"]
     assert net.frozen_eval_modules == ["pretrained.features"]
@@ -119,7 +120,7 @@ def test_fully_frozen_modules_are_the_outermost_ones():
 
 def test_net_train_keeps_fully_frozen_modules_in_eval_mode():
     net = small_net()
-    apply_freeze(net, ["pretrained"], "eval")
+    freeze(net, ["pretrained"])
     net.train()
     assert not any(module.training for module in net.pretrained.modules())
     # a parameter-free layer in the trainable head keeps training behaviour
@@ -130,38 +131,46 @@ def test_net_train_keeps_fully_frozen_modules_in_eval_mode():
 
 def test_frozen_modules_train_gives_plain_pytorch_behaviour():
     net = small_net()
-    apply_freeze(net, ["pretrained"], "train")
+    freeze(net, ["pretrained"], "train")
     net.train()
     assert all(module.training for module in net.modules())
 
 
 def test_optimizer_sees_requires_grad():
     net = small_net()
-    apply_freeze(net, ["pretrained", "!pretrained.classifier"], "eval")
+    freeze(net, ["pretrained", "!pretrained.classifier"])
     trainable = {name for name, param in net.named_parameters() if param.requires_grad}
     assert trainable == {n for n in NAMES if "classifier" in n or n.startswith("add_layers")}
 
 
 def test_report_and_params_tsv(tmp_path):
     net = small_net()
-    report = apply_freeze(net, ["pretrained.features"], "eval")
-    text = format_report(report)
-    assert "params: \tpretrained.features.0.weight, \tgradient: False" in text
-    assert "params: \tadd_layers.2.bias, \tgradient: True" in text
+    eval_modules = freeze(net, ["pretrained.features"])
+    optimizer = torch.optim.SGD([{"params": [p for p in net.parameters() if p.requires_grad],
+                                  "name": "default", "weight_decay": 0.01}], lr=0.5)
+    rows = parameter_rows(net, optimizer)
+    text = "\n".join(format_report(rows, optimizer, eval_modules))
+    assert "params: \tpretrained.features.0.weight, \tgradient: False\t[eval]" in text
+    assert "params: \tadd_layers.2.bias, \tgradient: True\t[default lr=0.5 wd=0.01 train]" in text
     total = sum(p.numel() for p in net.parameters())
     frozen_count = sum(p.numel() for n, p in net.named_parameters() if n.startswith("pretrained.f"))
     assert f"trainable: {total - frozen_count:,d} / {total:,d}" in text
-    write_params_tsv(report, tmp_path / "params.tsv")
-    rows = list(csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t"))
-    assert [row["name"] for row in rows] == NAMES
-    assert rows[0] == {"name": "pretrained.features.0.weight", "shape": "3x3x1x1", "numel": "9",
-                       "trainable": "False"}
+    assert "kept in eval mode while training (fully frozen): pretrained.features" in text
+    write_params_tsv(rows, tmp_path / "params.tsv")
+    table = list(csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t"))
+    assert [row["name"] for row in table] == NAMES
+    assert table[0] == {"name": "pretrained.features.0.weight", "shape": "3x3x1x1", "numel": "9",
+                        "trainable": "False", "group": "-", "lr": "", "weight_decay": "",
+                        "mode": "eval"}
+    assert table[-1] == {"name": "add_layers.2.bias", "shape": "2", "numel": "2",
+                         "trainable": "True", "group": "default", "lr": "0.5",
+                         "weight_decay": "0.01", "mode": "train"}
 
 
 def test_large_models_get_a_per_module_summary():
     setup = build(make_config("backbone.weights=null", "data=fake", "data.train_size=8",
                               "data.val_size=8", "freeze=[pretrained.layer1]"))
-    text = format_report(setup.report)
+    text = "\n".join(format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules))
     assert "params:" not in text
     assert "pretrained.layer1" in text and "frozen" in text
     assert "pretrained.layer2" in text and "trainable" in text
@@ -169,10 +178,10 @@ def test_large_models_get_a_per_module_summary():
 
 def test_seed_table_is_reproduced():
     setup = build(make_config("experiment=seed", "backbone.allow_download=false"))
-    lines = format_report(setup.report).splitlines()
+    lines = format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules)
     flags = [False] * 16 + [True] * 4
-    assert lines[:20] == [f"params: \t{name}, \tgradient: {flag}"
-                          for name, flag in zip(SEED_NAMES, flags, strict=True)]
+    assert [line.split("\t[")[0] for line in lines[:20]] == [
+        f"params: \t{name}, \tgradient: {flag}" for name, flag in zip(SEED_NAMES, flags, strict=True)]
     assert setup.net.frozen_eval_modules == ["pretrained"]
     head = [layer for layer in setup.net.add_layers if isinstance(layer, nn.Linear)]
     assert [(layer.in_features, layer.out_features) for layer in head] == [(1000, 100), (100, 2)]

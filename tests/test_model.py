@@ -15,6 +15,7 @@ from finetune.model import (
     resolve_weights,
     weights_cache_path,
 )
+from finetune.stages import resolve_aliases
 
 from conftest import make_config, parameters_on_meta
 
@@ -47,9 +48,10 @@ def test_head_input_size_is_inferred_for_shipped_backbones(name, width):
 def test_each_shipped_backbone_has_a_default_freeze_list_that_fits_it(name):
     cfg = make_config(f"backbone={name}", "backbone.weights=null")
     net, _ = build_on_meta(config=cfg)
-    report = apply_freeze(net, cfg.freeze, "eval")
-    assert 0 < report.trainable_params < report.total_params
-    assert all(module.startswith("pretrained.") for module in report.eval_modules)
+    eval_modules = apply_freeze(net, cfg.freeze, "eval", resolve_aliases(net.pretrained))
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in net.parameters())
+    assert eval_modules and all(module.startswith("pretrained.") for module in eval_modules)
 
 
 def test_kept_classifier_feeds_its_logits_to_the_head():
@@ -61,11 +63,22 @@ def test_kept_classifier_feeds_its_logits_to_the_head():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
-def test_every_torchvision_classification_model_builds(name):
-    net, spec = build_on_meta(f"backbone.name={name}")
+def test_every_torchvision_classification_model_builds_with_stage_aliases(name):
+    cfg = make_config(f"backbone.name={name}", "backbone.weights=null")
+    net, spec = build_on_meta(config=cfg)
     net.train()  # googlenet / inception_v3 would return aux tuples here if kept
     out = net(torch.zeros(2, 3, spec.image_size, spec.image_size, device="meta"))
     assert tuple(out.shape) == (2, 10)
+    # stem, stages and classifier hold every backbone parameter exactly once
+    aliases = resolve_aliases(net.pretrained)
+    parts = ["@stem", "@classifier"] + [f"@stage{i}" for i in range(1, aliases.stage_count + 1)]
+    assert aliases.stage_count >= 2
+    for param_name, _ in net.pretrained.named_parameters():
+        full = "pretrained." + param_name
+        owners = [alias for alias in parts
+                  if any(full == path or full.startswith(path + ".") for path in aliases.paths[alias])]
+        assert len(owners) == 1, f"{full}: {owners}"
+    apply_freeze(net, cfg.freeze, "eval", aliases)  # the default freeze list fits every model
 
 
 def test_vit_gets_the_one_image_size_it_accepts():

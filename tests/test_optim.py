@@ -59,3 +59,66 @@ def test_scheduler_choices(scheduler, kind):
 def test_unimportable_optimizer_is_named():
     with pytest.raises(ConfigError, match="optimizer._target_='torch.optim.Sgd'"):
         build(make_config(*FAST, "optimizer._target_=torch.optim.Sgd"))
+
+
+def groups_by_name(optimizer):
+    return {group["name"]: group for group in optimizer.param_groups}
+
+
+def names_in(setup, group):
+    ids = {id(param) for param in group["params"]}
+    return {name for name, param in setup.net.named_parameters() if id(param) in ids}
+
+
+def test_param_groups_first_match_wins_and_the_rest_go_to_default():
+    setup = build(make_config(*FAST, "freeze=[]", "optimizer.weight_decay=0.01",
+                              "param_groups=[{name: top, patterns: [@stage4, '*.bias'], lr_mult: 0.5},"
+                              "{patterns: [@backbone], lr_mult: 0.1, weight_decay: 0.2}]"))
+    groups = groups_by_name(setup.optimizer)
+    # every bias matched "top", so the default group has no 1-d parameters left to split off
+    assert set(groups) == {"default", "top", "top/no_decay", "group1"}
+    assert names_in(setup, groups["default"]) == {"add_layers.0.weight"}
+    top = names_in(setup, groups["top"]) | names_in(setup, groups["top/no_decay"])
+    assert top == {n for n, _ in setup.net.named_parameters()
+                   if n.startswith("pretrained.layer4.") or n.endswith(".bias")}
+    rest = names_in(setup, groups["group1"])
+    assert rest == {n for n, _ in setup.net.named_parameters()
+                    if n.startswith("pretrained.") and n not in top}
+    assert groups["top"]["lr"] == pytest.approx(0.025) and groups["top"]["weight_decay"] == 0.01
+    assert groups["top/no_decay"]["weight_decay"] == 0.0
+    assert groups["group1"]["lr"] == pytest.approx(0.005)
+    assert groups["group1"]["weight_decay"] == 0.2  # its own decay, 1-d params included
+    held = optimizer_params(setup.optimizer)
+    assert len(held) == len({id(p) for p in held}) == len(list(setup.net.parameters()))
+
+
+def test_param_group_pattern_matching_nothing_is_an_error():
+    with pytest.raises(ConfigError, match=r"param_groups\[0\].patterns\[1\]='layer9'"):
+        build(make_config(*FAST, "param_groups=[{patterns: [@stage4, layer9]}]"))
+
+
+def test_frozen_parameters_are_never_in_the_optimizer_even_if_a_group_names_them():
+    setup = build(make_config(*FAST, "freeze=[@backbone]",
+                              "param_groups=[{patterns: [@stage4], lr_mult: 0.1}]"))
+    held = {id(param) for param in optimizer_params(setup.optimizer)}
+    assert held == {id(param) for param in setup.net.add_layers.parameters()}
+
+
+def test_layer_wise_lr_decay_from_the_head_down():
+    setup = build(make_config(*FAST, "freeze=[]", "lr_decay=0.5"))
+    lr = {name: group["lr"] for name, group in groups_by_name(setup.optimizer).items()}
+    assert lr["@head"] == pytest.approx(0.05)
+    for stage, depth in (("@stage4", 1), ("@stage3", 2), ("@stage2", 3), ("@stage1", 4)):
+        assert lr[stage] == pytest.approx(0.05 * 0.5 ** depth), stage
+    assert lr["@stem"] == pytest.approx(0.05 * 0.5 ** 5)
+    assert "default" not in lr  # every resnet parameter has a stage
+    rows = {row.name: row for row in setup.rows()}
+    assert rows["pretrained.layer2.0.conv1.weight"].group == "@stage2"
+    assert rows["pretrained.layer2.0.conv1.weight"].lr == pytest.approx(0.05 * 0.5 ** 3)
+
+
+def test_explicit_param_groups_come_before_lr_decay():
+    setup = build(make_config(*FAST, "freeze=[]", "lr_decay=0.5",
+                              "param_groups=[{name: fast, patterns: [@stage1], lr_mult: 2.0}]"))
+    groups = groups_by_name(setup.optimizer)
+    assert "@stage1" not in groups and groups["fast"]["lr"] == pytest.approx(0.1)
