@@ -188,6 +188,9 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
     check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,
           "use 0 or more")
+    for key in ("step_size", "T_max"):  # the shipped schedulers divide by these
+        if key in cfg.scheduler:
+            check(cfg.scheduler[key] >= 1, f"scheduler.{key}", cfg.scheduler[key], "use 1 or more")
     check(cfg.lr_decay is None or 0 < cfg.lr_decay <= 1, "lr_decay", cfg.lr_decay,
           "use a number in (0, 1], e.g. 0.7, or null")
     for index, entry in enumerate(cfg.param_groups):

@@ -52,9 +52,13 @@ def digits_tensors(cfg: DictConfig, spec: InputSpec):
     bundle = load_digits()
     images, labels, class_names = select_digit_classes(
         bundle.images, bundle.target.tolist(), None if cfg.classes is None else list(cfg.classes))
-    train_index, val_index = train_test_split(
-        list(range(len(labels))), test_size=cfg.val_fraction, stratify=labels,
-        random_state=DIGITS_SPLIT_SEED)
+    try:
+        train_index, val_index = train_test_split(
+            list(range(len(labels))), test_size=cfg.val_fraction, stratify=labels,
+            random_state=DIGITS_SPLIT_SEED)
+    except ValueError as error:  # too few images left on one side for every class
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} cannot split {len(labels)} "
+                          f"images of {len(class_names)} classes: {error}") from error
     pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     pixels = F.interpolate(pixels, size=(spec.image_size, spec.image_size), mode="bilinear",
                            align_corners=False)
@@ -113,13 +117,15 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
 BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data}
 
 
-def loader(dataset: Dataset, cfg: DictConfig, shuffle: bool, seed: int, pin_memory: bool):
+def loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool):
     in_memory = isinstance(dataset, TensorDataset)  # nothing to decode: workers only add cost
     workers = 0 if in_memory else cfg.num_workers
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
+        dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=workers,
         pin_memory=pin_memory and not in_memory, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None)
+        # a last batch of one image breaks BatchNorm in training mode
+        drop_last=training and len(dataset) % cfg.batch_size == 1,
+        generator=torch.Generator().manual_seed(seed) if training else None)
 
 
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False) -> Data:

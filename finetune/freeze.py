@@ -20,7 +20,12 @@ def trainable_flags(names: Sequence[str], patterns: Sequence[str],
     for index, pattern in enumerate(patterns):
         unfreeze = pattern.startswith("!")
         body = pattern[1:] if unfreeze else pattern
-        for name in matching(names, body, aliases, f"freeze[{index}]"):
+        hits = matching(names, body, aliases, f"freeze[{index}]")
+        if unfreeze and all(trainable[name] for name in hits):
+            raise ConfigError(f"freeze[{index}]={pattern!r} makes nothing trainable again: none of "
+                              f"the {len(hits)} parameters it matches is frozen by the patterns "
+                              "before it. Drop it, or put it after the pattern it should undo.")
+        for name in hits:
             trainable[name] = unfreeze
     if names and not any(trainable.values()):
         raise ConfigError(f"freeze={list(patterns)} freezes all {len(names)} parameters, leaving "

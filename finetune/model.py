@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_SECONDS = 30  # per blocking socket operation
 TORCHVISION_NUM_CLASSES = 1000  # every torchvision classifier is built for ImageNet-1k
 
 
@@ -59,8 +61,18 @@ class Net(nn.Module):
 class Weights:
     """What the backbone is initialized from, decided before anything is built."""
 
-    enum: WeightsEnum | None  # None: random initialization
+    enum: WeightsEnum | None  # None: random initialization underneath
     description: str  # for the start-up log and summary.json
+    checkpoint: str | None = None  # a local state dict loaded over it
+
+    @property
+    def pretrained(self) -> bool:
+        return self.enum is not None or self.checkpoint is not None
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return self.description
+        return f"checkpoint {self.checkpoint} (over {self.description})"
 
 
 @dataclass
@@ -115,16 +127,28 @@ def fetch_weights_file(weights: WeightsEnum, allow_download: bool) -> str | None
         return None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     hash_prefix = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)  # a network that drops packets must not hang us
     try:
         torch.hub.download_url_to_file(weights.url, path, hash_prefix and hash_prefix.group(1))
     except Exception as error:  # no network, a proxy, a bad hash: all mean "not available"
         log.debug("download of %s failed: %s", weights.url, error)
         return None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     return path
 
 
 def resolve_weights(cfg: DictConfig) -> Weights:
-    """Decide what the backbone starts from: torchvision weights or random init."""
+    """Decide what the backbone starts from: torchvision weights or random init, and a
+    local checkpoint loaded over either."""
+    weights = resolve_torchvision_weights(cfg)
+    if cfg.checkpoint:
+        weights.checkpoint = os.path.abspath(os.path.expanduser(cfg.checkpoint))
+    return weights
+
+
+def resolve_torchvision_weights(cfg: DictConfig) -> Weights:
     check_backbone_name(cfg.name)
     if cfg.weights is None:
         return Weights(None, "random init (backbone.weights=null)")
@@ -218,8 +242,8 @@ def build_backbone(cfg: DictConfig, weights: Weights) -> nn.Module:
     classifier = None
     if not cfg.keep_classifier:
         classifier = find_classifier(backbone, kwargs.get("num_classes", TORCHVISION_NUM_CLASSES))
-    if cfg.checkpoint:
-        load_backbone_checkpoint(backbone, os.path.expanduser(cfg.checkpoint), classifier)
+    if weights.checkpoint:
+        load_backbone_checkpoint(backbone, weights.checkpoint, classifier)
     if classifier is not None:
         backbone.set_submodule(classifier, nn.Identity())
     return backbone

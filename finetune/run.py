@@ -1,6 +1,5 @@
 """Wires the stages in order: config -> model -> data -> freeze -> optim -> trainer."""
 
-import json
 import logging
 import os
 import random
@@ -14,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import validate
 from finetune.data import Data, build_data
-from finetune.errors import ConfigError
 from finetune.freeze import apply_freeze
 from finetune.model import Net, Weights, build_backbone, build_net, input_spec, resolve_weights
 from finetune.optim import build_optimizer, build_scheduler, group_rules
+from finetune.outputs import check_fresh_run_dir, write_json
 from finetune.report import (
     ParamRow,
     format_report,
@@ -32,29 +31,11 @@ from finetune.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
 
-PREVIOUS_RUN_FILES = ("metrics.csv", "summary.json", "checkpoints")
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_fresh_run_dir(run_dir: str) -> None:
-    """Never train over another run's results."""
-    found = [name for name in PREVIOUS_RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
-    if found:
-        raise ConfigError(f"hydra.run.dir={run_dir!r} already holds a run ({', '.join(found)}); "
-                          "refusing to overwrite it. Choose another hydra.run.dir.")
-
-
-def write_json(data: dict, path: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
 
 
 def summarize(result: FitResult, weights: str, trainable: int, total: int,
@@ -98,10 +79,10 @@ def build(cfg: DictConfig) -> Setup:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     weights = resolve_weights(cfg.backbone)
-    if weights.enum is None:
-        log.warning("NOTE: backbone %s starts from %s", cfg.backbone.name, weights.description)
+    if weights.pretrained:
+        log.info("backbone %s starts from %s", cfg.backbone.name, weights)
     else:
-        log.info("backbone %s starts from %s", cfg.backbone.name, weights.description)
+        log.warning("NOTE: backbone %s starts from %s", cfg.backbone.name, weights)
     backbone = build_backbone(cfg.backbone, weights)
     spec = input_spec(backbone, weights, cfg.backbone.name, cfg.data.image_size,
                       cfg.data.get("use_weights_transform", False))
@@ -159,7 +140,7 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
                  setup.scheduler, cfg.trainer.max_epochs, setup.device, run_dir, monitor,
                  checkpoint_extras, before_epoch)
     rows = setup.rows()
-    summary = summarize(result, setup.weights.description, trainable_count(rows),
+    summary = summarize(result, str(setup.weights), trainable_count(rows),
                         total_count(rows), time.perf_counter() - started)
     write_json(summary, os.path.join(run_dir, "summary.json"))
     best = result.history[result.best_epoch - 1]

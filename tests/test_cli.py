@@ -2,6 +2,7 @@
 
 import csv
 import json
+import subprocess
 
 import pytest
 from PIL import Image
@@ -82,10 +83,19 @@ def test_bad_input_exits_non_zero_with_one_clear_message(tmp_path, overrides, fr
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
-def test_bad_config_loses_nothing_in_an_existing_run_directory(tmp_path):
+def test_a_run_directory_that_holds_a_run_is_left_untouched(tmp_path):
     first = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts}
-    again = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "trainer.max_epochs=1")
-    assert again.returncode != 0 and "already holds a run" in again.stderr
-    assert {p: p.read_bytes() for p in before} == before
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert tmp_path / ".hydra" / "config.yaml" in before
+    for overrides in (["optimizer=adamw"], ["freeze=[nothing]"]):  # a different and a bad config
+        again = run_train(f"hydra.run.dir={tmp_path}", "data=fake", *overrides)
+        assert again.returncode == 2 and "already holds a run" in again.stderr
+        assert "Traceback" not in again.stderr
+        assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_finetune_console_script_runs_the_same_cli(tmp_path):
+    result = subprocess.run(["finetune", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "backbone: alexnet" in result.stdout

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -98,3 +100,14 @@ def test_head_layer_without_target_is_refused():
     cfg = make_config("head.layers=[{_target_: torch.nn.ReLU},{out_features: 3}]")
     with pytest.raises(ConfigError, match=r"head.layers\[1\]"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+    (["lr_decay=1.5"], "lr_decay=1.5"),
+    (["unfreeze=[{epoch: 2, patterns: [x], lr_mult: 0}]"], "unfreeze[0].lr_mult=0"),
+])
+def test_values_out_of_range_are_named(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(make_config(*overrides))

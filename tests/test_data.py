@@ -94,3 +94,16 @@ def test_train_and_val_classes_must_match(tmp_path):
     cfg = make_config("data=imagefolder", f"data.root={tmp_path}")
     with pytest.raises(ConfigError, match="different class folders"):
         build_data(cfg.data, spec(), seed=0)
+
+
+def test_a_split_that_leaves_a_class_out_is_named():
+    with pytest.raises(ConfigError, match="data.val_fraction=0.999"):
+        build_data(make_config("data.val_fraction=0.999").data, spec(8), seed=0)
+
+
+@pytest.mark.parametrize("train_size, batches", [(32, 2), (33, 2), (34, 3)])
+def test_a_last_training_batch_of_one_image_is_dropped(train_size, batches):
+    cfg = make_config("data=fake", f"data.train_size={train_size}", "data.batch_size=16")
+    data = build_data(cfg.data, spec(8), seed=0)
+    assert len(data.train_loader) == batches
+    assert len(data.val_loader) == 4  # validation keeps every image

@@ -83,8 +83,15 @@ def test_negation_makes_trainable_again_in_order():
     assert frozen(["pretrained", "!pretrained.classifier"]) == sorted(
         n for n in NAMES if n.startswith("pretrained.features."))
     # order matters: a later pattern wins
-    assert frozen(["!pretrained.classifier", "pretrained"]) == sorted(
-        n for n in NAMES if n.startswith("pretrained."))
+    assert frozen(["pretrained", "!pretrained.classifier", "pretrained.classifier.1.bias"]) == sorted(
+        n for n in NAMES if n.startswith("pretrained.features.") or n.endswith("classifier.1.bias"))
+
+
+@pytest.mark.parametrize("patterns", [["!pretrained.classifier", "pretrained"],
+                                      ["pretrained.features", "!add_layers"]])
+def test_negation_that_undoes_nothing_is_an_error(patterns):
+    with pytest.raises(ConfigError, match=r"freeze\[\d\]='!.*' makes nothing trainable again"):
+        trainable_flags(NAMES, patterns, ALIASES)
 
 
 def test_pattern_matching_nothing_names_it_and_the_closest_names():
@@ -136,7 +143,7 @@ def test_frozen_modules_train_gives_plain_pytorch_behaviour():
     assert all(module.training for module in net.modules())
 
 
-def test_optimizer_sees_requires_grad():
+def test_negation_sets_requires_grad_on_the_net():
     net = small_net()
     freeze(net, ["pretrained", "!pretrained.classifier"])
     trainable = {name for name, param in net.named_parameters() if param.requires_grad}
@@ -170,10 +177,15 @@ def test_report_and_params_tsv(tmp_path):
 def test_large_models_get_a_per_module_summary():
     setup = build(make_config("backbone.weights=null", "data=fake", "data.train_size=8",
                               "data.val_size=8", "freeze=[pretrained.layer1]"))
-    text = "\n".join(format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules))
-    assert "params:" not in text
-    assert "pretrained.layer1" in text and "frozen" in text
-    assert "pretrained.layer2" in text and "trainable" in text
+    lines = format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules)
+    assert not any(line.startswith("params:") for line in lines)
+    modules = {line.split()[0]: line.split()[1:] for line in lines[:7]}
+    assert list(modules) == ["pretrained.conv1", "pretrained.bn1", "pretrained.layer1",
+                             "pretrained.layer2", "pretrained.layer3", "pretrained.layer4",
+                             "add_layers.0"]
+    assert modules["pretrained.layer1"] == ["147,968", "params", "frozen", "eval"]
+    assert modules["pretrained.layer2"] == ["525,568", "params", "trainable", "train", "default,",
+                                            "default/no_decay"]
 
 
 def test_seed_table_is_reproduced():

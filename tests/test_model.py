@@ -171,6 +171,13 @@ def test_plain_torchvision_state_dict_checkpoint_is_loaded(tmp_path):
     assert all(torch.equal(loaded[key], state[key]) for key in loaded)
 
 
+def test_checkpoint_is_what_the_weights_description_says(tmp_path):
+    path = save_checkpoint_file(tmp_path, torchvision.models.resnet18().state_dict())
+    weights = resolve_weights(make_config("backbone.weights=null", f"backbone.checkpoint={path}").backbone)
+    assert weights.pretrained and str(weights) == f"checkpoint {path} (over random init " \
+        "(backbone.weights=null))"
+
+
 def test_checkpoint_saved_by_this_tool_is_loaded(tmp_path):
     cfg = make_config("backbone.weights=null")
     net = build_net(build_backbone(cfg.backbone, resolve_weights(cfg.backbone)), cfg.head, 10, 32)
