@@ -34,14 +34,17 @@ class GroupRule:
 def explicit_rules(entries: Sequence[DictConfig], names: Sequence[str],
                    aliases: Aliases) -> list[GroupRule]:
     """param_groups entries; each pattern must match some parameter."""
-    rules = []
+    rules: list[GroupRule] = []
     for index, entry in enumerate(entries):
+        name = entry.name or f"group{index}"
+        if name in [rule.name for rule in rules] or name == "default":
+            raise ConfigError(f"param_groups[{index}].name={name!r} is already taken: give each "
+                              "entry its own name (default is the group of the rest).")
         members = set()
         for position, pattern in enumerate(entry.patterns):
             members.update(matching(names, pattern, aliases,
                                     f"param_groups[{index}].patterns[{position}]"))
-        rules.append(GroupRule(entry.name or f"group{index}", members.__contains__,
-                               entry.lr_mult, entry.weight_decay))
+        rules.append(GroupRule(name, members.__contains__, entry.lr_mult, entry.weight_decay))
     return rules
 
 

@@ -122,3 +122,9 @@ def test_explicit_param_groups_come_before_lr_decay():
                               "param_groups=[{name: fast, patterns: [@stage1], lr_mult: 2.0}]"))
     groups = groups_by_name(setup.optimizer)
     assert "@stage1" not in groups and groups["fast"]["lr"] == pytest.approx(0.1)
+
+
+def test_param_group_names_must_be_unique():
+    with pytest.raises(ConfigError, match=r"param_groups\[1\].name='a' is already taken"):
+        build(make_config(*FAST, "param_groups=[{name: a, patterns: [@stage4]},"
+                                 "{name: a, patterns: [@stage3]}]"))

@@ -51,7 +51,8 @@ def test_phase_parameters_stay_bit_identical_until_their_epoch_then_train():
 ])
 def test_every_group_learning_rate_follows_the_config_epoch_by_epoch(scheduler, expected):
     setup = build(make_config(*FAST, *FROZEN_BACKBONE, f"scheduler={scheduler}",
-                              "scheduler.step_size=2" if scheduler == "step" else "seed=0"))
+                              "scheduler.step_size=2" if scheduler == "step" else "seed=0",
+                              "param_groups=[{name: bias, patterns: ['*.bias'], lr_mult: 2.0}]"))
     seen = {}
 
     def record(epoch):
@@ -59,8 +60,8 @@ def test_every_group_learning_rate_follows_the_config_epoch_by_epoch(scheduler, 
 
     drive(setup, 4, record)
     for epoch, lrs in seen.items():
-        assert lrs["default"] == pytest.approx(expected(epoch)), epoch
-        assert lrs["default/no_decay"] == pytest.approx(expected(epoch)), epoch
+        assert lrs["default"] == pytest.approx(expected(epoch)), epoch  # the head's weight
+        assert lrs["bias/no_decay"] == pytest.approx(2.0 * expected(epoch)), epoch
         if epoch >= 3:
             assert lrs["unfreeze1"] == pytest.approx(0.5 * expected(epoch)), epoch
             assert lrs["unfreeze1/no_decay"] == pytest.approx(0.5 * expected(epoch)), epoch
