@@ -111,6 +111,11 @@ class StepSchedulerConfig(SchedulerConfig):
 class TrainerConfig:
     max_epochs: int = 10
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+    cache_features: str = "auto"  # auto | true | false: compute a frozen backbone once
+    cache_dir: str = "~/.cache/finetune/features"
+    precision: str = "32"  # 32 | bf16 | 16-mixed
+    channels_last: bool = False
+    compile: bool = False  # wrap the trained module with torch.compile
 
 
 @dataclass
@@ -126,6 +131,7 @@ class UnfreezePhaseConfig:
     epoch: int = MISSING  # 1-based epoch at whose start the parameters become trainable
     patterns: list[str] = MISSING
     lr_mult: float = 1.0  # learning rate of the new parameters = lr_mult x optimizer.lr
+    weight_decay: float | None = None  # null: optimizer.weight_decay (1-d params exempt)
 
 
 @dataclass
@@ -146,6 +152,8 @@ class Config:
     optimized_metric: str = "best_val_acc"  # what train.py returns to sweepers
 
 
+CACHE_SETTINGS = ("auto", "true", "false")
+PRECISIONS = ("32", "bf16", "16-mixed")
 OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_loss")
 FROZEN_MODULE_MODES = ("eval", "train")
 
@@ -180,6 +188,10 @@ def validate(cfg: DictConfig) -> None:
           "use eval (fully frozen modules keep eval mode while training) or train")
     check(cfg.optimized_metric in OPTIMIZED_METRICS, "optimized_metric", cfg.optimized_metric,
           "use one of " + ", ".join(OPTIMIZED_METRICS))
+    check(str(cfg.trainer.cache_features).lower() in CACHE_SETTINGS, "trainer.cache_features",
+          cfg.trainer.cache_features, "use auto, true or false")
+    check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision,
+          "use 32, bf16 or 16-mixed")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")

@@ -1,5 +1,6 @@
 """Data stage: cfg.data and the backbone's InputSpec -> train/val loaders and class names."""
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class Data:
     train_loader: DataLoader
     val_loader: DataLoader
     class_names: list[str]
+    random_augmentation: bool = False  # training images differ from epoch to epoch
 
     @property
     def num_classes(self) -> int:
@@ -117,7 +119,7 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
 BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data}
 
 
-def loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool):
+def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool):
     in_memory = isinstance(dataset, TensorDataset)  # nothing to decode: workers only add cost
     workers = 0 if in_memory else cfg.num_workers
     return DataLoader(
@@ -134,5 +136,25 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
     train, val, class_names = BUILDERS[cfg.name](cfg, spec)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
-    return Data(loader(train, cfg, True, seed, pin_memory), loader(val, cfg, False, seed, pin_memory),
-                class_names)
+    return Data(make_loader(train, cfg, True, seed, pin_memory),
+                make_loader(val, cfg, False, seed, pin_memory), class_names,
+                random_augmentation=bool(cfg.get("augment", False)))
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """What determines a data set's model inputs: its images, their order and the transform."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(dataset, datasets.ImageFolder):
+        for path, label in dataset.samples:
+            stat = os.stat(path)
+            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        digest.update(repr(dataset.transform).encode())
+    elif isinstance(dataset, datasets.FakeData):
+        digest.update(f"{dataset.size}|{dataset.image_size}|{dataset.num_classes}|"
+                      f"{dataset.random_offset}|{dataset.transform!r}".encode())
+    else:
+        raise TypeError(f"no fingerprint for {type(dataset).__name__}")
+    return digest.hexdigest()

@@ -7,6 +7,7 @@ otherwise optimizer.weight_decay, with 1-d parameters (biases, norm weights) spl
 a `<name>/no_decay` group unless optimizer.decay_bias_and_norm is true.
 """
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from finetune.patterns import matching, under_any
 from finetune.stages import Aliases
 
 OWN_KEYS = ("_target_", "decay_bias_and_norm")  # read here, not passed to the optimizer
+RESERVED_NAME = re.compile(r"default|@.*|unfreeze\d+")  # names the tool gives groups itself
 
 
 @dataclass
@@ -31,19 +33,23 @@ class GroupRule:
     weight_decay: float | None = None  # None: optimizer.weight_decay, 1-d params exempt
 
 
-def explicit_rules(entries: Sequence[DictConfig], names: Sequence[str],
+def explicit_rules(entries: Sequence[DictConfig], names: Sequence[str], trainable: set[str],
                    aliases: Aliases) -> list[GroupRule]:
-    """param_groups entries; each pattern must match some parameter."""
+    """param_groups entries; each pattern must match some parameter, each entry a trainable one."""
     rules: list[GroupRule] = []
     for index, entry in enumerate(entries):
         name = entry.name or f"group{index}"
-        if name in [rule.name for rule in rules] or name == "default":
-            raise ConfigError(f"param_groups[{index}].name={name!r} is already taken: give each "
-                              "entry its own name (default is the group of the rest).")
+        if name in [rule.name for rule in rules] or RESERVED_NAME.fullmatch(name):
+            raise ConfigError(f"param_groups[{index}].name={name!r} is taken: give each entry its "
+                              "own name, not default, @<alias> (lr_decay) or unfreeze<N> (phases).")
         members = set()
         for position, pattern in enumerate(entry.patterns):
             members.update(matching(names, pattern, aliases,
                                     f"param_groups[{index}].patterns[{position}]"))
+        if not members & trainable:
+            raise ConfigError(f"param_groups[{index}] ({list(entry.patterns)}) matches only frozen "
+                              "parameters; parameters that an unfreeze phase makes trainable "
+                              "get that phase's lr_mult and weight_decay instead.")
         rules.append(GroupRule(name, members.__contains__, entry.lr_mult, entry.weight_decay))
     return rules
 
@@ -61,10 +67,16 @@ def layer_decay_rules(lr_decay: float, aliases: Aliases) -> list[GroupRule]:
             for alias, depth in depths]
 
 
-def group_rules(cfg: DictConfig, names: Sequence[str], aliases: Aliases) -> list[GroupRule]:
+def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[GroupRule]:
     """The rules from cfg.param_groups and cfg.lr_decay, first match wins."""
-    rules = explicit_rules(cfg.param_groups, names, aliases)
+    names = [name for name, _ in net.named_parameters()]
+    trainable = {name for name, param in net.named_parameters() if param.requires_grad}
+    rules = explicit_rules(cfg.param_groups, names, trainable, aliases)
     if cfg.lr_decay is not None:
+        if cfg.unfreeze:
+            raise ConfigError(f"lr_decay={cfg.lr_decay} and unfreeze phases both set learning "
+                              "rates per stage: phases give their parameters their own lr_mult, "
+                              "so use one or the other.")
         rules += layer_decay_rules(cfg.lr_decay, aliases)
     return rules
 
@@ -122,16 +134,25 @@ def build_optimizer(net: nn.Module, cfg: DictConfig,
         raise ConfigError(f"optimizer={arguments} is not valid for {cfg._target_}: {error}") from error
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, adds_groups: bool):
     """The epoch-wise learning-rate scheduler, or None for a constant rate."""
     if cfg._target_ is None:
         return None
     arguments = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
                  if key != "_target_"}
     try:
-        return target_class(cfg, "scheduler")(optimizer, **arguments)
+        scheduler = target_class(cfg, "scheduler")(optimizer, **arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"scheduler={arguments} is not valid for {cfg._target_}: {error}") from error
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError(f"scheduler._target_={cfg._target_} needs a metric at every step; "
+                          "use an epoch-wise schedule such as scheduler=cosine or step.")
+    if adds_groups and not hasattr(scheduler, "_get_closed_form_lr"):
+        raise ConfigError(f"scheduler._target_={cfg._target_} cannot take the groups that unfreeze "
+                          "phases add (it keeps per-group state); use scheduler=cosine, step or "
+                          "none, or another scheduler with a closed form (MultiStepLR, "
+                          "ExponentialLR, LinearLR, PolynomialLR).")
+    return scheduler
 
 
 def add_groups(optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -150,12 +171,6 @@ def add_groups(optimizer: torch.optim.Optimizer, scheduler: Any,
             scheduler.base_lrs.append(group["lr"])
     if scheduler is None or scheduler.last_epoch == 0:
         return
-    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
-    if closed_form is not None:
-        current = closed_form()
-    else:  # multiplicative schedules: scale like the first group
-        reference = optimizer.param_groups[0]
-        scale = reference["lr"] / reference["initial_lr"]
-        current = [base * scale for base in scheduler.base_lrs]
+    current = scheduler._get_closed_form_lr()  # build_scheduler checked that it has one
     for group, lr in zip(optimizer.param_groups[-len(groups):], current[-len(groups):], strict=True):
         group["lr"] = lr

@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from finetune.config import validate
-from finetune.data import Data, build_data
+from finetune.data import Data, build_data, fingerprint, make_loader
+from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
 from finetune.model import Net, Weights, build_backbone, build_net, input_spec, resolve_weights
 from finetune.optim import build_optimizer, build_scheduler, group_rules
@@ -26,7 +28,7 @@ from finetune.report import (
     write_params_tsv,
 )
 from finetune.stages import Aliases, resolve_aliases
-from finetune.trainer import FitResult, Monitor, fit, resolve_device
+from finetune.trainer import FitResult, Monitor, Step, fit, resolve_device
 from finetune.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     unfreeze: UnfreezeSchedule
+    cache: CacheDecision
 
     def rows(self) -> list[ParamRow]:
         return parameter_rows(self.net, self.optimizer)
@@ -91,12 +94,35 @@ def build(cfg: DictConfig) -> Setup:
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
     plan = plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
-    net.to(device)
-    names = [name for name, _ in net.named_parameters()]
-    optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, names, aliases))
-    scheduler = build_scheduler(optimizer, cfg.scheduler)
+    net.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last
+           else torch.preserve_format)
+    optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, net, aliases))
+    scheduler = build_scheduler(optimizer, cfg.scheduler, adds_groups=bool(plan))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
-    return Setup(device, weights, data, net, aliases, optimizer, scheduler, unfreeze)
+    cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation, bool(plan))
+    return Setup(device, weights, data, net, aliases, optimizer, scheduler, unfreeze, cache)
+
+
+def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
+    """What each batch runs through and the loaders feeding it: the whole Net on images, or
+    the head alone on the backbone's cached outputs."""
+    train_loader, val_loader = setup.data.train_loader, setup.data.val_loader
+    forward = setup.net
+    precision = Step(forward, setup.device, cfg.trainer.precision)
+    if setup.cache.enabled:
+        train, val = cached_features(
+            setup.net.pretrained, train_loader.dataset, val_loader.dataset,
+            (fingerprint(train_loader.dataset), fingerprint(val_loader.dataset)),
+            cfg.trainer.cache_dir, cfg.data.batch_size, cfg.data.num_workers, setup.device,
+            cfg.trainer.precision, precision.autocast)
+        pin = setup.device.type == "cuda"
+        train_loader = make_loader(train, cfg.data, True, cfg.seed, pin)
+        val_loader = make_loader(val, cfg.data, False, cfg.seed, pin)
+        forward = setup.net.add_layers
+    if cfg.trainer.compile:
+        forward = torch.compile(forward)
+    step = Step(forward, setup.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    return step, train_loader, val_loader
 
 
 def report(cfg: DictConfig, setup: Setup) -> str:
@@ -104,6 +130,7 @@ def report(cfg: DictConfig, setup: Setup) -> str:
     lines += format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules)
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
+    lines.append(f"feature cache: {setup.cache.reason}")
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]
     return "\n".join(lines)
@@ -136,9 +163,9 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
                               if param.requires_grad]}
 
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
-    result = fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
-                 setup.scheduler, cfg.trainer.max_epochs, setup.device, run_dir, monitor,
-                 checkpoint_extras, before_epoch)
+    step, train_loader, val_loader = training_step(cfg, setup)
+    result = fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
+                 cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch)
     rows = setup.rows()
     summary = summarize(result, str(setup.weights), trainable_count(rows),
                         total_count(rows), time.perf_counter() - started)

@@ -74,33 +74,66 @@ class Totals:
         return self.loss.item() / self.count, self.correct.item() / self.count
 
 
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass
+class Step:
+    """How a batch goes through the model: which callable, on which device, at what precision.
+
+    `forward` is the Net, or only its head when the backbone's outputs are cached, or a
+    torch.compile'd version of either; train()/eval() always go to the whole Net.
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    precision: str = "32"  # 32 | bf16 | 16-mixed (autocast; fp16 adds a gradient scaler)
+    channels_last: bool = False
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
+
+    def autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.forward(images).float()
+
+
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, description: str) -> tuple[float, float]:
+                    step: Step, description: str) -> tuple[float, float]:
     net.train()  # Net.train keeps fully frozen modules in eval mode
-    totals = Totals(device)
+    totals = Totals(step.device)
     bar = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        logits = net(images)
+    for index, batch in enumerate(bar):
+        images, labels = step.to_device(*batch)
+        logits = step.logits(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step.scaler.scale(loss).backward()
+        step.scaler.step(optimizer)
+        step.scaler.update()
         totals.add(loss, logits, labels)
-        if step % POSTFIX_EVERY == 0:
+        if index % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
     return totals.means()
 
 
-def evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> tuple[float, float]:
     net.eval()
-    totals = Totals(device)
+    totals = Totals(step.device)
     with torch.inference_mode():
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            logits = net(images)
+        for batch in loader:
+            images, labels = step.to_device(*batch)
+            logits = step.logits(images)
             totals.add(F.cross_entropy(logits, labels), logits, labels)
     return totals.means()
 
@@ -144,7 +177,7 @@ class FitResult:
 
 
 def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-        optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, device: torch.device,
+        optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, step: Step,
         run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
         before_epoch: Callable[[int], None] = lambda epoch: None) -> FitResult:
     """Train for max_epochs, writing metrics.csv and checkpoints/{last,best}.pt each epoch.
@@ -158,9 +191,9 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         started = time.perf_counter()
         before_epoch(epoch)
         lr = base_lr(optimizer)
-        train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, device,
+        train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step,
                                                 f"epoch {epoch}/{max_epochs}")
-        val_loss, val_acc = evaluate(net, val_loader, device)
+        val_loss, val_acc = evaluate(net, val_loader, step)
         if scheduler is not None:
             scheduler.step()
         metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr,

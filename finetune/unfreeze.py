@@ -26,6 +26,7 @@ class Phase:
     epoch: int
     patterns: list[str]
     lr_mult: float
+    weight_decay: float | None
     names: list[str]  # the parameters it makes trainable
 
     @property
@@ -54,7 +55,8 @@ def plan_phases(net: nn.Module, phases: Sequence[DictConfig], aliases: Aliases,
                               "matches only parameters that are already trainable by then; "
                               "freeze them first or drop the phase.")
         trainable.update(new)
-        plan.append(Phase(len(plan) + 1, phase.epoch, list(phase.patterns), phase.lr_mult, new))
+        plan.append(Phase(len(plan) + 1, phase.epoch, list(phase.patterns), phase.lr_mult,
+                          phase.weight_decay, new))
     return plan
 
 
@@ -82,7 +84,8 @@ class UnfreezeSchedule:
         update_eval_modules(self.net, self.frozen_modules)
         named = [(name, params[name]) for name in phase.names]
         add_groups(self.optimizer, self.scheduler,
-                   optimizer_groups(named, phase.group, phase.lr_mult, None, self.optimizer_cfg))
+                   optimizer_groups(named, phase.group, phase.lr_mult, phase.weight_decay,
+                                    self.optimizer_cfg))
         self.active = phase.number
 
     def describe(self) -> list[str]:

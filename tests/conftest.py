@@ -33,8 +33,10 @@ FAST = ("backbone.weights=null", "data=fake", "data.train_size=64", "data.val_si
 
 @pytest.fixture(autouse=True)
 def offline_torch_cache(monkeypatch, tmp_path_factory):
-    """An empty torch cache per test, and no network: downloads fail as they would offline."""
+    """An empty torch cache and home (so an empty feature cache) per test, and no network:
+    downloads fail as they would offline."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
     def no_network(url, *args, **kwargs):
         raise OSError(f"network disabled in tests: {url}")

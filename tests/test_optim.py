@@ -98,10 +98,43 @@ def test_param_group_pattern_matching_nothing_is_an_error():
 
 
 def test_frozen_parameters_are_never_in_the_optimizer_even_if_a_group_names_them():
-    setup = build(make_config(*FAST, "freeze=[@backbone]",
-                              "param_groups=[{patterns: [@stage4], lr_mult: 0.1}]"))
+    setup = build(make_config(*FAST, "freeze=[@stem,@stage1,@stage2,@stage3]",
+                              "param_groups=[{name: bb, patterns: [@backbone], lr_mult: 0.1}]"))
     held = {id(param) for param in optimizer_params(setup.optimizer)}
-    assert held == {id(param) for param in setup.net.add_layers.parameters()}
+    assert held == {id(param) for param in setup.net.parameters() if param.requires_grad}
+    bb = [group for group in setup.optimizer.param_groups if group["name"].startswith("bb")]
+    assert {id(p) for group in bb for p in group["params"]} == {
+        id(p) for p in setup.net.pretrained.layer4.parameters()}
+
+
+def test_param_group_of_only_frozen_parameters_is_an_error():
+    with pytest.raises(ConfigError, match=r"param_groups\[0\] .* matches only frozen parameters"):
+        build(make_config(*FAST, "freeze=[@backbone]",
+                          "param_groups=[{patterns: [@stage4], lr_mult: 0.1}]"))
+
+
+@pytest.mark.parametrize("name", ["default", "@head", "@stage3", "unfreeze1"])
+def test_param_group_names_the_tool_uses_are_reserved(name):
+    with pytest.raises(ConfigError, match=f"param_groups\\[0\\].name='{name}' is taken"):
+        build(make_config(*FAST, f"param_groups=[{{name: '{name}', patterns: [@stage4]}}]"))
+
+
+def test_lr_decay_and_unfreeze_phases_do_not_mix():
+    with pytest.raises(ConfigError, match="lr_decay=0.5 and unfreeze phases"):
+        build(make_config(*FAST, "freeze=[@backbone]", "lr_decay=0.5", "trainer.max_epochs=3",
+                          "unfreeze=[{epoch: 2, patterns: [@stage4]}]"))
+
+
+@pytest.mark.parametrize("target, extra, message", [
+    ("torch.optim.lr_scheduler.ReduceLROnPlateau", [], "needs a metric"),
+    ("torch.optim.lr_scheduler.OneCycleLR", ["+scheduler.max_lr=0.1", "+scheduler.total_steps=4"],
+     "cannot take the groups that unfreeze phases add"),
+])
+def test_schedulers_that_cannot_work_are_refused_at_start_up(target, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        build(make_config(*FAST, "scheduler=none", f"scheduler._target_={target}", *extra,
+                          "freeze=[@backbone]", "trainer.max_epochs=3",
+                          "unfreeze=[{epoch: 2, patterns: [@stage4]}]"))
 
 
 def test_layer_wise_lr_decay_from_the_head_down():
@@ -125,6 +158,6 @@ def test_explicit_param_groups_come_before_lr_decay():
 
 
 def test_param_group_names_must_be_unique():
-    with pytest.raises(ConfigError, match=r"param_groups\[1\].name='a' is already taken"):
+    with pytest.raises(ConfigError, match=r"param_groups\[1\].name='a' is taken"):
         build(make_config(*FAST, "param_groups=[{name: a, patterns: [@stage4]},"
                                  "{name: a, patterns: [@stage3]}]"))

@@ -62,7 +62,8 @@ DOCUMENTED = {
                "@stage4": p("features.6", "features.7", "norm"), "@classifier": p("head")},
     "swin_v2_t": {"@stage3": p("features.4", "features.5")},
 }
-STAGE_COUNTS = {"resnet18": 4, "convnext_tiny": 4, "efficientnet_b0": 7, "efficientnet_v2_s": 6,
+STAGE_COUNTS = {"resnet18": 4, "resnext50_32x4d": 4, "wide_resnet50_2": 4, "swin_v2_t": 4,
+                "convnext_tiny": 4, "efficientnet_b0": 7, "efficientnet_v2_s": 6,
                 "mobilenet_v2": 7, "mobilenet_v3_small": 5, "regnet_y_400mf": 4, "densenet121": 4,
                 "vgg11_bn": 4, "alexnet": 2, "vit_b_16": 12, "swin_t": 4}
 

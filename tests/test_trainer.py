@@ -6,7 +6,7 @@ import torch
 from finetune.checkpoint import load_safe
 from finetune.errors import ConfigError
 from finetune.run import build
-from finetune.trainer import Monitor, evaluate, fit, resolve_device, train_one_epoch
+from finetune.trainer import Monitor, Step, evaluate, fit, resolve_device, train_one_epoch
 
 from conftest import FAST, make_config
 
@@ -18,7 +18,8 @@ def snapshot(module):
 
 
 def train_epoch(setup):
-    train_one_epoch(setup.net, setup.data.train_loader, setup.optimizer, setup.device, "test")
+    step = Step(setup.net, setup.device)
+    train_one_epoch(setup.net, setup.data.train_loader, setup.optimizer, step, "test")
 
 
 def test_frozen_parameters_are_bit_identical_and_trainable_ones_change():
@@ -74,14 +75,14 @@ def test_forward_hooks_see_train_mode_in_training_and_eval_mode_in_validation():
     assert seen == {"frozen": [False] * 4, "trainable": [True] * 4, "head_dropout": [True] * 4}
     for flags in seen.values():
         flags.clear()
-    evaluate(setup.net, setup.data.val_loader, setup.device)
+    evaluate(setup.net, setup.data.val_loader, Step(setup.net, setup.device))
     assert seen == {"frozen": [False] * 2, "trainable": [False] * 2, "head_dropout": [False] * 2}
 
 
 def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     setup = build(make_config(*FAST, "trainer.max_epochs=2"))
     result = fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
-                 setup.scheduler, 2, setup.device, str(tmp_path), Monitor(),
+                 setup.scheduler, 2, Step(setup.net, setup.device), str(tmp_path), Monitor(),
                  lambda: {"class_names": setup.data.class_names})
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]

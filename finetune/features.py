@@ -1,0 +1,134 @@
+"""Feature cache: run a frozen backbone once per image, not once per image per epoch.
+
+When every trainable parameter sits in the head, the backbone is fully frozen and kept in
+eval mode, and the training images come out the same every epoch, the backbone's outputs
+never change: they are computed once, stored on disk under a key made of everything that
+determines them, and the head trains on them. A second run or every job of a sweep over
+head and optimizer settings then loads them instead of computing them.
+"""
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from finetune.checkpoint import save_atomic
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the file layout changes: old entries then miss
+
+
+@dataclass
+class CacheDecision:
+    enabled: bool
+    reason: str  # why it is on or off, for the start-up log
+
+
+def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool) -> list[str]:
+    """Everything that would make cached features differ from computing them each epoch."""
+    reasons = []
+    trainable = [name for name, param in net.pretrained.named_parameters() if param.requires_grad]
+    if trainable:
+        reasons.append(f"{len(trainable)} backbone parameters are trainable (e.g. "
+                       f"pretrained.{trainable[0]})")
+    elif "pretrained" not in net.frozen_eval_modules:
+        reasons.append("the frozen backbone runs in train mode (frozen_modules=train), so its "
+                       "BatchNorm statistics and dropout change its outputs")
+    if has_phases:
+        reasons.append("unfreeze phases make backbone parameters trainable during the run")
+    if random_train_transform:
+        reasons.append("the training images are randomly augmented (data.augment=true)")
+    return reasons
+
+
+def decide(setting: str, net: nn.Module, random_train_transform: bool,
+           has_phases: bool) -> CacheDecision:
+    """auto: on exactly when the results do not change; true: on, or an error saying why not."""
+    if setting == "false":
+        return CacheDecision(False, "off (trainer.cache_features=false)")
+    against = reasons_against(net, random_train_transform, has_phases)
+    if not against:
+        return CacheDecision(True, "on: the backbone is frozen and deterministic, so its "
+                                   "outputs are computed once and the head trains on them")
+    if setting == "true":
+        raise ConfigError("trainer.cache_features=true would change the results: "
+                          + "; ".join(against) + ". Use trainer.cache_features=auto or false.")
+    return CacheDecision(False, "off: " + "; ".join(against))
+
+
+def weights_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], precision: str) -> str:
+    """Everything the cached outputs depend on: the backbone (its class and every weight and
+    buffer), the train and val inputs (images and transforms), the precision and torch."""
+    parts = [str(CACHE_FORMAT), type(backbone).__qualname__, weights_digest(backbone),
+             *fingerprints, precision, torch.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int,
+            device: torch.device, precision_context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's outputs for every image, in dataset order, on the CPU in float32."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    outputs, labels = [], []
+    backbone.eval()
+    with torch.inference_mode():
+        for images, targets in loader:
+            with precision_context():
+                outputs.append(backbone(images.to(device)).float().cpu())
+            labels.append(torch.as_tensor(targets))
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def load_entry(path: str, key: str, sizes: tuple[int, int]) -> dict | None:
+    """A cache entry that is complete and belongs to `key`, else None (it gets rebuilt)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        valid = (entry["key"] == key
+                 and (len(entry["train"]), len(entry["val"])) == sizes
+                 and len(entry["train_labels"]) == sizes[0] and len(entry["val_labels"]) == sizes[1]
+                 and torch.isfinite(entry["train"]).all() and torch.isfinite(entry["val"]).all())
+    except Exception as error:  # truncated, corrupt or from another format
+        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, error)
+        return None
+    if not valid:
+        log.warning("feature cache %s does not match this run; rebuilding it", path)
+        return None
+    return entry
+
+
+def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerprints: tuple[str, str],
+                    cache_dir: str, batch_size: int, workers: int, device: torch.device,
+                    precision: str, precision_context) -> tuple[TensorDataset, TensorDataset]:
+    """Train and val features from the disk cache, computing and storing them on a miss."""
+    key = cache_key(backbone, fingerprints, precision)
+    path = os.path.join(os.path.expanduser(cache_dir), f"{key}.pt")
+    entry = load_entry(path, key, (len(train), len(val)))
+    if entry is not None:
+        log.info("feature cache: loaded %s", path)
+    else:
+        train_features, train_labels = compute(backbone, train, batch_size, workers, device,
+                                               precision_context)
+        val_features, val_labels = compute(backbone, val, batch_size, workers, device,
+                                           precision_context)
+        entry = {"key": key, "train": train_features, "train_labels": train_labels,
+                 "val": val_features, "val_labels": val_labels}
+        save_atomic(entry, path)  # concurrent writers each rename a complete file
+        log.info("feature cache: computed %d + %d backbone outputs, saved to %s",
+                 len(train), len(val), path)
+    return (TensorDataset(entry["train"], entry["train_labels"]),
+            TensorDataset(entry["val"], entry["val_labels"]))
