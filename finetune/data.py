@@ -127,7 +127,9 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
         pin_memory=pin_memory and not in_memory, persistent_workers=workers > 0,
         # a last batch of one image breaks BatchNorm in training mode
         drop_last=training and len(dataset) % cfg.batch_size == 1,
-        generator=torch.Generator().manual_seed(seed) if training else None)
+        # its own generator: shuffling, and even starting an iterator, then leaves the global
+        # RNG (dropout masks) alone, so what runs before training cannot change the result
+        generator=torch.Generator().manual_seed(seed))
 
 
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False) -> Data:

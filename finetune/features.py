@@ -81,7 +81,8 @@ def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], precision: str
 def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int,
             device: torch.device, precision_context) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's outputs for every image, in dataset order, on the CPU in float32."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        generator=torch.Generator())  # leaves the global RNG as it was
     outputs, labels = [], []
     backbone.eval()
     with torch.inference_mode():

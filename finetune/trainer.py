@@ -1,5 +1,6 @@
 """Trainer stage: the epoch loop (train pass, eval pass, metrics.csv, checkpoints)."""
 
+import contextlib
 import csv
 import logging
 import os
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from finetune.checkpoint import save_atomic
+from finetune.checkpoint import BackgroundSaver
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,18 @@ class Step:
 
     def autocast(self):
         dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        if dtype is None:  # full precision: not even a disabled autocast context per batch
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if not self.scaler.is_enabled():
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor):
         images = images.to(self.device, non_blocking=True)
@@ -118,9 +130,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         logits = step.logits(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        step.scaler.scale(loss).backward()
-        step.scaler.step(optimizer)
-        step.scaler.update()
+        step.backward_and_step(loss, optimizer)
         totals.add(loss, logits, labels)
         if index % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
@@ -185,6 +195,7 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there).
     """
     metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"))
+    saver = BackgroundSaver()  # the next epoch trains while the checkpoint is written
     history: list[EpochMetrics] = []
     best, best_epoch = None, 0
     for epoch in range(1, max_epochs + 1):
@@ -206,8 +217,11 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
-        save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-        if monitor.improved(value, best):
+        improved = monitor.improved(value, best)
+        if improved:
             best, best_epoch = value, epoch
-            save_atomic(state, os.path.join(run_dir, "checkpoints", "best.pt"))
+        # best.pt is a hard link to this epoch's last.pt: written once
+        saver.save(state, os.path.join(run_dir, "checkpoints", "last.pt"),
+                   link_to=os.path.join(run_dir, "checkpoints", "best.pt") if improved else None)
+    saver.wait()
     return FitResult(history, best_epoch)

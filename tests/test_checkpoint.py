@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from finetune.checkpoint import load_safe, save_atomic
+from finetune.checkpoint import BackgroundSaver, link_atomic, load_safe, save_atomic
 from finetune.errors import ConfigError
 
 
@@ -52,3 +52,31 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint=.*missing.pt' does not exist"):
         load_safe(str(tmp_path / "missing.pt"))
+
+
+def test_linked_best_checkpoint_keeps_its_content_when_last_moves_on(tmp_path):
+    last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
+    save_atomic({"epoch": 1}, last)
+    link_atomic(last, best)
+    save_atomic({"epoch": 2}, last)
+    assert load_safe(best) == {"epoch": 1} and load_safe(last) == {"epoch": 2}
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_background_saver_writes_the_state_as_it_was_when_asked(tmp_path):
+    weights = torch.zeros(1000)
+    saver = BackgroundSaver()
+    saver.save({"w": weights, "epoch": 1}, str(tmp_path / "last.pt"), link_to=str(tmp_path / "best.pt"))
+    weights += 1  # training goes on while the file is written
+    saver.save({"w": weights, "epoch": 2}, str(tmp_path / "last.pt"))
+    saver.wait()
+    assert torch.equal(load_safe(str(tmp_path / "best.pt"))["w"], torch.zeros(1000))
+    assert torch.equal(load_safe(str(tmp_path / "last.pt"))["w"], torch.ones(1000))
+
+
+def test_background_saver_reports_a_failed_write(tmp_path):
+    saver = BackgroundSaver()
+    (tmp_path / "file").write_text("not a folder")
+    saver.save({"epoch": 1}, str(tmp_path / "file" / "last.pt"))
+    with pytest.raises(OSError):
+        saver.wait()

@@ -1,0 +1,137 @@
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.errors import ConfigError
+from finetune.run import build, run
+
+from conftest import FAST, ROOT, make_config
+
+PROBE = (*FAST, "freeze=[@backbone]", "trainer.max_epochs=3")
+
+
+def metrics(run_dir):
+    return [{key: float(value) for key, value in row.items() if key != "seconds"}
+            for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+def cache_files(home):
+    return sorted((home / ".cache" / "finetune" / "features").glob("*.pt"))
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ([], "backbone parameters are trainable"),
+    (["freeze=[@backbone]", "frozen_modules=train"], "runs in train mode"),
+    (["freeze=[@backbone]", "trainer.max_epochs=3", "unfreeze=[{epoch: 2, patterns: [@stage4]}]"],
+     "unfreeze phases"),
+])
+def test_auto_is_off_with_the_reason_when_caching_would_change_results(overrides, reason):
+    setup = build(make_config(*FAST, *overrides))
+    assert not setup.cache.enabled and reason in setup.cache.reason
+    refused = f"trainer.cache_features=true would change the results: .*{reason}"
+    with pytest.raises(ConfigError, match=refused):
+        build(make_config(*FAST, *overrides, "trainer.cache_features=true"))
+
+
+def test_random_augmentation_turns_the_cache_off(tmp_path):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (20, 20)).save(tmp_path / split / label / "0.png")
+    base = ("backbone.weights=null", "data=imagefolder", f"data.root={tmp_path}", "data.image_size=16",
+            "data.num_workers=0", "freeze=[@backbone]")
+    assert build(make_config(*base)).cache.enabled
+    setup = build(make_config(*base, "data.augment=true"))
+    assert not setup.cache.enabled and "randomly augmented" in setup.cache.reason
+
+
+def test_auto_is_on_for_a_frozen_backbone_and_false_turns_it_off():
+    assert build(make_config(*PROBE)).cache.enabled
+    setup = build(make_config(*PROBE, "trainer.cache_features=false"))
+    assert not setup.cache.enabled and "trainer.cache_features=false" in setup.cache.reason
+
+
+def test_results_with_the_cache_equal_those_without(tmp_path):
+    run(make_config(*PROBE, "head=mlp", "trainer.cache_features=false"), str(tmp_path / "off"))
+    run(make_config(*PROBE, "head=mlp", "trainer.cache_features=true"), str(tmp_path / "on"))
+    off, on = metrics(tmp_path / "off"), metrics(tmp_path / "on")
+    assert len(off) == len(on) == 3
+    for row_off, row_on in zip(off, on, strict=True):
+        for key in row_off:
+            assert row_on[key] == pytest.approx(row_off[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_second_run_and_other_heads_reuse_the_features(tmp_path, caplog, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    caplog.set_level("INFO")
+    run(make_config(*PROBE), str(tmp_path / "first"))
+    assert "feature cache: computed" in caplog.text and len(cache_files(home)) == 1
+    caplog.clear()
+    run(make_config(*PROBE, "head=mlp", "optimizer=adamw"), str(tmp_path / "second"))
+    assert "feature cache: loaded" in caplog.text and "feature cache: computed" not in caplog.text
+    caplog.clear()
+    run(make_config(*PROBE, "seed=1"), str(tmp_path / "other_weights"))  # another random init
+    assert "feature cache: computed" in caplog.text and len(cache_files(home)) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_key"])
+def test_a_corrupt_or_stale_entry_is_rebuilt_never_used(tmp_path, caplog, monkeypatch, damage):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    run(make_config(*PROBE), str(tmp_path / "first"))
+    (entry,) = cache_files(home)
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:1000])
+    else:
+        content = torch.load(entry, weights_only=True)
+        content["key"] = "0" * 32
+        content["train"] = torch.zeros_like(content["train"])
+        torch.save(content, entry)
+    caplog.set_level("INFO")
+    run(make_config(*PROBE), str(tmp_path / "second"))
+    assert "rebuilding it" in caplog.text and "feature cache: computed" in caplog.text
+    assert metrics(tmp_path / "second") == metrics(tmp_path / "first")
+
+
+def test_precision_is_part_of_the_key(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    run(make_config(*PROBE, "trainer.max_epochs=1"), str(tmp_path / "fp32"))
+    run(make_config(*PROBE, "trainer.max_epochs=1", "trainer.precision=bf16"), str(tmp_path / "bf16"))
+    assert len(cache_files(home)) == 2
+
+
+@pytest.mark.parametrize("overrides", [["trainer.precision=bf16"], ["trainer.precision=16-mixed"],
+                                       ["trainer.channels_last=true"]])
+def test_precision_and_memory_format_options_train(tmp_path, overrides):
+    run(make_config(*FAST, *overrides), str(tmp_path))
+    (row,) = metrics(tmp_path)
+    assert all(torch.isfinite(torch.tensor(value)) for value in row.values())
+
+
+@pytest.mark.slow
+def test_two_jobs_writing_the_same_entry_at_once_both_succeed(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), *PROBE, "backbone.allow_download=false",
+               f"trainer.cache_dir={tmp_path}/cache"]
+    jobs = [subprocess.Popen([*command, f"hydra.run.dir={tmp_path}/run{i}"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=240)
+        assert job.returncode == 0, stderr
+    assert metrics(tmp_path / "run0") == metrics(tmp_path / "run1")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_as_eager(tmp_path):
+    run(make_config(*PROBE, "trainer.max_epochs=2"), str(tmp_path / "eager"))
+    run(make_config(*PROBE, "trainer.max_epochs=2", "trainer.compile=true"), str(tmp_path / "compiled"))
+    for eager, compiled in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
+        assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=1e-6)
+        assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
