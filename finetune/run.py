@@ -106,22 +106,20 @@ def build(cfg: DictConfig) -> Setup:
 def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
     """What each batch runs through and the loaders feeding it: the whole Net on images, or
     the head alone on the backbone's cached outputs."""
+    step = Step(setup.net, setup.device, cfg.trainer.precision, cfg.trainer.channels_last)
     train_loader, val_loader = setup.data.train_loader, setup.data.val_loader
-    forward = setup.net
-    precision = Step(forward, setup.device, cfg.trainer.precision)
     if setup.cache.enabled:
         train, val = cached_features(
             setup.net.pretrained, train_loader.dataset, val_loader.dataset,
             (fingerprint(train_loader.dataset), fingerprint(val_loader.dataset)),
             cfg.trainer.cache_dir, cfg.data.batch_size, cfg.data.num_workers, setup.device,
-            cfg.trainer.precision, precision.autocast)
+            cfg.trainer.precision, step.autocast)
         pin = setup.device.type == "cuda"
         train_loader = make_loader(train, cfg.data, True, cfg.seed, pin)
         val_loader = make_loader(val, cfg.data, False, cfg.seed, pin)
-        forward = setup.net.add_layers
+        step.forward = setup.net.add_layers
     if cfg.trainer.compile:
-        forward = torch.compile(forward)
-    step = Step(forward, setup.device, cfg.trainer.precision, cfg.trainer.channels_last)
+        step.forward = torch.compile(step.forward)
     return step, train_loader, val_loader
 
 
