@@ -4,11 +4,12 @@
 
 The bare loop is the seed recipe written out by hand: Net(pretrained, add_layers), freezing
 by requires_grad, SGD on the trainable parameters, model.train() / model.eval() around each
-epoch, on the same digits tensors (32x32, batch 64), resnet18 from random init. Each item is
+epoch, on the same digits tensors (32x32, batch 64), resnet18 from random init. As in the
+seed, its frozen BatchNorm layers run in train mode; the tool keeps them in eval mode. Each item is
 measured --repeats times and the median ratio printed as a Markdown table:
 
 1. full fine-tuning, 3 epochs: tool / bare median epoch time (train + validation; the
-   tool's includes its metrics.csv row and its checkpoint)
+   tool's includes copying its checkpoint state, whose writing overlaps the next epoch)
 2. linear probe, 10 epochs: tool wall time / bare wall time (model building included)
 3. sweep of 8 linear-probe jobs over head and optimizer (python train.py -m, one process):
    wall time / 8 x the bare linear probe's

@@ -10,39 +10,63 @@ import torch
 
 from finetune.errors import ConfigError
 
+UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (a power loss could otherwise undo it)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def replace_durably(temporary: str, path: str) -> None:
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
 
 def save_atomic(state: dict[str, Any], path: str) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`.
+    """Write to a temporary file in the same folder, sync it, then rename over `path`.
 
     A crash during the write leaves the previous file at `path` untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes 0600 files; follow the umask instead
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        os.remove(temporary)
         raise
+    replace_durably(temporary, path)
 
 
 def link_atomic(source: str, path: str) -> None:
     """Make `path` hold the same bytes as `source` without writing them again.
 
     A hard link shares the file; replacing `source` later (os.replace makes a new file) leaves
-    `path` with the old content. Falls back to a copy where links are not supported.
+    `path` with the old content. Falls back to a synced copy where links are not supported.
     """
     temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-link-{os.getpid()}")
     try:
         os.link(source, temporary)
     except OSError:
         shutil.copyfile(source, temporary)
-    os.replace(temporary, path)
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+    replace_durably(temporary, path)
 
 
 def detached_copy(value: Any) -> Any:

@@ -125,8 +125,8 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
     return DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=workers,
         pin_memory=pin_memory and not in_memory, persistent_workers=workers > 0,
-        # a last batch of one image breaks BatchNorm in training mode
-        drop_last=training and len(dataset) % cfg.batch_size == 1,
+        # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
+        drop_last=training and len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1,
         # its own generator: shuffling, and even starting an iterator, then leaves the global
         # RNG (dropout masks) alone, so what runs before training cannot change the result
         generator=torch.Generator().manual_seed(seed))

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -70,11 +71,18 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], precision: str) -> str:
+def numerics(device: torch.device, precision: str) -> list[str]:
+    """What decides the arithmetic: device kind, precision, TF32 switches, library versions."""
+    return [device.type, precision, torch.get_float32_matmul_precision(),
+            str(torch.backends.cudnn.allow_tf32), torch.__version__, torchvision.__version__]
+
+
+def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], device: torch.device,
+              precision: str) -> str:
     """Everything the cached outputs depend on: the backbone (its class and every weight and
-    buffer), the train and val inputs (images and transforms), the precision and torch."""
+    buffer), the train and val inputs (images and transforms) and the numerics."""
     parts = [str(CACHE_FORMAT), type(backbone).__qualname__, weights_digest(backbone),
-             *fingerprints, precision, torch.__version__]
+             *fingerprints, *numerics(device, precision)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -116,7 +124,7 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
                     cache_dir: str, batch_size: int, workers: int, device: torch.device,
                     precision: str, precision_context) -> tuple[TensorDataset, TensorDataset]:
     """Train and val features from the disk cache, computing and storing them on a miss."""
-    key = cache_key(backbone, fingerprints, precision)
+    key = cache_key(backbone, fingerprints, device, precision)
     path = os.path.join(os.path.expanduser(cache_dir), f"{key}.pt")
     entry = load_entry(path, key, (len(train), len(val)))
     if entry is not None:
@@ -128,8 +136,11 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
                                            precision_context)
         entry = {"key": key, "train": train_features, "train_labels": train_labels,
                  "val": val_features, "val_labels": val_labels}
-        save_atomic(entry, path)  # concurrent writers each rename a complete file
-        log.info("feature cache: computed %d + %d backbone outputs, saved to %s",
-                 len(train), len(val), path)
+        if torch.isfinite(train_features).all() and torch.isfinite(val_features).all():
+            save_atomic(entry, path)  # concurrent writers each rename a complete file
+            log.info("feature cache: computed %d + %d backbone outputs, saved to %s",
+                     len(train), len(val), path)
+        else:  # an fp16 overflow, say: nothing worth keeping
+            log.warning("feature cache: the backbone's outputs are not all finite; not saved")
     return (TensorDataset(entry["train"], entry["train_labels"]),
             TensorDataset(entry["val"], entry["val_labels"]))

@@ -209,19 +209,19 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
             scheduler.step()
         metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr,
                                time.perf_counter() - started)
+        improved = monitor.improved(getattr(metrics, monitor.key), best)
+        if improved:
+            best, best_epoch = getattr(metrics, monitor.key), epoch
+        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
+        # best.pt is a hard link to this epoch's last.pt: written once
+        saver.save(state, os.path.join(run_dir, "checkpoints", "last.pt"),
+                   link_to=os.path.join(run_dir, "checkpoints", "best.pt") if improved else None)
+        metrics.seconds = time.perf_counter() - started  # the checkpoint copy included
         history.append(metrics)
         metrics_csv.append(metrics)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  %.1fs",
                  epoch, max_epochs, train_loss, train_acc, val_loss, val_acc, lr, metrics.seconds)
-        value = getattr(metrics, monitor.key)
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
-        improved = monitor.improved(value, best)
-        if improved:
-            best, best_epoch = value, epoch
-        # best.pt is a hard link to this epoch's last.pt: written once
-        saver.save(state, os.path.join(run_dir, "checkpoints", "last.pt"),
-                   link_to=os.path.join(run_dir, "checkpoints", "best.pt") if improved else None)
     saver.wait()
     return FitResult(history, best_epoch)

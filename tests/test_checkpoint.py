@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from finetune.checkpoint import BackgroundSaver, link_atomic, load_safe, save_atomic
+from finetune.checkpoint import UMASK, BackgroundSaver, link_atomic, load_safe, save_atomic
 from finetune.errors import ConfigError
 
 
@@ -80,3 +80,12 @@ def test_background_saver_reports_a_failed_write(tmp_path):
     saver.save({"epoch": 1}, str(tmp_path / "file" / "last.pt"))
     with pytest.raises(OSError):
         saver.wait()
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_atomic({"epoch": 1}, str(tmp_path / "last.pt"))
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(0o666 & ~UMASK)

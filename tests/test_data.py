@@ -101,7 +101,7 @@ def test_a_split_that_leaves_a_class_out_is_named():
         build_data(make_config("data.val_fraction=0.999").data, spec(8), seed=0)
 
 
-@pytest.mark.parametrize("train_size, batches", [(32, 2), (33, 2), (34, 3)])
+@pytest.mark.parametrize("train_size, batches", [(32, 2), (33, 2), (34, 3), (1, 1)])
 def test_a_last_training_batch_of_one_image_is_dropped(train_size, batches):
     cfg = make_config("data=fake", f"data.train_size={train_size}", "data.batch_size=16")
     data = build_data(cfg.data, spec(8), seed=0)
