@@ -272,7 +272,7 @@ def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
     return InputSpec(size, round(size * resize / crop), mean, std, preset.interpolation)
 
 
-def output_width(module: nn.Module, sample: torch.Tensor) -> int:
+def output_width(module: nn.Module, sample: torch.Tensor, what: str) -> int:
     """Run one sample through `module` in eval mode and return its feature count."""
     was_training = module.training
     module.eval()
@@ -280,8 +280,8 @@ def output_width(module: nn.Module, sample: torch.Tensor) -> int:
         out = module(sample)
     module.train(was_training)
     if out.dim() != 2:
-        raise ConfigError(f"the backbone returns features of shape {tuple(out.shape)}, not "
-                          "(batch, features); add a torch.nn.Flatten as the first head layer.")
+        raise ConfigError(f"{what} returns outputs of shape {tuple(out.shape)}, not "
+                          "(batch, features); add a torch.nn.Flatten after it.")
     return out.shape[1]
 
 
@@ -326,7 +326,7 @@ def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int,
             raise ConfigError(f"head.layers[{index}] ({spec['_target_']} with {arguments}) "
                               f"could not be built: {error}") from error
         layer.to(device)
-        width = output_width(layer, torch.zeros(2, width, device=device))
+        width = output_width(layer, torch.zeros(2, width, device=device), f"head.layers[{index}]")
         layers.append(layer)
     if width != num_classes:
         raise ConfigError(f"the head outputs {width} values but the data has {num_classes} "
@@ -337,5 +337,6 @@ def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int,
 def build_net(backbone: nn.Module, head_cfg: DictConfig, num_classes: int, image_size: int) -> Net:
     device = next(backbone.parameters()).device
     sample = torch.zeros(1, 3, image_size, image_size, device=device)
-    add_layers = build_head(head_cfg.layers, output_width(backbone, sample), num_classes, device)
+    width = output_width(backbone, sample, "the backbone")
+    add_layers = build_head(head_cfg.layers, width, num_classes, device)
     return Net(pretrained=backbone, add_layers=add_layers)

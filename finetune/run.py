@@ -123,9 +123,9 @@ def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, Data
     return step, train_loader, val_loader
 
 
-def report(cfg: DictConfig, setup: Setup) -> str:
+def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     lines = [f"parameters (freeze={list(cfg.freeze)}):"]
-    lines += format_report(setup.rows(), setup.optimizer, setup.net.frozen_eval_modules)
+    lines += format_report(rows, setup.optimizer, setup.net.frozen_eval_modules)
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
     lines.append(f"feature cache: {setup.cache.reason}")
@@ -139,9 +139,10 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
     started = time.perf_counter()
     check_fresh_run_dir(run_dir)
     setup = build(cfg)
-    log.info("%s", report(cfg, setup))
+    rows = setup.rows()
+    log.info("%s", report(cfg, setup, rows))
     os.makedirs(run_dir, exist_ok=True)
-    write_params_tsv(setup.rows(), os.path.join(run_dir, "params.tsv"))
+    write_params_tsv(rows, os.path.join(run_dir, "params.tsv"))
     if cfg.dry_run:
         log.info("dry run: built %s on %s for %d classes; nothing trained or saved.",
                  cfg.backbone.name, setup.device, setup.data.num_classes)
@@ -153,8 +154,10 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
                      epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
             write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
 
+    resolved_config = OmegaConf.to_container(cfg, resolve=True)
+
     def checkpoint_extras() -> dict:
-        return {"config": OmegaConf.to_container(cfg, resolve=True),
+        return {"config": resolved_config,
                 "class_names": setup.data.class_names,
                 "unfreeze_phase": setup.unfreeze.active,
                 "trainable": [name for name, param in setup.net.named_parameters()

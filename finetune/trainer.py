@@ -209,9 +209,10 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
             scheduler.step()
         metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr,
                                time.perf_counter() - started)
-        improved = monitor.improved(getattr(metrics, monitor.key), best)
+        value = getattr(metrics, monitor.key)
+        improved = monitor.improved(value, best)
         if improved:
-            best, best_epoch = getattr(metrics, monitor.key), epoch
+            best, best_epoch = value, epoch
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
