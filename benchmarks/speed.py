@@ -1,19 +1,25 @@
 """This tool against a bare PyTorch loop doing the same work, in one invocation.
 
-    python benchmarks/speed.py [--repeats 3]
+    python benchmarks/speed.py [--repeats 5]           # items 1-5 on the CPU
+    python benchmarks/speed.py --gpu [--repeats 3]     # items 1-2 on a CUDA GPU
 
 The bare loop is the seed recipe written out by hand: Net(pretrained, add_layers), freezing
 by requires_grad, SGD on the trainable parameters, model.train() / model.eval() around each
-epoch, on the same digits tensors (32x32, batch 64), resnet18 from random init. As in the
-seed, its frozen BatchNorm layers run in train mode; the tool keeps them in eval mode. Each item is
-measured --repeats times and the median ratio printed as a Markdown table:
+epoch, on the same digits tensors (batch 64), from random init. On the CPU: resnet18 at 32x32
+in float32; with --gpu: resnet50 at 224x224 under bf16 autocast, in both. As in the seed,
+the bare loop's frozen BatchNorm layers run in train mode; the tool keeps them in eval mode.
+Each item is measured --repeats times and the median ratio printed as a Markdown table:
 
 1. full fine-tuning, 3 epochs: tool / bare median epoch time (train + validation; the
    tool's includes copying its checkpoint state, whose writing overlaps the next epoch)
-2. linear probe, 10 epochs: tool wall time / bare wall time (model building included)
-3. sweep of 8 linear-probe jobs over head and optimizer (python train.py -m, one process):
-   wall time / 8 x the bare linear probe's
-4. peak RSS of a linear probe / peak RSS of full fine-tuning, same batch size (tool runs)
+2. linear probe, 10 epochs: tool wall time / bare wall time (data and model building
+   included on both sides)
+3. sweep of 8 linear-probe jobs over head and optimizer (`python train.py -m`, one process):
+   wall time / 8 x the wall time of `python benchmarks/speed.py --bare-probe`, the bare
+   linear probe as its own process, so that both sides include starting Python and importing
+   torch and torchvision (the in-process figure is printed beside it)
+4. peak RSS of a linear probe / peak RSS of full fine-tuning, same batch size (tool runs);
+   also the same ratio counting only what each run adds to the memory its imports take
 5. `python train.py --help` wall time / `python -c "import torch"` wall time
 """
 
@@ -26,19 +32,38 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["backbone.weights=null", "backbone.allow_download=false", "data.batch_size=64",
-          "trainer.device=cpu"]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `finetune` is importable
 LINEAR_PROBE = ["freeze=[pretrained]", "optimizer.lr=0.1", "trainer.max_epochs=10"]
 FULL = ["freeze=[]", "trainer.max_epochs=3"]
 
 
+@dataclass
+class Work:
+    """What both sides run: backbone, image size, device and precision."""
+
+    backbone: str = "resnet18"
+    image_size: int = 32
+    device: str = "cpu"
+    bf16: bool = False
+
+    def overrides(self) -> list[str]:
+        return ["backbone.weights=null", "backbone.allow_download=false", "data.batch_size=64",
+                f"backbone={self.backbone}", f"data.image_size={self.image_size}",
+                f"trainer.device={self.device}", f"trainer.precision={'bf16' if self.bf16 else 32}"]
+
+
+CPU_WORK = Work()
+GPU_WORK = Work("resnet50", 224, "cuda", bf16=True)
+
+
 # --- the bare loop -------------------------------------------------------------------------
 
-def digits_tensors():
-    """The same inputs the tool's data=digits builds (fixed stratified split, 32x32, 3 channels)."""
+def digits_tensors(image_size: int = 32):
+    """The same inputs the tool's data=digits builds (fixed stratified split, 3 channels)."""
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -48,7 +73,8 @@ def digits_tensors():
     train_index, val_index = train_test_split(range(len(digits.target)), test_size=0.2,
                                               stratify=digits.target, random_state=0)
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    pixels = F.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
+                           align_corners=False)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     pixels = ((pixels.expand(-1, 3, -1, -1) - mean) / std).contiguous()
@@ -56,26 +82,34 @@ def digits_tensors():
     return (pixels[train_index], labels[train_index]), (pixels[val_index], labels[val_index])
 
 
-def bare_loop(epochs: int, freeze_backbone: bool, data) -> list[float]:
+def bare_loop(epochs: int, freeze_backbone: bool, data, work: Work = CPU_WORK) -> list[float]:
     """The seed recipe by hand; returns each epoch's seconds (train + validation)."""
+    import contextlib
+
     import torch
     import torchvision
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     class Net(nn.Module):
-        def __init__(self, pretrained_model):
+        def __init__(self, pretrained_model, features):
             super().__init__()
             self.pretrained = pretrained_model
-            self.add_layers = nn.Linear(512, 10)
+            self.add_layers = nn.Linear(features, 10)
 
         def forward(self, x):
             return self.add_layers(self.pretrained(x))
 
+    def autocast():
+        if work.bf16:
+            return torch.autocast(torch.device(work.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     torch.manual_seed(0)
-    backbone = torchvision.models.resnet18()
+    backbone = torchvision.models.get_model(work.backbone)
+    features = backbone.fc.in_features
     backbone.fc = nn.Identity()
-    net = Net(backbone)
+    net = Net(backbone, features).to(work.device)
     for name, param in net.named_parameters():
         if freeze_backbone and "pretrained" in name.split("."):
             param.requires_grad = False
@@ -89,7 +123,9 @@ def bare_loop(epochs: int, freeze_backbone: bool, data) -> list[float]:
         started = time.perf_counter()
         net.train()
         for images, labels in train:
-            loss = nn.functional.cross_entropy(net(images), labels)
+            images, labels = images.to(work.device), labels.to(work.device)
+            with autocast():
+                loss = nn.functional.cross_entropy(net(images).float(), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -97,14 +133,21 @@ def bare_loop(epochs: int, freeze_backbone: bool, data) -> list[float]:
         correct = 0
         with torch.no_grad():
             for images, labels in val:
-                correct += (net(images).argmax(dim=1) == labels).sum().item()
+                with autocast():
+                    logits = net(images.to(work.device))
+                correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
+def bare_probe_process() -> None:
+    """`--bare-probe`: one bare linear probe as a user would run it, imports included."""
+    bare_loop(10, True, digits_tensors())
+
+
 # --- this tool -----------------------------------------------------------------------------
 
-def tool_run(overrides: list[str], folder: Path) -> Path:
+def tool_run(overrides: list[str], folder: Path, work: Work = CPU_WORK) -> Path:
     """`run()` in this process, as train.py does it; returns the run directory."""
     from hydra import compose, initialize_config_dir
 
@@ -113,7 +156,7 @@ def tool_run(overrides: list[str], folder: Path) -> Path:
 
     register_schemas()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*COMMON, *overrides,
+        cfg = compose(config_name="config", overrides=[*work.overrides(), *overrides,
                                                        f"trainer.cache_dir={folder}/cache"])
     run_dir = folder / "run"
     run(cfg, str(run_dir))
@@ -124,16 +167,23 @@ def epoch_seconds(run_dir: Path) -> list[float]:
     return [float(row["seconds"]) for row in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
-def peak_rss_mib(overrides: list[str]) -> float:
-    """Peak resident memory of a separate process running the tool."""
+def peak_rss_mib(overrides: list[str]) -> tuple[float, float]:
+    """Peak resident memory of a separate process running the tool, and its resident
+    memory once the imports are done, before anything is built."""
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size when it forks
     code = ("import sys, tempfile, pathlib; sys.path.insert(0, sys.argv[1]);"
-            "from benchmarks.speed import tool_run;"
+            "import finetune.run; from benchmarks.speed import tool_run, memory_line;"
+            "imported = memory_line('VmRSS');"
             "tool_run(sys.argv[2:], pathlib.Path(tempfile.mkdtemp()));"
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+            "print(imported, memory_line('VmHWM'))")
     result = subprocess.run([sys.executable, "-c", code, str(ROOT), *overrides],
                             capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-1]) / 1024
+    imported, peak = result.stdout.split()[-2:]
+    return int(peak) / 1024, int(imported) / 1024
+
+
+def memory_line(field: str) -> str:
+    return next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field))
 
 
 def wall(command: list[str]) -> float:
@@ -144,12 +194,12 @@ def wall(command: list[str]) -> float:
 
 # --- the items -----------------------------------------------------------------------------
 
-def full_finetune_ratio(data, repeat: int) -> tuple[float, str]:
+def full_finetune_ratio(data, repeat: int, work: Work) -> tuple[float, str]:
     def tool_epochs():
         with tempfile.TemporaryDirectory() as folder:
-            return epoch_seconds(tool_run(FULL, Path(folder)))
+            return epoch_seconds(tool_run(FULL, Path(folder), work))
 
-    runs = [tool_epochs, lambda: bare_loop(3, False, data)]
+    runs = [tool_epochs, lambda: bare_loop(3, False, data, work)]
     if repeat % 2:  # alternate which goes first: the machine warms up and cools down
         runs.reverse()
     results = [run() for run in runs]
@@ -158,32 +208,37 @@ def full_finetune_ratio(data, repeat: int) -> tuple[float, str]:
     return tool / bare, f"{tool:.2f} s / {bare:.2f} s per epoch"
 
 
-def linear_probe_ratio(data, bare_seconds: list[float]) -> tuple[float, str]:
+def linear_probe_ratio(bare_seconds: list[float], work: Work) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        tool_run(LINEAR_PROBE, Path(folder))  # a fresh cache: the features are computed here
+        tool_run(LINEAR_PROBE, Path(folder), work)  # a fresh cache: features computed here
         tool = time.perf_counter() - started
     started = time.perf_counter()
-    bare_loop(10, True, data)
+    bare_loop(10, True, digits_tensors(work.image_size), work)  # its data built too, as the tool's
     bare = time.perf_counter() - started
     bare_seconds.append(bare)
     return tool / bare, f"{tool:.2f} s / {bare:.2f} s"
 
 
-def sweep_ratio(bare_probe: float) -> tuple[float, str]:
+def sweep_ratio(bare_in_process: float) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as folder:
-        seconds = wall([sys.executable, "train.py", "-m", *COMMON, *LINEAR_PROBE,
+        seconds = wall([sys.executable, "train.py", "-m", *CPU_WORK.overrides(), *LINEAR_PROBE,
                         "head=linear,mlp", "optimizer=sgd,adamw", "optimizer.lr=0.1,0.01",
                         f"hydra.sweep.dir={folder}/sweep", f"trainer.cache_dir={folder}/cache"])
         jobs = len(list(Path(folder, "sweep").glob("*/summary.json")))
     assert jobs == 8, f"the sweep finished {jobs} jobs, not 8"
-    return seconds / (8 * bare_probe), f"{seconds:.1f} s / (8 x {bare_probe:.2f} s)"
+    bare = wall([sys.executable, "benchmarks/speed.py", "--bare-probe"])
+    return seconds / (8 * bare), (f"{seconds:.1f} s / (8 x {bare:.2f} s); against the "
+                                  f"in-process bare probe: {seconds / (8 * bare_in_process):.3f}")
 
 
 def memory_ratio() -> tuple[float, str]:
-    probe = peak_rss_mib([*LINEAR_PROBE, "trainer.max_epochs=2"])
-    full = peak_rss_mib([*FULL, "trainer.max_epochs=2"])
-    return probe / full, f"{probe:.0f} MiB / {full:.0f} MiB"
+    probe, probe_imports = peak_rss_mib([*LINEAR_PROBE, "trainer.max_epochs=2"])
+    full, full_imports = peak_rss_mib([*FULL, "trainer.max_epochs=2"])
+    added = (probe - probe_imports) / (full - full_imports)
+    return probe / full, (f"{probe:.0f} MiB / {full:.0f} MiB; above the {full_imports:.0f} MiB "
+                          f"the imports take: {probe - probe_imports:.0f} / "
+                          f"{full - full_imports:.0f} MiB = {added:.3f}")
 
 
 def help_ratio() -> tuple[float, str]:
@@ -200,27 +255,47 @@ def median_of(repeats: int, measure) -> tuple[float, str]:
     return statistics.median(ratios), middle[1]
 
 
+def cpu_rows(repeats: int) -> list[tuple]:
+    data = digits_tensors()
+    rows = [("1. full fine-tuning, 3 epochs: time per epoch", "<= 1.05",
+             *median_of(repeats, lambda repeat: full_finetune_ratio(data, repeat, CPU_WORK)))]
+    bare_probes: list[float] = []
+    rows.append(("2. linear probe, 10 epochs: total time", "<= 0.25",
+                 *median_of(repeats, lambda _: linear_probe_ratio(bare_probes, CPU_WORK))))
+    bare_probe = statistics.median(bare_probes)
+    rows.append(("3. sweep of 8 linear probes / 8 bare probes", "<= 0.2",
+                 *median_of(repeats, lambda _: sweep_ratio(bare_probe))))
+    rows.append(("4. peak RSS, linear probe / full fine-tuning", "<= 0.7",
+                 *median_of(repeats, lambda _: memory_ratio())))
+    rows.append(("5. `train.py --help` / `import torch` wall time", "<= 1.0",
+                 *median_of(repeats, lambda _: help_ratio())))
+    return rows
+
+
+def gpu_rows(repeats: int) -> list[tuple]:
+    import torch
+
+    data = digits_tensors(GPU_WORK.image_size)
+    name = torch.cuda.get_device_name()
+    return [(f"1. full fine-tuning, 3 epochs: time per epoch ({name}, resnet50, 224, bf16)",
+             "<= 1.05", *median_of(repeats, lambda r: full_finetune_ratio(data, r, GPU_WORK))),
+            (f"2. linear probe, 10 epochs: total time ({name}, resnet50, 224, bf16)", "<= 0.25",
+             *median_of(repeats, lambda _: linear_probe_ratio([], GPU_WORK)))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="items 1-2 on a CUDA GPU")
+    parser.add_argument("--bare-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_probe:
+        return bare_probe_process()
     import logging
 
     import torch
     logging.disable(logging.INFO)  # the tool's per-epoch log lines would drown the table
-    data = digits_tensors()
-    rows = [("1. full fine-tuning, 3 epochs: time per epoch", "<= 1.05",
-             *median_of(args.repeats, lambda repeat: full_finetune_ratio(data, repeat)))]
-    bare_probes: list[float] = []
-    rows.append(("2. linear probe, 10 epochs: total time", "<= 0.25",
-                 *median_of(args.repeats, lambda repeat: linear_probe_ratio(data, bare_probes))))
-    bare_probe = statistics.median(bare_probes)
-    rows.append(("3. sweep of 8 linear probes / 8 bare probes", "<= 0.2",
-                 *median_of(args.repeats, lambda repeat: sweep_ratio(bare_probe))))
-    rows.append(("4. peak RSS, linear probe / full fine-tuning", "<= 0.7",
-                 *median_of(args.repeats, lambda repeat: memory_ratio())))
-    rows.append(("5. `train.py --help` / `import torch` wall time", "<= 1.0",
-                 *median_of(args.repeats, lambda repeat: help_ratio())))
+    rows = gpu_rows(args.repeats) if args.gpu else cpu_rows(args.repeats)
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"Python {platform.python_version()}, torch {torch.__version__}, "
           f"median of {args.repeats} runs\n")

@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from typing import Any
 
 import torch
@@ -70,8 +71,13 @@ def link_atomic(source: str, path: str) -> None:
 
 
 def detached_copy(value: Any) -> Any:
-    """The same nested state with every tensor copied, so training can go on changing it."""
+    """The same nested state with every tensor copied to the CPU, so training can go on
+    changing it. GPU tensors go to pinned memory without waiting: the copies are queued
+    before the next training step on the same stream, and `copies_done` waits for them."""
     if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value.detach(), non_blocking=True)
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {key: detached_copy(item) for key, item in value.items()}
@@ -91,12 +97,20 @@ class BackgroundSaver:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def save(self, state: dict[str, Any], path: str, link_to: str | None = None) -> None:
+    def save(self, state: dict[str, Any], path: str, link_to: str | None = None,
+             copy: bool = True) -> None:
+        """`copy=False` writes the tensors as they are: only for tensors nothing changes
+        before the next `save` or `wait`."""
         self.wait()
-        snapshot = detached_copy(state)
+        snapshot = detached_copy(state) if copy else state
+        copies_done = torch.cuda.Event() if torch.cuda.is_initialized() else None
+        if copies_done is not None:
+            copies_done.record()
 
         def write() -> None:
             try:
+                if copies_done is not None:
+                    copies_done.synchronize()
                 save_atomic(snapshot, path)
                 if link_to is not None:
                     link_atomic(path, link_to)
@@ -113,6 +127,71 @@ class BackgroundSaver:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+FROZEN_FILE = "frozen.pt"
+
+
+class RunCheckpoints:
+    """A run's checkpoints/ folder: last.pt every epoch, best.pt, and frozen.pt.
+
+    Tensors that training cannot change (frozen weights, the buffers of modules kept in eval
+    mode) are written once per run to frozen.pt instead of every epoch: a frozen backbone
+    would otherwise be copied and written again each time. last.pt holds everything else and
+    names the frozen.pt entries it relies on, with that file's id; `read_checkpoint` joins
+    them. best.pt is a hard link to the best epoch's last.pt, so it is never written twice.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.saver = BackgroundSaver()  # the next epoch trains while a checkpoint is written
+        self.frozen_id: str | None = None
+        self.frozen_names: frozenset[str] = frozenset()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def write_frozen(self, model_state: dict[str, torch.Tensor], unchanging: set[str]) -> None:
+        """Write frozen.pt, the `unchanging` entries of the model's state dict, while the first
+        epoch trains: no copy is needed, as nothing changes them before the first `save`
+        (unfreeze phases start at epoch 2 at the earliest)."""
+        self.frozen_id = uuid.uuid4().hex
+        tensors = {name: tensor for name, tensor in model_state.items() if name in unchanging}
+        self.saver.save({"id": self.frozen_id, "tensors": tensors}, self.path(FROZEN_FILE),
+                        copy=False)
+        self.frozen_names = frozenset(tensors)
+
+    def save(self, state: dict[str, Any], unchanging: set[str], best: bool) -> None:
+        """Write last.pt (and link best.pt to it) in the background, without the entries
+        frozen.pt holds and that are still `unchanging` (an unfreeze phase changes that)."""
+        in_frozen_file = self.frozen_names & unchanging
+        model = {name: tensor for name, tensor in state["model"].items()
+                 if name not in in_frozen_file}
+        state = {**state, "model": model, "frozen_part": {
+            "file": FROZEN_FILE, "id": self.frozen_id, "names": sorted(in_frozen_file)}}
+        self.saver.save(state, self.path("last.pt"), link_to=self.path("best.pt") if best else None)
+
+    def wait(self) -> None:
+        self.saver.wait()
+
+
+def read_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint this tool wrote, with its whole model state (frozen.pt's part joined in)."""
+    state = load_safe(path, key)
+    part = state.get("frozen_part") if isinstance(state, dict) else None
+    if not part or not part["names"]:
+        return state
+    frozen_path = os.path.join(os.path.dirname(os.path.abspath(path)), part["file"])
+    if not os.path.isfile(frozen_path):
+        raise ConfigError(f"{key}={path!r} keeps its frozen weights in {frozen_path}, which does "
+                          "not exist: keep the checkpoints/ folder's files together.")
+    frozen = load_safe(frozen_path, key)
+    missing = sorted(set(part["names"]) - set(frozen.get("tensors", {})))
+    if frozen.get("id") != part["id"] or missing:
+        raise ConfigError(f"{key}={path!r}: {frozen_path} belongs to another run (its id or "
+                          "tensors do not match); keep each run's checkpoints/ folder together.")
+    state["model"] = {**{name: frozen["tensors"][name] for name in part["names"]}, **state["model"]}
+    return state
 
 
 def load_safe(path: str, key: str = "checkpoint") -> Any:

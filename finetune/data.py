@@ -7,9 +7,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torchvision import datasets, transforms
 
+from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 from finetune.model import InputSpec
 
@@ -64,11 +72,13 @@ def digits_tensors(cfg: DictConfig, spec: InputSpec):
     pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     pixels = F.interpolate(pixels, size=(spec.image_size, spec.image_size), mode="bilinear",
                            align_corners=False)
-    pixels = normalize(pixels.expand(-1, 3, -1, -1), spec).contiguous()
     targets = torch.tensor(labels)
-    train = TensorDataset(pixels[train_index], targets[train_index])
-    val = TensorDataset(pixels[val_index], targets[val_index])
-    return train, val, class_names
+
+    def split(index: list[int]) -> TensorDataset:  # to 3 channels after the split: less memory
+        return TensorDataset(normalize(pixels[index].expand(-1, 3, -1, -1), spec).contiguous(),
+                             targets[index])
+
+    return split(train_index), split(val_index), class_names
 
 
 def image_transforms(spec: InputSpec, augment: bool):
@@ -120,16 +130,31 @@ BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake
 
 
 def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool):
-    in_memory = isinstance(dataset, TensorDataset)  # nothing to decode: workers only add cost
-    workers = 0 if in_memory else cfg.num_workers
+    # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
+    drop_last = training and len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
+    # its own generator: shuffling, and even starting an iterator, then leaves the global
+    # RNG (dropout masks) alone, so what runs before training cannot change the result
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, TensorDataset):
+        return tensor_loader(dataset, cfg.batch_size, training, drop_last, generator)
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=workers,
-        pin_memory=pin_memory and not in_memory, persistent_workers=workers > 0,
-        # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
-        drop_last=training and len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1,
-        # its own generator: shuffling, and even starting an iterator, then leaves the global
-        # RNG (dropout masks) alone, so what runs before training cannot change the result
-        generator=torch.Generator().manual_seed(seed))
+        dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=cfg.num_workers,
+        pin_memory=pin_memory, persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
+        generator=generator)
+
+
+def tensor_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, drop_last: bool = False,
+                  generator: torch.Generator | None = None) -> DataLoader:
+    """Batches of an in-memory data set, each taken with one indexing operation.
+
+    The usual loader fetches images one by one and stacks them. This one yields the same
+    batches in the same order (same sampler, same generator draws) without that per-image
+    work, and with no workers: there is nothing to decode.
+    """
+    generator = generator if generator is not None else torch.Generator()
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last),
+                      batch_size=None, generator=generator)
 
 
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False) -> Data:
@@ -145,11 +170,10 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
 
 def fingerprint(dataset: Dataset) -> str:
     """What determines a data set's model inputs: its images, their order and the transform."""
-    digest = hashlib.sha256()
     if isinstance(dataset, TensorDataset):
-        for tensor in dataset.tensors:
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(dataset, datasets.ImageFolder):
+        return tensors_digest(dataset.tensors)
+    digest = hashlib.sha256()
+    if isinstance(dataset, datasets.ImageFolder):
         for path, label in dataset.samples:
             stat = os.stat(path)
             digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())

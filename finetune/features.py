@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from finetune.checkpoint import save_atomic
+from finetune.data import tensor_loader
+from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,8 @@ def decide(setting: str, net: nn.Module, random_train_transform: bool,
 
 
 def weights_digest(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    state = module.state_dict()
+    return tensors_digest(state.values(), labels=state)
 
 
 def numerics(device: torch.device, precision: str) -> list[str]:
@@ -89,8 +88,11 @@ def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], device: torch.
 def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int,
             device: torch.device, precision_context) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's outputs for every image, in dataset order, on the CPU in float32."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator())  # leaves the global RNG as it was
+    if isinstance(dataset, TensorDataset):
+        loader = tensor_loader(dataset, batch_size, shuffle=False)
+    else:  # its own generator leaves the global RNG as it was
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            generator=torch.Generator())
     outputs, labels = [], []
     backbone.eval()
     with torch.inference_mode():

@@ -64,3 +64,13 @@ def apply_freeze(net: nn.Module, patterns: Sequence[str], frozen_modules: str,
     for name, param in named:
         param.requires_grad_(flags[name])
     return update_eval_modules(net, frozen_modules)
+
+
+def unchanging_state_names(net: nn.Module) -> set[str]:
+    """State-dict entries training cannot change: frozen parameters, and the buffers of the
+    modules kept in eval mode (their BatchNorm statistics stay as loaded)."""
+    names = {name for name, param in net.named_parameters() if not param.requires_grad}
+    for module_name in getattr(net, "frozen_eval_modules", []):
+        names.update(f"{module_name}.{name}"
+                     for name, _ in net.get_submodule(module_name).named_buffers())
+    return names

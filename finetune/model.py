@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
-from finetune.checkpoint import load_safe
+from finetune.checkpoint import read_checkpoint
 from finetune.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def drop_auxiliary_classifiers(backbone: nn.Module) -> None:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A backbone state dict from a plain torchvision file or a checkpoint saved by this tool."""
-    state = load_safe(path, key="backbone.checkpoint")
+    state = read_checkpoint(path, key="backbone.checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint written by this tool
     if not isinstance(state, dict):

@@ -15,12 +15,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from finetune.checkpoint import BackgroundSaver
+from finetune.checkpoint import RunCheckpoints
 from finetune.errors import ConfigError
+from finetune.freeze import unchanging_state_names
 
 log = logging.getLogger(__name__)
 
-POSTFIX_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
+POSTFIX_EVERY = 10  # steps between progress-bar updates (each waits for the device; none without a bar)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         optimizer.zero_grad(set_to_none=True)
         step.backward_and_step(loss, optimizer)
         totals.add(loss, logits, labels)
-        if index % POSTFIX_EVERY == 0:
+        if not bar.disable and index % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
     return totals.means()
 
@@ -190,12 +191,13 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, step: Step,
         run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
         before_epoch: Callable[[int], None] = lambda epoch: None) -> FitResult:
-    """Train for max_epochs, writing metrics.csv and checkpoints/{last,best}.pt each epoch.
+    """Train for max_epochs, writing metrics.csv and checkpoints/ (RunCheckpoints) each epoch.
 
     `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there).
     """
     metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"))
-    saver = BackgroundSaver()  # the next epoch trains while the checkpoint is written
+    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
+    checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
     history: list[EpochMetrics] = []
     best, best_epoch = None, 0
     for epoch in range(1, max_epochs + 1):
@@ -216,13 +218,11 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
-        # best.pt is a hard link to this epoch's last.pt: written once
-        saver.save(state, os.path.join(run_dir, "checkpoints", "last.pt"),
-                   link_to=os.path.join(run_dir, "checkpoints", "best.pt") if improved else None)
+        checkpoints.save(state, unchanging_state_names(net), best=improved)
         metrics.seconds = time.perf_counter() - started  # the checkpoint copy included
         history.append(metrics)
         metrics_csv.append(metrics)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  %.1fs",
                  epoch, max_epochs, train_loss, train_acc, val_loss, val_acc, lr, metrics.seconds)
-    saver.wait()
+    checkpoints.wait()
     return FitResult(history, best_epoch)

@@ -4,7 +4,15 @@ import pickle
 import pytest
 import torch
 
-from finetune.checkpoint import UMASK, BackgroundSaver, link_atomic, load_safe, save_atomic
+from finetune.checkpoint import (
+    UMASK,
+    BackgroundSaver,
+    RunCheckpoints,
+    link_atomic,
+    load_safe,
+    read_checkpoint,
+    save_atomic,
+)
 from finetune.errors import ConfigError
 
 
@@ -89,3 +97,32 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(0o666 & ~UMASK)
+
+
+def test_frozen_part_is_joined_back_and_a_phase_moves_tensors_into_last(tmp_path):
+    checkpoints = RunCheckpoints(str(tmp_path))
+    model = {"frozen": torch.zeros(3), "later": torch.ones(2), "head": torch.full((2,), 5.0)}
+    checkpoints.write_frozen(model, unchanging={"frozen", "later"})
+    checkpoints.save({"model": model, "epoch": 1}, unchanging={"frozen", "later"}, best=True)
+    checkpoints.wait()
+    assert set(load_safe(str(tmp_path / "last.pt"))["model"]) == {"head"}
+    model = {**model, "later": torch.full((2,), 7.0)}  # unfrozen by a phase, then trained
+    checkpoints.save({"model": model, "epoch": 2}, unchanging={"frozen"}, best=False)
+    checkpoints.wait()
+    assert set(load_safe(str(tmp_path / "last.pt"))["model"]) == {"head", "later"}
+    last, best = read_checkpoint(str(tmp_path / "last.pt")), read_checkpoint(str(tmp_path / "best.pt"))
+    assert all(torch.equal(last["model"][name], model[name]) for name in model)
+    assert torch.equal(best["model"]["later"], torch.ones(2)) and best["epoch"] == 1
+
+
+def test_a_checkpoint_without_its_own_frozen_file_is_refused(tmp_path):
+    for run in ("a", "b"):
+        checkpoints = RunCheckpoints(str(tmp_path / run))
+        checkpoints.write_frozen({"w": torch.zeros(1)}, unchanging={"w"})
+        checkpoints.save({"model": {"w": torch.zeros(1)}}, unchanging={"w"}, best=False)
+        checkpoints.wait()
+    os.replace(tmp_path / "b" / "frozen.pt", tmp_path / "a" / "frozen.pt")
+    with pytest.raises(ConfigError, match="belongs to another run"):
+        read_checkpoint(str(tmp_path / "a" / "last.pt"))
+    with pytest.raises(ConfigError, match="keep the checkpoints/ folder's files together"):
+        read_checkpoint(str(tmp_path / "b" / "last.pt"))

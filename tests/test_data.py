@@ -1,9 +1,10 @@
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import InterpolationMode
 
-from finetune.data import build_data
+from finetune.data import build_data, tensor_loader
 from finetune.errors import ConfigError
 from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
@@ -107,3 +108,16 @@ def test_a_last_training_batch_of_one_image_is_dropped(train_size, batches):
     data = build_data(cfg.data, spec(8), seed=0)
     assert len(data.train_loader) == batches
     assert len(data.val_loader) == 4  # validation keeps every image
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_in_memory_batches_equal_the_usual_loaders_and_leave_the_global_rng(shuffle):
+    dataset = TensorDataset(torch.randn(130, 3), torch.arange(130))
+    usual = DataLoader(dataset, batch_size=64, shuffle=shuffle, drop_last=shuffle,
+                       generator=torch.Generator().manual_seed(3))
+    batched = tensor_loader(dataset, 64, shuffle, shuffle, torch.Generator().manual_seed(3))
+    global_rng = torch.get_rng_state()
+    for _ in range(2):  # the second epoch's order too
+        pairs = list(zip(usual, batched, strict=True))
+        assert all(torch.equal(a, b) for one, other in pairs for a, b in zip(one, other, strict=True))
+    assert torch.equal(torch.get_rng_state(), global_rng)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune import digest
 from finetune.errors import ConfigError
 from finetune.run import build, run
 
@@ -135,3 +136,16 @@ def test_compile_trains_the_same_as_eager(tmp_path):
     for eager, compiled in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
         assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=1e-6)
         assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+
+
+def test_tensor_digest_is_the_same_on_any_number_of_cores_and_sees_every_byte(monkeypatch):
+    monkeypatch.setattr(digest, "CHUNK_BYTES", 1000)  # 4000-byte tensors: four chunks each
+    tensors = [torch.randn(1000), torch.arange(1000, dtype=torch.int32)]
+    monkeypatch.setattr(digest.os, "cpu_count", lambda: 1)
+    one_core = digest.tensors_digest(tensors)
+    monkeypatch.setattr(digest.os, "cpu_count", lambda: 8)
+    assert digest.tensors_digest(tensors) == one_core
+    changed = tensors[0].clone()
+    changed[-1] += 1
+    assert digest.tensors_digest([changed, tensors[1]]) != one_core
+    assert digest.tensors_digest([tensors[0].view(10, 100), tensors[1]]) != one_core  # shape

@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 
-from finetune.checkpoint import load_safe
+from finetune.checkpoint import load_safe, read_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import build
 from finetune.trainer import Monitor, Step, evaluate, fit, resolve_device, train_one_epoch
@@ -89,13 +89,27 @@ def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                              "seconds"]
     assert float(rows[0]["lr"]) == 0.05 and float(rows[1]["lr"]) < 0.05  # cosine over 2 epochs
-    last = load_safe(str(tmp_path / "checkpoints" / "last.pt"))
-    best = load_safe(str(tmp_path / "checkpoints" / "best.pt"))
+    last = read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    best = read_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
     assert last["epoch"] == 2 and best["epoch"] == result.best_epoch
     assert last["class_names"] == [str(i) for i in range(10)]
     for name, value in setup.net.state_dict().items():
         assert torch.equal(last["model"][name], value)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_frozen_tensors_are_written_once_not_every_epoch(tmp_path):
+    setup = build(make_config(*FAST, "trainer.max_epochs=2"))  # freezes @stem and @stage1
+    fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
+        setup.scheduler, 2, Step(setup.net, setup.device), str(tmp_path), Monitor(), dict)
+    last_only = load_safe(str(tmp_path / "checkpoints" / "last.pt"))["model"]
+    frozen = load_safe(str(tmp_path / "checkpoints" / "frozen.pt"))["tensors"]
+    frozen_params = {name for name, param in setup.net.named_parameters() if not param.requires_grad}
+    assert frozen_params <= set(frozen) and not frozen_params & set(last_only)
+    # stage 1 is kept in eval mode, so its BatchNorm statistics are unchanging too; stage 2's move
+    assert "pretrained.layer1.0.bn1.running_mean" in frozen
+    assert "pretrained.layer2.0.bn1.running_mean" in last_only
+    assert set(frozen) | set(last_only) == set(setup.net.state_dict())
 
 
 def test_monitor_direction():
