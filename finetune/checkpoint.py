@@ -161,6 +161,10 @@ class RunCheckpoints:
                         copy=False)
         self.frozen_names = frozenset(tensors)
 
+    def adopt(self, frozen_part: dict[str, Any]) -> None:
+        """Go on with the frozen.pt a resumed run's checkpoint names."""
+        self.frozen_id, self.frozen_names = frozen_part["id"], frozenset(frozen_part["names"])
+
     def save(self, state: dict[str, Any], unchanging: set[str], best: bool) -> None:
         """Write last.pt (and link best.pt to it) in the background, without the entries
         frozen.pt holds and that are still `unchanging` (an unfreeze phase changes that)."""

@@ -4,17 +4,19 @@ torch is imported only once a run starts, so `--help` stays quick.
 """
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import register_schemas
 from finetune.errors import ConfigError
 from finetune.outputs import check_fresh_run_dir
+from finetune.resume import find_run_dir
 
 register_schemas()
 
@@ -22,26 +24,83 @@ register_schemas()
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def exit_with(error: ConfigError) -> None:
+def exit_with(error: Exception, code: int = 2) -> None:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 class RefuseUsedRunDir(Callback):
     """Runs before Hydra writes .hydra/ into the run directory, so a refused run changes nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("resume"):  # resuming writes into its own run, on purpose
+            return
         try:
             check_fresh_run_dir(config.hydra.run.dir)
         except ConfigError as error:
             exit_with(error)
 
 
+def with_resume_dir(argv: list[str]) -> list[str]:
+    """`resume=X` runs in X's directory: name it for Hydra before Hydra picks a new one.
+
+    Hydra's own files for this invocation go to .hydra/resume-<time>/, so the run's saved
+    .hydra/ files stay as they were.
+    """
+    found = [index for index, arg in enumerate(argv) if arg.lstrip("+").startswith("resume=")]
+    value = argv[found[-1]].split("=", 1)[1] if found else "null"
+    if value in ("null", ""):
+        return argv
+    if {"-m", "--multirun"} & set(argv):
+        raise ConfigError(f"resume={value!r} continues one run; it cannot be part of a sweep "
+                          "(-m). Drop -m, or drop resume.")
+    if any(arg.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for arg in argv):
+        raise ConfigError(f"resume={value!r} runs in the resumed run's directory; drop "
+                          "hydra.run.dir / hydra.output_subdir.")
+    run_dir = find_run_dir(value)
+    argv = [arg for index, arg in enumerate(argv) if index not in found]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [*argv, f"resume={run_dir}", f"hydra.run.dir={run_dir}",
+            f"hydra.output_subdir=.hydra/resume-{stamp}"]
+
+
+def compose_unresolved(overrides: list[str]) -> dict:
+    """The config these overrides give, interpolations kept (`T_max: ${trainer.max_epochs}`
+    stays a reference, so raising max_epochs changes that key only)."""
+    from hydra import compose
+
+    return OmegaConf.to_container(compose(config_name="config", overrides=overrides))
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
+    from finetune.errors import TrainingFailed
+    from finetune.resume import load_last, resumed_config
     from finetune.run import run
 
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.resume:
+            saved = load_last(cfg.resume)
+            cfg = resumed_config(cfg.resume, saved["config"], saved["overrides"], overrides,
+                                 compose_unresolved)
+            overrides = saved["overrides"]
+        return run(cfg, HydraConfig.get().runtime.output_dir, overrides)
     except ConfigError as error:
         exit_with(error)
+    except TrainingFailed as error:
+        exit_with(error, code=1)
+
+
+def main() -> float | None:
+    """`python train.py ...` and the `finetune` console script."""
+    try:
+        sys.argv = with_resume_dir(sys.argv)
+    except ConfigError as error:
+        exit_with(error)
+    try:
+        return hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch's checkpoint is saved; continue with "
+              "python train.py resume=latest (or resume=<run directory>)", file=sys.stderr)
+        sys.exit(130)

@@ -55,6 +55,7 @@ class ImageFolderDataConfig(DataConfig):
     name: str = "imagefolder"
     root: str | None = None  # holds train/<class>/* and val/<class>/*
     augment: bool = False  # random resized crop + horizontal flip for training
+    bad_images: str = "skip"  # skip (one warning naming each file) | fail (an error naming them)
     use_weights_transform: bool = True  # with pretrained weights, use their preprocessing
 
 
@@ -116,6 +117,7 @@ class TrainerConfig:
     precision: str = "32"  # 32 | bf16 | 16-mixed
     channels_last: bool = False
     compile: bool = False  # wrap the trained module with torch.compile
+    grad_clip: float | None = None  # clip the gradients' total norm to this; null: no clipping
 
 
 @dataclass
@@ -150,12 +152,18 @@ class Config:
     seed: int = 0
     dry_run: bool = False  # build everything and print the report; train and save nothing
     optimized_metric: str = "best_val_acc"  # what train.py returns to sweepers
+    mode: str = "train"  # train | evaluate | predict (both need `checkpoint`)
+    resume: str | None = None  # a run directory, or latest: continue it from its last.pt
+    checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
+    predict_input: str | None = None  # predict: a folder of images (searched recursively)
 
 
 CACHE_SETTINGS = ("auto", "true", "false")
 PRECISIONS = ("32", "bf16", "16-mixed")
 OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_loss")
 FROZEN_MODULE_MODES = ("eval", "train")
+MODES = ("train", "evaluate", "predict")
+BAD_IMAGE_POLICIES = ("skip", "fail")
 
 SCHEMAS = {
     (None, "config_schema"): Config,
@@ -192,6 +200,16 @@ def validate(cfg: DictConfig) -> None:
           cfg.trainer.cache_features, "use auto, true or false")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision,
           "use 32, bf16 or 16-mixed")
+    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate or predict")
+    check(cfg.mode == "train" or cfg.checkpoint is not None, "checkpoint", cfg.checkpoint,
+          f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
+    check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
+          cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
+    check(cfg.trainer.grad_clip is None or cfg.trainer.grad_clip > 0, "trainer.grad_clip",
+          cfg.trainer.grad_clip, "use a positive number, or null for no clipping")
+    if cfg.data.name == "imagefolder":
+        check(cfg.data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", cfg.data.bad_images,
+              "use skip (leave them out, with one warning naming each) or fail")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")

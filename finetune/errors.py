@@ -20,3 +20,7 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     matches = closest(word, choices)
     return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+class TrainingFailed(Exception):
+    """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""

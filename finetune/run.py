@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import validate
 from finetune.data import Data, build_data, fingerprint, make_loader
+from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
 from finetune.model import Net, Weights, build_backbone, build_net, input_spec, resolve_weights
@@ -27,8 +29,9 @@ from finetune.report import (
     trainable_count,
     write_params_tsv,
 )
+from finetune.resume import load_last, restore
 from finetune.stages import Aliases, resolve_aliases
-from finetune.trainer import FitResult, Monitor, Step, fit, resolve_device
+from finetune.trainer import EpochMetrics, Monitor, Progress, Step, fit, resolve_device
 from finetune.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
@@ -40,22 +43,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def summarize(result: FitResult, weights: str, trainable: int, total: int,
-              seconds: float) -> dict:
-    history = result.history
-    return {
-        "status": "ok",
-        "best_val_acc": max(epoch.val_acc for epoch in history),
-        "best_val_loss": min(epoch.val_loss for epoch in history),
-        "best_epoch": result.best_epoch,
-        "last_val_acc": history[-1].val_acc,
-        "last_val_loss": history[-1].val_loss,
-        "epochs_completed": len(history),
-        "weights": weights,
-        "trainable_params": trainable,
-        "total_params": total,
-        "seconds": round(seconds, 2),
-    }
+def summarize(status: str, history: list[EpochMetrics], best_epoch: int, weights: str,
+              rows: list[ParamRow], seconds: float, error: str | None = None) -> dict:
+    """summary.json: the status, the best and last metrics so far, and the run's size."""
+    summary: dict[str, Any] = {"status": status}
+    if error is not None:
+        summary["error"] = error
+    if history:
+        summary.update({
+            "best_val_acc": max(epoch.val_acc for epoch in history),
+            "best_val_loss": min(epoch.val_loss for epoch in history),
+            "best_epoch": best_epoch,
+            "last_val_acc": history[-1].val_acc,
+            "last_val_loss": history[-1].val_loss})
+    summary.update({"epochs_completed": len(history), "weights": weights,
+                    "trainable_params": trainable_count(rows), "total_params": total_count(rows),
+                    "seconds": round(seconds, 2)})
+    return summary
 
 
 @dataclass
@@ -106,7 +110,8 @@ def build(cfg: DictConfig) -> Setup:
 def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
     """What each batch runs through and the loaders feeding it: the whole Net on images, or
     the head alone on the backbone's cached outputs."""
-    step = Step(setup.net, setup.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    step = Step(setup.net, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
+                cfg.trainer.grad_clip)
     train_loader, val_loader = setup.data.train_loader, setup.data.val_loader
     if setup.cache.enabled:
         train, val = cached_features(
@@ -134,19 +139,32 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str) -> float | None:
-    """Build, train and return cfg.optimized_metric (None for a dry run)."""
+def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float | None:
+    """Train (or, for mode=evaluate|predict, use a checkpoint); return cfg.optimized_metric
+    (None for a dry run). `overrides` are the command line's, kept for resuming."""
+    if cfg.mode != "train":
+        from finetune.inference import run_inference
+
+        return run_inference(cfg, run_dir)
     started = time.perf_counter()
-    check_fresh_run_dir(run_dir)
+    checkpoint = load_last(cfg.resume) if cfg.resume else None
+    if checkpoint is None:
+        check_fresh_run_dir(run_dir)
     setup = build(cfg)
     rows = setup.rows()
     log.info("%s", report(cfg, setup, rows))
     os.makedirs(run_dir, exist_ok=True)
-    write_params_tsv(rows, os.path.join(run_dir, "params.tsv"))
+    if checkpoint is None:
+        write_params_tsv(rows, os.path.join(run_dir, "params.tsv"))
     if cfg.dry_run:
         log.info("dry run: built %s on %s for %d classes; nothing trained or saved.",
                  cfg.backbone.name, setup.device, setup.data.num_classes)
         return None
+    step, train_loader, val_loader = training_step(cfg, setup)
+    progress, checkpoints = Progress(), None
+    if checkpoint is not None:
+        progress, checkpoints = restore(checkpoint, setup, step, [train_loader, val_loader], run_dir)
+        log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
 
     def before_epoch(epoch: int) -> None:
         for phase in setup.unfreeze.start_epoch(epoch):
@@ -154,24 +172,35 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
                      epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
             write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
 
-    resolved_config = OmegaConf.to_container(cfg, resolve=True)
+    saved = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides),
+             "class_names": setup.data.class_names}
 
     def checkpoint_extras() -> dict:
-        return {"config": resolved_config,
-                "class_names": setup.data.class_names,
-                "unfreeze_phase": setup.unfreeze.active,
+        return {**saved, "unfreeze_phase": setup.unfreeze.active,
                 "trainable": [name for name, param in setup.net.named_parameters()
                               if param.requires_grad]}
 
+    def finish(status: str, error: str | None = None) -> dict:
+        summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
+                            setup.rows(), time.perf_counter() - started, error)
+        write_json(summary, os.path.join(run_dir, "summary.json"))
+        return summary
+
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
-    step, train_loader, val_loader = training_step(cfg, setup)
-    result = fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
-                 cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch)
-    rows = setup.rows()
-    summary = summarize(result, str(setup.weights), trainable_count(rows),
-                        total_count(rows), time.perf_counter() - started)
-    write_json(summary, os.path.join(run_dir, "summary.json"))
-    best = result.history[result.best_epoch - 1]
+    try:
+        fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
+            cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch,
+            progress, checkpoints)
+    except KeyboardInterrupt:
+        finish("interrupted")
+        log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
+                    progress.epoch, run_dir)
+        raise
+    except TrainingFailed as error:
+        finish("failed", str(error))
+        raise
+    summary = finish("ok")
+    best = progress.history[progress.best_epoch - 1]
     log.info("best epoch %d: val acc %.4f, val loss %.4f. Run directory: %s",
              best.epoch, best.val_acc, best.val_loss, run_dir)
     return summary[cfg.optimized_metric]

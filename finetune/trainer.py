@@ -4,11 +4,13 @@ import contextlib
 import csv
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune.checkpoint import RunCheckpoints
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, TrainingFailed
 from finetune.freeze import unchanging_state_names
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2  # 2: progress, RNG states and frozen.pt; resume refuses other formats
 
 POSTFIX_EVERY = 10  # steps between progress-bar updates (each waits for the device; none without a bar)
 
@@ -60,22 +64,37 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Totals:
-    """Loss and accuracy summed on the device, read back once per epoch."""
+    """Loss and accuracy summed on the device, read back once per epoch, and the first step
+    whose loss was not finite, read back every CHECK_EVERY steps."""
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.count = 0
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss += loss.detach() * labels.numel()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+            step: int = 0) -> None:
+        loss = loss.detach()
+        self.loss += loss * labels.numel()
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.count += labels.numel()
+        bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+
+    def check_finite(self, epoch: int, steps: int) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise TrainingFailed(
+                f"the training loss is not finite at epoch {epoch}, step {step + 1} of {steps}. "
+                "The last good checkpoint is kept. Lower optimizer.lr, set trainer.grad_clip "
+                "(e.g. 1.0), or use trainer.precision=32.")
 
     def means(self) -> tuple[float, float]:
         return self.loss.item() / self.count, self.correct.item() / self.count
 
 
+CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -91,6 +110,7 @@ class Step:
     device: torch.device
     precision: str = "32"  # 32 | bf16 | 16-mixed (autocast; fp16 adds a gradient scaler)
     channels_last: bool = False
+    grad_clip: float | None = None  # max total gradient norm
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
@@ -102,11 +122,12 @@ class Step:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if not self.scaler.is_enabled():
-            loss.backward()
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # scale, unscale_, step and update do nothing
+        if self.grad_clip is not None:      # more than plain PyTorch when fp16 is off
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(
+                [param for group in optimizer.param_groups for param in group["params"]],
+                self.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
 
@@ -122,19 +143,24 @@ class Step:
 
 
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    step: Step, description: str) -> tuple[float, float]:
+                    step: Step, epoch: int, max_epochs: int) -> tuple[float, float]:
+    """One pass over the training data; a non-finite loss stops it (TrainingFailed)."""
     net.train()  # Net.train keeps fully frozen modules in eval mode
     totals = Totals(step.device)
-    bar = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False, disable=None,
+               dynamic_ncols=True)
     for index, batch in enumerate(bar):
         images, labels = step.to_device(*batch)
         logits = step.logits(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         step.backward_and_step(loss, optimizer)
-        totals.add(loss, logits, labels)
+        totals.add(loss, logits, labels, index)
+        if index % CHECK_EVERY == CHECK_EVERY - 1:
+            totals.check_finite(epoch, len(loader))
         if not bar.disable and index % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
+    totals.check_finite(epoch, len(loader))
     return totals.means()
 
 
@@ -156,12 +182,24 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 class MetricsCsv:
-    """metrics.csv: one row per finished epoch, flushed so it can be watched."""
+    """metrics.csv: one row per finished epoch, flushed so it can be watched.
 
-    def __init__(self, path: str):
+    A resumed run first drops the rows after its checkpoint's epoch (a run killed between
+    writing a row and its checkpoint repeats that epoch), so no epoch is missing or doubled.
+    """
+
+    def __init__(self, path: str, keep_epochs: int = 0):
         self.path = path
-        with open(path, "w", newline="") as handle:
-            csv.writer(handle).writerow(METRIC_COLUMNS)
+        kept = []
+        if keep_epochs and os.path.exists(path):
+            with open(path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= keep_epochs]
+        temporary = path + ".tmp"
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, path)
 
     def append(self, metrics: EpochMetrics) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -182,6 +220,51 @@ class Monitor:
 
 
 @dataclass
+class Progress:
+    """Where training stands after `epoch` finished epochs; a checkpoint holds it."""
+
+    epoch: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+    best: float | None = None
+    best_epoch: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": [asdict(row) for row in self.history],
+                "best": self.best, "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Progress":
+        return cls(state["epoch"], [EpochMetrics(**row) for row in state["history"]],
+                   state["best"], state["best_epoch"])
+
+
+def rng_state(loaders: list[DataLoader]) -> dict[str, Any]:
+    """Every random stream the next epoch draws from: dropout and augmentation (torch,
+    CUDA, numpy, random) and each loader's own generator (shuffling)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": numpy_rng_state(), "python": random.getstate(),
+            "loaders": [loader.generator.get_state() for loader in loaders]}
+
+
+def numpy_rng_state() -> tuple:
+    """numpy's RNG state with its key array as a tensor: loadable with weights_only=True."""
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return name, torch.from_numpy(keys.copy()), position, has_gauss, cached_gauss
+
+
+def restore_rng(state: dict[str, Any], loaders: list[DataLoader]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gauss))
+    random.setstate(state["python"])
+    for loader, generator_state in zip(loaders, state["loaders"], strict=True):
+        loader.generator.set_state(generator_state)
+
+
+@dataclass
 class FitResult:
     history: list[EpochMetrics]
     best_epoch: int
@@ -190,39 +273,56 @@ class FitResult:
 def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, step: Step,
         run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
-        before_epoch: Callable[[int], None] = lambda epoch: None) -> FitResult:
-    """Train for max_epochs, writing metrics.csv and checkpoints/ (RunCheckpoints) each epoch.
+        before_epoch: Callable[[int], None] = lambda epoch: None,
+        progress: Progress | None = None, checkpoints: RunCheckpoints | None = None) -> FitResult:
+    """Train up to max_epochs, writing metrics.csv and checkpoints/ (RunCheckpoints) each epoch.
 
-    `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there).
+    `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there). A
+    resumed run passes the checkpoint's `progress` (with every state already restored) and
+    its `checkpoints`. A checkpoint holds everything the next epoch depends on, so a run
+    resumed from it ends bit-identical to one never stopped (on the CPU).
     """
-    metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"))
-    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
-    checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
-    history: list[EpochMetrics] = []
-    best, best_epoch = None, 0
-    for epoch in range(1, max_epochs + 1):
-        started = time.perf_counter()
-        before_epoch(epoch)
-        lr = base_lr(optimizer)
-        train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step,
-                                                f"epoch {epoch}/{max_epochs}")
-        val_loss, val_acc = evaluate(net, val_loader, step)
-        if scheduler is not None:
-            scheduler.step()
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr,
-                               time.perf_counter() - started)
-        value = getattr(metrics, monitor.key)
-        improved = monitor.improved(value, best)
-        if improved:
-            best, best_epoch = value, epoch
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "epoch": epoch, "metrics": asdict(metrics), **checkpoint_extras()}
-        checkpoints.save(state, unchanging_state_names(net), best=improved)
-        metrics.seconds = time.perf_counter() - started  # the checkpoint copy included
-        history.append(metrics)
-        metrics_csv.append(metrics)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  %.1fs",
-                 epoch, max_epochs, train_loss, train_acc, val_loss, val_acc, lr, metrics.seconds)
-    checkpoints.wait()
-    return FitResult(history, best_epoch)
+    progress = progress or Progress()
+    metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), keep_epochs=progress.epoch)
+    if checkpoints is None:
+        checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
+        checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
+    try:
+        for epoch in range(progress.epoch + 1, max_epochs + 1):
+            started = time.perf_counter()
+            metrics = train_and_validate(net, train_loader, val_loader, optimizer, scheduler,
+                                         step, epoch, max_epochs, before_epoch)
+            value = getattr(metrics, monitor.key)
+            improved = monitor.improved(value, progress.best)
+            if improved:
+                progress.best, progress.best_epoch = value, epoch
+            progress.epoch = epoch
+            progress.history.append(metrics)
+            state = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": step.scaler.state_dict(), "metrics": asdict(metrics),
+                     "progress": progress.state_dict(), "epoch": epoch,
+                     "rng": rng_state([train_loader, val_loader]), **checkpoint_extras()}
+            checkpoints.save(state, unchanging_state_names(net), best=improved)
+            metrics.seconds = time.perf_counter() - started  # the state copy included
+            metrics_csv.append(metrics)
+            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
+                     "%.1fs", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
+                     metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds)
+    finally:  # also on Ctrl-C or a failure: the last epoch's checkpoint is finished, not cut
+        checkpoints.wait()
+    return FitResult(progress.history, progress.best_epoch)
+
+
+def train_and_validate(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+                       optimizer: torch.optim.Optimizer, scheduler: Any, step: Step, epoch: int,
+                       max_epochs: int, before_epoch: Callable[[int], None]) -> EpochMetrics:
+    """One epoch: train, validate, step the schedule (`seconds` is left to the caller)."""
+    before_epoch(epoch)
+    lr = base_lr(optimizer)
+    train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step, epoch, max_epochs)
+    val_loss, val_acc = evaluate(net, val_loader, step)
+    if scheduler is not None:
+        scheduler.step()
+    return EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds=0.0)

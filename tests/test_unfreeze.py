@@ -30,7 +30,7 @@ def drive(setup, epochs, each_epoch=lambda epoch: None):
         setup.unfreeze.start_epoch(epoch)
         each_epoch(epoch)
         step = Step(setup.net, setup.device)
-        train_one_epoch(setup.net, setup.data.train_loader, setup.optimizer, step, "")
+        train_one_epoch(setup.net, setup.data.train_loader, setup.optimizer, step, 1, 1)
         if setup.scheduler is not None:
             setup.scheduler.step()
 

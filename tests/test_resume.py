@@ -1,0 +1,196 @@
+"""Resume: a stopped run, continued from its last checkpoint, ends as if never stopped."""
+
+import csv
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from finetune import trainer
+from finetune.checkpoint import read_checkpoint
+from finetune.errors import ConfigError
+from finetune.resume import find_run_dir, load_last, resumed_config
+from finetune.run import run
+
+from conftest import FAST, make_config
+
+SETUPS = {
+    "partial freeze": [],
+    "probe, cached features, dropout head": ["freeze=[pretrained]", "head=mlp"],
+    "gradual unfreezing": ["freeze=[@backbone]", "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],
+}
+SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
+
+
+def config(*overrides: str, epochs: int = 3):
+    return make_config(*FAST, f"trainer.max_epochs={epochs}", *overrides)
+
+
+def resumed(run_dir) -> OmegaConf:
+    """What `python train.py resume=RUN_DIR` trains with."""
+    saved = load_last(str(run_dir))
+    cfg = OmegaConf.create(saved["config"])
+    cfg.resume = str(run_dir)
+    return cfg
+
+
+def outcome(run_dir) -> tuple[dict, list[dict], dict]:
+    """Final weights, metrics.csv without timings, summary.json without timings."""
+    weights = read_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["model"]
+    rows = [{key: value for key, value in row.items() if key != "seconds"}
+            for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("seconds")
+    return weights, rows, summary
+
+
+def assert_same(one, other) -> None:
+    (weights_a, rows_a, summary_a), (weights_b, rows_b, summary_b) = one, other
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+    assert rows_a == rows_b and summary_a == summary_b
+
+
+def interrupt_at(monkeypatch, epoch: int) -> None:
+    """Ctrl-C at the start of `epoch`."""
+    original = trainer.train_and_validate
+
+    def train_and_validate(*args):
+        if args[6] == epoch:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(trainer, "train_and_validate", train_and_validate)
+
+
+@pytest.mark.parametrize("overrides", SETUPS.values(), ids=SETUPS.keys())
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, overrides):
+    run(config(*overrides), str(tmp_path / "twin"))
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(*overrides), str(tmp_path / "stopped"))
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 2
+    monkeypatch.undo()
+    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))
+    assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
+
+
+def test_a_row_written_after_the_last_checkpoint_is_not_doubled(tmp_path, monkeypatch):
+    run(config(), str(tmp_path / "twin"))
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(), str(tmp_path / "stopped"))
+    monkeypatch.undo()
+    with open(tmp_path / "stopped" / "metrics.csv", "a") as handle:  # killed after the row
+        handle.write("3,9,0,9,0,0.1,1.0\n")                          # but before last.pt
+    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))
+    assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
+
+
+def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
+    run(config(epochs=2), str(tmp_path))
+    before = outcome(tmp_path)
+    run(resumed(tmp_path), str(tmp_path))
+    assert_same(before, outcome(tmp_path))
+
+
+def test_latest_is_the_newest_run_with_a_checkpoint(tmp_path):
+    for name in ("2026-01-01/10-00-00", "2026-01-02/09-00-00", "2026-01-03/08-00-00"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    (tmp_path / "2026-01-01/10-00-00/checkpoints/last.pt").write_bytes(b"")
+    time.sleep(0.01)
+    (tmp_path / "2026-01-02/09-00-00/checkpoints/last.pt").write_bytes(b"")
+    # the newest folder has no checkpoint yet: it is not a run that can be resumed
+    assert find_run_dir("latest", str(tmp_path)) == str(tmp_path / "2026-01-02/09-00-00")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("missing", "is not a directory"),
+    ("empty", "does not exist, so there is nothing to resume"),
+    ("latest", "no run under"),
+])
+def test_nothing_to_resume_is_named(tmp_path, value, message):
+    (tmp_path / "empty").mkdir()
+    path = value if value == "latest" else str(tmp_path / value)
+    with pytest.raises(ConfigError, match=f"resume=.*{message}"):
+        find_run_dir(path, str(tmp_path / "outputs"))
+
+
+def test_only_raising_max_epochs_is_allowed():
+    saved = {"trainer": {"max_epochs": 5}, "optimizer": {"lr": 0.1}, "resume": None}
+
+    def compose(overrides):
+        cfg = {"trainer": {"max_epochs": 5}, "optimizer": {"lr": 0.1}, "resume": None}
+        for item in overrides:
+            key, value = item.split("=")
+            section, name = key.split(".")
+            cfg[section][name] = type(cfg[section][name])(value)
+        return cfg
+
+    cfg = resumed_config("/run", saved, [], ["resume=/run", "trainer.max_epochs=8"], compose)
+    assert cfg.trainer.max_epochs == 8 and cfg.resume == "/run"
+    assert resumed_config("/run", saved, [], ["optimizer.lr=0.1"], compose).trainer.max_epochs == 5
+    with pytest.raises(ConfigError, match=r"optimizer.lr \(saved 0.1\).*Only trainer.max_epochs"):
+        resumed_config("/run", saved, [], ["optimizer.lr=0.5"], compose)
+    with pytest.raises(ConfigError, match="trainer.max_epochs=4 is below the run's 5"):
+        resumed_config("/run", saved, [], ["trainer.max_epochs=4"], compose)
+
+
+# --- SIGKILL at random moments -------------------------------------------------------------
+
+def train_in_child(overrides: list[str], run_dir, resume: bool) -> None:
+    torch.set_num_threads(1)
+    cfg = resumed(run_dir) if resume else config(SOAK_BACKBONE, *overrides, epochs=4)
+    run(cfg, str(run_dir))
+
+
+def run_with_kills(overrides: list[str], run_dir, seconds: float, rng: random.Random) -> int:
+    """Start the run, SIGKILL it at random moments and resume it until it finishes; returns
+    how many times it was killed. A run killed before its first checkpoint starts again."""
+    context = multiprocessing.get_context("fork")  # no re-import: each start takes milliseconds
+    kills = 0
+    while True:
+        resume = (run_dir / "checkpoints" / "last.pt").exists()
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        child = context.Process(target=train_in_child, args=(overrides, run_dir, resume))
+        child.start()
+        child.join(timeout=rng.uniform(0, seconds) if kills < 3 else None)
+        if child.exitcode is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+            kills += 1
+        elif child.exitcode == 0:
+            return kills
+        else:
+            raise AssertionError(f"the training process failed with exit code {child.exitcode}")
+
+
+@pytest.mark.slow
+def test_soak_twenty_runs_killed_at_random_end_bit_identical(tmp_path):
+    """20 runs over the setups, each SIGKILLed up to three times at random and resumed."""
+    rng = random.Random(1)
+    twins, durations = {}, {}
+    for name, overrides in SETUPS.items():
+        started = time.perf_counter()
+        twin = tmp_path / f"twin-{len(twins)}"
+        context = multiprocessing.get_context("fork")
+        child = context.Process(target=train_in_child, args=(overrides, twin, False))
+        child.start()
+        child.join()
+        durations[name], twins[name] = time.perf_counter() - started, outcome(twin)
+    kills = 0
+    for index in range(20):
+        name = list(SETUPS)[index % len(SETUPS)]
+        run_dir = tmp_path / f"run-{index}"
+        kills += run_with_kills(SETUPS[name], run_dir, durations[name], rng)
+        assert_same(twins[name], outcome(run_dir))
+    assert kills >= 20  # most runs were really interrupted
