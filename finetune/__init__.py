@@ -5,7 +5,8 @@ Heavy modules (torch, torchvision) load on first use, so `python train.py --help
 
 from importlib import import_module
 
-_EXPORTS = {"Net": "finetune.model", "run": "finetune.run", "ConfigError": "finetune.errors"}
+_EXPORTS = {"Net": "finetune.model", "run": "finetune.run", "ConfigError": "finetune.errors",
+            "load_model": "finetune.inference"}
 
 __all__ = list(_EXPORTS)
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import register_schemas
 from finetune.errors import ConfigError
-from finetune.outputs import check_fresh_run_dir
+from finetune.outputs import check_fresh_run_dir, check_writable
 from finetune.resume import find_run_dir
 
 register_schemas()
@@ -29,14 +29,21 @@ def exit_with(error: Exception, code: int = 2) -> None:
     sys.exit(code)
 
 
-class RefuseUsedRunDir(Callback):
-    """Runs before Hydra writes .hydra/ into the run directory, so a refused run changes nothing."""
+class CheckRunDir(Callback):
+    """Runs before Hydra creates the run directory and writes .hydra/ into it, so a refused
+    run changes nothing: the directory must be writable and (unless resuming) hold no run."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("resume"):  # resuming writes into its own run, on purpose
-            return
         try:
-            check_fresh_run_dir(config.hydra.run.dir)
+            check_writable(config.hydra.run.dir)
+            if not config.get("resume"):  # resuming writes into its own run, on purpose
+                check_fresh_run_dir(config.hydra.run.dir)
+        except ConfigError as error:
+            exit_with(error)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_writable(config.hydra.sweep.dir, key="hydra.sweep.dir")
         except ConfigError as error:
             exit_with(error)
 
@@ -54,10 +61,10 @@ def with_resume_dir(argv: list[str]) -> list[str]:
     if {"-m", "--multirun"} & set(argv):
         raise ConfigError(f"resume={value!r} continues one run; it cannot be part of a sweep "
                           "(-m). Drop -m, or drop resume.")
+    run_dir = find_run_dir(value)
     if any(arg.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for arg in argv):
         raise ConfigError(f"resume={value!r} runs in the resumed run's directory; drop "
                           "hydra.run.dir / hydra.output_subdir.")
-    run_dir = find_run_dir(value)
     argv = [arg for index, arg in enumerate(argv) if index not in found]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return [*argv, f"resume={run_dir}", f"hydra.run.dir={run_dir}",

@@ -1,12 +1,15 @@
 """Data stage: cfg.data and the backbone's InputSpec -> train/val loaders and class names."""
 
 import hashlib
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -14,12 +17,15 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
     TensorDataset,
+    default_collate,
 )
 from torchvision import datasets, transforms
 
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 from finetune.model import InputSpec
+
+log = logging.getLogger(__name__)
 
 DIGITS_SPLIT_SEED = 0  # the digits train/val split is fixed, whatever the run's seed
 
@@ -105,15 +111,71 @@ def image_folders(cfg: DictConfig, spec: InputSpec):
             raise ConfigError(f"data.root={cfg.root!r}: {os.path.join(root, split)} does not "
                               "exist; the root must hold train/<class>/ and val/<class>/ folders.")
     train_transform, val_transform = image_transforms(spec, cfg.augment)
+    skip = cfg.bad_images == "skip"
     try:
-        train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_transform)
-        val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_transform)
+        train = CheckedImageFolder(os.path.join(root, "train"), train_transform, skip)
+        val = CheckedImageFolder(os.path.join(root, "val"), val_transform, skip)
     except (FileNotFoundError, RuntimeError) as error:
         raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
     if train.classes != val.classes:
         raise ConfigError(f"data.root={cfg.root!r}: train and val have different class folders "
                           f"({train.classes} vs {val.classes}); they must match.")
     return train, val, train.classes
+
+
+def unreadable(paths: list[str]) -> dict[str, str]:
+    """The files PIL cannot open and verify, with the reason (checked in threads)."""
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for broken files
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads: threads overlap the waits
+        return {path: reason for path, reason in zip(paths, pool.map(problem, paths), strict=True)
+                if reason is not None}
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder that names unreadable files: found at start-up, they are left out with one
+    warning naming each (`skip`) or stop the run with their names (`fail`, a ConfigError).
+    A file that breaks later (a truncated JPEG passes the check) is named in the error, or
+    skipped with a warning, instead of crashing a loader worker anonymously."""
+
+    def __init__(self, root: str, transform, skip: bool):
+        super().__init__(root, transform=transform)
+        self.skip = skip
+        bad = unreadable([path for path, _ in self.samples])
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
+        if bad and not skip:
+            raise ConfigError(f"data.bad_images=fail: {len(bad)} unreadable image file(s) in "
+                              f"{root}: {named}. Remove or replace them, or set "
+                              "data.bad_images=skip.")
+        if bad:
+            log.warning("data.bad_images=skip: leaving out %d unreadable image file(s) in %s: %s",
+                        len(bad), root, named)
+            self.samples = [sample for sample in self.samples if sample[0] not in bad]
+            self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except Exception as error:
+            if not self.skip:
+                raise RuntimeError(f"cannot read image {path}: {error}") from error
+            log.warning("data.bad_images=skip: leaving out unreadable image %s: %s", path, error)
+            return None
+        return self.transform(image), target
+
+
+def collate_readable(batch: list):
+    """default_collate over the samples that could be read (CheckedImageFolder gives None);
+    None when there are none."""
+    readable = [sample for sample in batch if sample is not None]
+    return default_collate(readable) if readable else None
 
 
 def fake_data(cfg: DictConfig, spec: InputSpec):
@@ -140,7 +202,7 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
     return DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=cfg.num_workers,
         pin_memory=pin_memory, persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
-        generator=generator)
+        generator=generator, collate_fn=collate_readable)
 
 
 def tensor_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, drop_last: bool = False,

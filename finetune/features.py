@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from finetune.checkpoint import save_atomic
-from finetune.data import tensor_loader
+from finetune.data import collate_readable, tensor_loader
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 
@@ -92,7 +92,7 @@ def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int
         loader = tensor_loader(dataset, batch_size, shuffle=False)
     else:  # its own generator leaves the global RNG as it was
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            generator=torch.Generator())
+                            generator=torch.Generator(), collate_fn=collate_readable)
     outputs, labels = [], []
     backbone.eval()
     with torch.inference_mode():

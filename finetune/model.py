@@ -85,6 +85,16 @@ class InputSpec:
     std: Sequence[float]
     interpolation: InterpolationMode
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for a checkpoint (loadable with weights_only=True)."""
+        return {"image_size": self.image_size, "resize_size": self.resize_size,
+                "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation.value}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "InputSpec":
+        return cls(**{**values, "interpolation": InterpolationMode(values["interpolation"])})
+
 
 def classification_model_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
@@ -215,10 +225,16 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str, dropped_prefix: str
         return dropped_prefix is not None and key.startswith(dropped_prefix + ".")
 
     state = {key: value for key, value in state.items() if not dropped(key)}
-    try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ConfigError(f"backbone.checkpoint={path!r} does not fit the backbone: {error}") from error
+    own = backbone.state_dict()
+    mismatched = [f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}"
+                  for key, value in state.items() if key in own and value.shape != own[key].shape]
+    if mismatched:
+        raise ConfigError(
+            f"backbone.checkpoint={path!r} does not fit the backbone: {len(mismatched)} tensors "
+            f"differ in shape ({'; '.join(mismatched[:5])}). A classifier for another class "
+            "count? Leave backbone.keep_classifier=false (the head replaces it) or set "
+            "backbone.kwargs.num_classes to the file's; otherwise check backbone.name.")
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
     missing = [key for key in missing if not dropped(key)]
     if missing or unexpected:
         raise ConfigError(

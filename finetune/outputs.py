@@ -16,6 +16,20 @@ def check_fresh_run_dir(run_dir: str) -> None:
                           "refusing to overwrite it. Choose another hydra.run.dir.")
 
 
+def check_writable(run_dir: str, key: str = "hydra.run.dir") -> None:
+    """The run directory can be created and written, before Hydra tries and fails."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(f"{key}={run_dir!r} cannot be written: {problem}. Choose another {key}.")
+
+
 def write_json(data: dict, path: str) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w") as handle:

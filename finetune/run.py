@@ -18,7 +18,15 @@ from finetune.data import Data, build_data, fingerprint, make_loader
 from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
-from finetune.model import Net, Weights, build_backbone, build_net, input_spec, resolve_weights
+from finetune.model import (
+    InputSpec,
+    Net,
+    Weights,
+    build_backbone,
+    build_net,
+    input_spec,
+    resolve_weights,
+)
 from finetune.optim import build_optimizer, build_scheduler, group_rules
 from finetune.outputs import check_fresh_run_dir, write_json
 from finetune.report import (
@@ -68,6 +76,7 @@ class Setup:
 
     device: torch.device
     weights: Weights
+    spec: InputSpec
     data: Data
     net: Net
     aliases: Aliases
@@ -104,7 +113,8 @@ def build(cfg: DictConfig) -> Setup:
     scheduler = build_scheduler(optimizer, cfg.scheduler, adds_groups=bool(plan))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation, bool(plan))
-    return Setup(device, weights, data, net, aliases, optimizer, scheduler, unfreeze, cache)
+    return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
+                 cache)
 
 
 def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
@@ -142,6 +152,7 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
 def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float | None:
     """Train (or, for mode=evaluate|predict, use a checkpoint); return cfg.optimized_metric
     (None for a dry run). `overrides` are the command line's, kept for resuming."""
+    validate(cfg)
     if cfg.mode != "train":
         from finetune.inference import run_inference
 
@@ -173,7 +184,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
             write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
 
     saved = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides),
-             "class_names": setup.data.class_names}
+             "class_names": setup.data.class_names, "input_spec": setup.spec.to_dict()}
 
     def checkpoint_extras() -> dict:
         return {**saved, "unfreeze_phase": setup.unfreeze.active,

@@ -2,12 +2,15 @@
 
 import csv
 import json
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from PIL import Image
 
-from conftest import run_train
+from conftest import ROOT, run_train
 from test_freeze import SEED_NAMES
 
 pytestmark = pytest.mark.slow
@@ -73,6 +76,8 @@ def test_image_folder_run_with_a_frozen_resnet50(tmp_path):
     (["backbone.weights=IMAGENET1K_V1"], ["resnet18-f37072fd.pth", "hub/checkpoints"]),
     (["data=imagefolder", "data.root=/no/such/photos"], ["/no/such/photos"]),
     (["freeze=[pretrained.layer9]"], ["pretrained.layer9", "pretrained.layer4"]),
+    (["resume=/no/such/run"], ["resume='/no/such/run' is not a directory"]),  # before Hydra
+    (["head.layers=[{_target_: torch.nn.Linear, size: 3}]"], ["head.layers[0]", "size"]),
 ])
 def test_bad_input_exits_non_zero_with_one_clear_message(tmp_path, overrides, fragments):
     result = run_train(*overrides, f"hydra.run.dir={tmp_path}/run")
@@ -99,3 +104,36 @@ def test_finetune_console_script_runs_the_same_cli(tmp_path):
     result = subprocess.run(["finetune", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "backbone: alexnet" in result.stdout
+
+
+def test_an_output_directory_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    result = run_train(f"hydra.run.dir={tmp_path}/file/run", "data=fake")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"hydra.run.dir='{tmp_path}/file/run' cannot be written" in result.stderr
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
+    """SIGINT once the first epoch's checkpoint is written: exit 130 and a resumable run."""
+    command = [sys.executable, str(ROOT / "train.py"), "backbone.weights=null", "data=fake",
+               "data.train_size=256", "trainer.max_epochs=6", "trainer.device=cpu",
+               "backbone.allow_download=false", f"hydra.run.dir={tmp_path}/run"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume=" in stderr and "Traceback" not in stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["epochs_completed"] < 6
+    saved_config = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    result = run_train(f"resume={tmp_path}/run", "trainer.max_epochs=7", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 8))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "ok"
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == saved_config

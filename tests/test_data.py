@@ -121,3 +121,59 @@ def test_in_memory_batches_equal_the_usual_loaders_and_leave_the_global_rng(shuf
         pairs = list(zip(usual, batched, strict=True))
         assert all(torch.equal(a, b) for one, other in pairs for a, b in zip(one, other, strict=True))
     assert torch.equal(torch.get_rng_state(), global_rng)
+
+
+def test_an_empty_data_root_is_named(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}")
+    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}'.*class folder"):
+        build_data(cfg.data, spec(), seed=0)
+
+
+def break_images(root) -> list:
+    broken = [root / "train" / "cat" / "torn.png", root / "val" / "dog" / "empty.jpg"]
+    broken[0].write_bytes((root / "train" / "cat" / "0.png").read_bytes()[:40])
+    broken[1].write_bytes(b"")
+    return broken
+
+
+def test_unreadable_images_are_skipped_with_one_warning_naming_each(tmp_path, caplog):
+    make_image_folder(tmp_path)
+    broken = break_images(tmp_path)
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0",
+                      "data.batch_size=64")
+    data = build_data(cfg.data, spec(24), seed=0)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 2 and all(str(path) in "".join(warnings) for path in broken)
+    images, labels = next(iter(data.train_loader))  # the good images only, whole
+    assert images.shape[0] == len(data.train_loader.dataset) == 6  # 2 classes x 3
+
+
+def test_unreadable_images_fail_the_run_naming_each_when_asked(tmp_path):
+    make_image_folder(tmp_path)
+    broken = break_images(tmp_path)
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.bad_images=fail")
+    with pytest.raises(ConfigError, match="data.bad_images=fail") as error:
+        build_data(cfg.data, spec(), seed=0)
+    assert str(broken[0]) in str(error.value)
+
+
+def test_an_image_that_breaks_after_the_check_is_named_or_skipped(tmp_path, caplog):
+    make_image_folder(tmp_path)
+    for policy in ("skip", "fail"):
+        cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0",
+                          f"data.bad_images={policy}", "data.batch_size=64")
+        data = build_data(cfg.data, spec(24), seed=0)
+        path = data.val_loader.dataset.samples[0][0]
+        original = open(path, "rb").read()
+        open(path, "wb").write(original[:60])  # truncated after start-up
+        try:
+            if policy == "fail":
+                with pytest.raises(RuntimeError, match=f"cannot read image {path}"):
+                    next(iter(data.val_loader))
+            else:
+                assert next(iter(data.val_loader))[0].shape[0] == 5  # 6 images, one broken
+                assert path in caplog.text
+        finally:
+            open(path, "wb").write(original)

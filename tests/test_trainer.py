@@ -123,3 +123,37 @@ def test_device_auto_is_available_and_unknown_devices_are_refused():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match="trainer.device='gpu0'"):
         resolve_device("gpu0")
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from finetune import trainer
+    from finetune.errors import TrainingFailed
+    from finetune.run import run
+
+    calls = {"count": 0}
+    cross_entropy = trainer.F.cross_entropy
+
+    def failing_at_epoch_two(logits, labels, *args, **kwargs):  # 4 train + 2 val steps/epoch
+        calls["count"] += 1
+        loss = cross_entropy(logits, labels, *args, **kwargs)
+        return loss * float("nan") if calls["count"] == 8 else loss
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", failing_at_epoch_two)
+    with pytest.raises(TrainingFailed, match="not finite at epoch 2, step 2 of 4"):
+        run(make_config(*FAST, "trainer.max_epochs=3"), str(tmp_path))
+    assert read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))["epoch"] == 1
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "epoch 2, step 2" in summary["error"]
+    assert summary["epochs_completed"] == 1
+
+
+def test_grad_clip_bounds_the_update():
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    before = [param.detach().clone() for param in net.parameters()]
+    step = Step(net, torch.device("cpu"), grad_clip=0.5)
+    loss = 1000 * net(torch.randn(8, 4)).pow(2).mean()  # a gradient norm far above 0.5
+    step.backward_and_step(loss, optimizer)
+    moved = torch.cat([(param - old).flatten() for param, old in zip(net.parameters(), before,
+                                                                     strict=True)])
+    assert moved.norm().item() == pytest.approx(0.5, rel=1e-4)

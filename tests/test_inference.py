@@ -1,0 +1,93 @@
+"""A run's checkpoint, used on its own: load_model, mode=evaluate and mode=predict."""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import finetune
+from finetune.checkpoint import read_checkpoint
+from finetune.errors import ConfigError
+from finetune.run import build, run
+
+from conftest import FAST, make_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-epoch run on fake data; its run directory."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    run(make_config(*FAST, "trainer.max_epochs=2", "head=mlp"), str(run_dir))
+    return run_dir
+
+
+def test_load_model_is_the_trained_net_in_eval_mode(trained, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no config files around: the checkpoint is enough
+    net = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
+    assert not net.training and not any(module.training for module in net.modules())
+    assert net.class_names == [str(index) for index in range(10)]
+    saved = read_checkpoint(str(trained / "checkpoints" / "best.pt"))
+    assert all(torch.equal(value, saved["model"][name]) for name, value in net.state_dict().items())
+    val = build(make_config(*FAST)).data.val_loader  # the same fake validation images
+    with torch.no_grad():
+        losses = [F.cross_entropy(net(images), labels, reduction="sum") for images, labels in val]
+    best = json.loads((trained / "summary.json").read_text())
+    best_row = list(csv.DictReader(open(trained / "metrics.csv")))[best["best_epoch"] - 1]
+    assert float(sum(losses)) / 32 == pytest.approx(float(best_row["val_loss"]), rel=1e-5)
+
+
+def test_evaluate_mode_reports_the_runs_validation_metrics(trained, tmp_path):
+    cfg = make_config(*FAST, "mode=evaluate", f"checkpoint={trained}/checkpoints/best.pt")
+    accuracy = run(cfg, str(tmp_path))
+    summary = json.loads((trained / "summary.json").read_text())
+    best_row = list(csv.DictReader(open(trained / "metrics.csv")))[summary["best_epoch"] - 1]
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert accuracy == result["accuracy"] == summary["best_val_acc"]
+    assert result["loss"] == pytest.approx(float(best_row["val_loss"]), rel=1e-5)
+    rows = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+    assert [row["class"] for row in rows] == [str(index) for index in range(10)]
+    assert sum(int(row["images"]) for row in rows) == result["images"] == 32
+    right = sum(int(row["images"]) * float(row["accuracy"]) for row in rows)
+    assert right == pytest.approx(result["accuracy"] * 32)
+
+
+def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):
+    cfg = make_config(*FAST, "mode=evaluate", f"checkpoint={trained}/checkpoints/last.pt",
+                      "data.num_classes=5")
+    with pytest.raises(ConfigError, match="trained on 10 classes.*has 5 classes"):
+        run(cfg, str(tmp_path))
+
+
+def test_predict_writes_one_row_per_readable_image(trained, tmp_path, caplog):
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for index in range(5):
+        Image.new("RGB", (40, 30), (index * 50, 0, 0)).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image")
+    cfg = make_config(*FAST, "mode=predict", f"checkpoint={trained}/checkpoints/best.pt",
+                      f"predict_input={tmp_path}/photos")
+    assert run(cfg, str(tmp_path / "out")) == 5
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [row["path"] for row in rows] == [str(folder / f"{index}.png") for index in range(5)]
+    assert all(row["class"] in [str(i) for i in range(10)] for row in rows)
+    assert all(0.1 <= float(row["probability"]) <= 1 for row in rows)  # the top of 10 classes
+    assert "broken.png" in caplog.text
+
+
+@pytest.mark.parametrize("mode, extra, message", [
+    ("evaluate", [], "checkpoint=None is not valid: mode=evaluate needs checkpoint=PATH"),
+    ("predict", ["checkpoint=x.pt"], "mode=predict needs predict_input=FOLDER"),
+])
+def test_modes_name_what_they_need(tmp_path, mode, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        run(make_config(*FAST, f"mode={mode}", *extra), str(tmp_path))
+
+
+def test_a_file_that_is_not_a_run_checkpoint_is_refused(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match="not a checkpoint written by a run of this tool"):
+        finetune.load_model(str(tmp_path / "plain.pt"))
