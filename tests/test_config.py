@@ -107,6 +107,10 @@ def test_head_layer_without_target_is_refused():
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
     (["lr_decay=1.5"], "lr_decay=1.5"),
     (["unfreeze=[{epoch: 2, patterns: [x], lr_mult: 0}]"], "unfreeze[0].lr_mult=0"),
+    (["optimizer.lr=0"], "optimizer.lr=0.0"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0"),
+    (["mode=serve"], "mode='serve'"),
 ])
 def test_values_out_of_range_are_named(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

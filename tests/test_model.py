@@ -199,6 +199,18 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     assert "unexpected keys" in message and "features.0.weight" in message
 
 
+def test_checkpoint_with_another_class_count_names_the_shapes(tmp_path):
+    path = save_checkpoint_file(tmp_path, torchvision.models.resnet18(num_classes=10).state_dict())
+    cfg = make_config("backbone.weights=null", f"backbone.checkpoint={path}",
+                      "backbone.keep_classifier=true")
+    with pytest.raises(ConfigError, match=r"fc.weight: file \(10, 512\), model \(1000, 512\)"
+                                          r".*backbone.kwargs.num_classes"):
+        build_backbone(cfg.backbone, resolve_weights(cfg.backbone))
+    fitted = make_config("backbone.weights=null", f"backbone.checkpoint={path}",
+                         "backbone.keep_classifier=true", "+backbone.kwargs.num_classes=10")
+    assert build_backbone(fitted.backbone, resolve_weights(fitted.backbone)).fc.out_features == 10
+
+
 def test_missing_checkpoint_file_is_named(tmp_path):
     cfg = make_config("backbone.weights=null", f"backbone.checkpoint={tmp_path}/nope.pt")
     with pytest.raises(ConfigError, match="backbone.checkpoint=.*nope.pt.*does not exist"):

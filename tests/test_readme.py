@@ -12,7 +12,7 @@ from PIL import Image
 
 from finetune.run import run
 
-from conftest import ROOT, make_config, run_train
+from conftest import FAST, ROOT, make_config, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,28 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
+@pytest.fixture
+def saved_run(tmp_path, monkeypatch):
+    """The run the README's resume / evaluate / predict examples name, under the cwd."""
+    overrides = [*FAST, "backbone.allow_download=false"]
+    run(make_config(*overrides), str(tmp_path / "outputs/2026-11-26/10-00-00"), overrides)
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command, tmp_path, photos):
-    arguments = [arg.replace("~/photos", str(photos)) for arg in shlex.split(command)[2:]]
-    if "--help" in arguments:
+def test_readme_command_runs(command, tmp_path, photos, request):
+    arguments = [arg.replace("~/photos", str(photos)).replace("~/new_photos", str(photos))
+                 for arg in shlex.split(command)[2:]]
+    if any(arg.startswith(("resume=", "mode=")) for arg in arguments):
+        request.getfixturevalue("saved_run")
+    if any(arg.startswith("resume=") for arg in arguments):  # a real continuation, briefly
+        arguments = [re.sub(r"max_epochs=\d+", "max_epochs=2", arg) for arg in arguments]
+        result = run_train(*arguments, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "resumed" in result.stdout + result.stderr
+    elif any(arg.startswith("mode=") for arg in arguments):
+        assert run(make_config(*arguments, "trainer.device=cpu"), str(tmp_path / "out")) > 0
+    elif "--help" in arguments:
         result = run_train(*arguments)
         assert result.returncode == 0 and "backbone" in result.stdout
     elif "-m" in arguments:

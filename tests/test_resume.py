@@ -148,7 +148,7 @@ def test_only_raising_max_epochs_is_allowed():
 
 def train_in_child(overrides: list[str], run_dir, resume: bool) -> None:
     torch.set_num_threads(1)
-    cfg = resumed(run_dir) if resume else config(SOAK_BACKBONE, *overrides, epochs=4)
+    cfg = resumed(run_dir) if resume else config(SOAK_BACKBONE, *overrides, epochs=3)
     run(cfg, str(run_dir))
 
 
@@ -163,7 +163,7 @@ def run_with_kills(overrides: list[str], run_dir, seconds: float, rng: random.Ra
             shutil.rmtree(run_dir, ignore_errors=True)
         child = context.Process(target=train_in_child, args=(overrides, run_dir, resume))
         child.start()
-        child.join(timeout=rng.uniform(0, seconds) if kills < 3 else None)
+        child.join(timeout=rng.uniform(0, seconds) if kills < 2 else None)
         if child.exitcode is None:
             os.kill(child.pid, signal.SIGKILL)
             child.join()
@@ -176,7 +176,7 @@ def run_with_kills(overrides: list[str], run_dir, seconds: float, rng: random.Ra
 
 @pytest.mark.slow
 def test_soak_twenty_runs_killed_at_random_end_bit_identical(tmp_path):
-    """20 runs over the setups, each SIGKILLed up to three times at random and resumed."""
+    """20 runs over the setups, each SIGKILLed up to twice at random and resumed."""
     rng = random.Random(1)
     twins, durations = {}, {}
     for name, overrides in SETUPS.items():
@@ -193,4 +193,4 @@ def test_soak_twenty_runs_killed_at_random_end_bit_identical(tmp_path):
         run_dir = tmp_path / f"run-{index}"
         kills += run_with_kills(SETUPS[name], run_dir, durations[name], rng)
         assert_same(twins[name], outcome(run_dir))
-    assert kills >= 20  # most runs were really interrupted
+    assert kills >= 20  # most runs were really interrupted, some more than once
