@@ -3,6 +3,7 @@
 torch is imported only once a run starts, so `--help` stays quick.
 """
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -11,12 +12,16 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import register_schemas
 from finetune.errors import ConfigError
 from finetune.outputs import check_fresh_run_dir, check_writable
 from finetune.resume import find_run_dir
+from finetune.sweep import finished_result, record_failure, set_aside_failed_attempt
+
+log = logging.getLogger(__name__)
 
 register_schemas()
 
@@ -85,18 +90,29 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from finetune.resume import load_last, resumed_config
     from finetune.run import run
 
+    run_dir = HydraConfig.get().runtime.output_dir
     overrides = list(HydraConfig.get().overrides.task)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep:
+        finished = finished_result(run_dir, overrides)
+        if finished is not None:
+            log.info("already finished in %s (%s=%s): skipped", run_dir, cfg.optimized_metric,
+                     finished.get(cfg.optimized_metric))
+            return finished.get(cfg.optimized_metric)
+        set_aside_failed_attempt(run_dir)
     try:
         if cfg.resume:
             saved = load_last(cfg.resume)
             cfg = resumed_config(cfg.resume, saved["config"], saved["overrides"], overrides,
                                  compose_unresolved)
             overrides = saved["overrides"]
-        return run(cfg, HydraConfig.get().runtime.output_dir, overrides)
-    except ConfigError as error:
-        exit_with(error)
-    except TrainingFailed as error:
-        exit_with(error, code=1)
+        return run(cfg, run_dir, overrides)
+    except (ConfigError, TrainingFailed) as error:
+        if in_sweep and not cfg.fail_fast:  # recorded; the other jobs go on
+            record_failure(run_dir, overrides, error)
+            log.error("job failed: %s", error)
+            return float("nan")  # a failed trial to Optuna
+        exit_with(error, code=2 if isinstance(error, ConfigError) else 1)
 
 
 def main() -> float | None:

@@ -156,6 +156,7 @@ class Config:
     resume: str | None = None  # a run directory, or latest: continue it from its last.pt
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
+    fail_fast: bool = False  # -m: the first failed job stops the sweep (else it is recorded)
 
 
 CACHE_SETTINGS = ("auto", "true", "false")

@@ -31,6 +31,7 @@ CACHE_FORMAT = 1  # bump when the file layout changes: old entries then miss
 class CacheDecision:
     enabled: bool
     reason: str  # why it is on or off, for the start-up log
+    key: str | None = None  # the entry used, once known (checkpoints record it)
 
 
 def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool) -> list[str]:
@@ -124,8 +125,9 @@ def load_entry(path: str, key: str, sizes: tuple[int, int]) -> dict | None:
 
 def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerprints: tuple[str, str],
                     cache_dir: str, batch_size: int, workers: int, device: torch.device,
-                    precision: str, precision_context) -> tuple[TensorDataset, TensorDataset]:
-    """Train and val features from the disk cache, computing and storing them on a miss."""
+                    precision: str, precision_context) -> tuple[TensorDataset, TensorDataset, str]:
+    """Train and val features from the disk cache, computing and storing them on a miss;
+    and the entry's key."""
     key = cache_key(backbone, fingerprints, device, precision)
     path = os.path.join(os.path.expanduser(cache_dir), f"{key}.pt")
     entry = load_entry(path, key, (len(train), len(val)))
@@ -145,4 +147,4 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
         else:  # an fp16 overflow, say: nothing worth keeping
             log.warning("feature cache: the backbone's outputs are not all finite; not saved")
     return (TensorDataset(entry["train"], entry["train_labels"]),
-            TensorDataset(entry["val"], entry["val_labels"]))
+            TensorDataset(entry["val"], entry["val_labels"]), key)

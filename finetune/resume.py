@@ -7,6 +7,7 @@ scaler, unfreeze phases, RNG streams and loader order, so the resumed run ends a
 uninterrupted one would have.
 """
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 OUTPUTS_ROOT = "outputs"  # Hydra's default hydra.run.dir is outputs/<date>/<time>
 LAST = os.path.join("checkpoints", "last.pt")
@@ -110,6 +113,10 @@ def restore(checkpoint: dict[str, Any], setup: Any, step: Any, loaders: list, ru
         setup.scheduler.load_state_dict(checkpoint["scheduler"])
     step.scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], loaders)
+    if checkpoint["feature_cache_key"] != setup.cache.key:
+        log.warning("resume: the cached backbone outputs now have key %s, the checkpoint's had "
+                    "%s (torch, the weights or the data changed?): the result may differ from "
+                    "an uninterrupted run", setup.cache.key, checkpoint["feature_cache_key"])
     checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
     checkpoints.adopt(checkpoint["frozen_part"])
     return Progress.from_state(checkpoint["progress"]), checkpoints

@@ -52,9 +52,11 @@ def seed_everything(seed: int) -> None:
 
 
 def summarize(status: str, history: list[EpochMetrics], best_epoch: int, weights: str,
-              rows: list[ParamRow], seconds: float, error: str | None = None) -> dict:
-    """summary.json: the status, the best and last metrics so far, and the run's size."""
-    summary: dict[str, Any] = {"status": status}
+              rows: list[ParamRow], seconds: float, overrides: Sequence[str] = (),
+              error: str | None = None) -> dict:
+    """summary.json: the status, the best and last metrics so far, the run's size and the
+    command-line overrides it ran with."""
+    summary: dict[str, Any] = {"status": status, "overrides": list(overrides)}
     if error is not None:
         summary["error"] = error
     if history:
@@ -124,7 +126,7 @@ def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, Data
                 cfg.trainer.grad_clip)
     train_loader, val_loader = setup.data.train_loader, setup.data.val_loader
     if setup.cache.enabled:
-        train, val = cached_features(
+        train, val, setup.cache.key = cached_features(
             setup.net.pretrained, train_loader.dataset, val_loader.dataset,
             (fingerprint(train_loader.dataset), fingerprint(val_loader.dataset)),
             cfg.trainer.cache_dir, cfg.data.batch_size, cfg.data.num_workers, setup.device,
@@ -188,12 +190,13 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
 
     def checkpoint_extras() -> dict:
         return {**saved, "unfreeze_phase": setup.unfreeze.active,
+                "feature_cache_key": setup.cache.key,
                 "trainable": [name for name, param in setup.net.named_parameters()
                               if param.requires_grad]}
 
     def finish(status: str, error: str | None = None) -> dict:
         summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
-                            setup.rows(), time.perf_counter() - started, error)
+                            setup.rows(), time.perf_counter() - started, overrides, error)
         write_json(summary, os.path.join(run_dir, "summary.json"))
         return summary
 

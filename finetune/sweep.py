@@ -1,0 +1,132 @@
+"""Sweeps (`python train.py -m ...`): a results table at the end, failed jobs recorded rather
+than fatal, and finished jobs skipped when the same sweep runs again into the same folder.
+
+Each job writes its usual run directory, `<sweep dir>/<job number>/`, whose summary.json
+holds the job's overrides, status and result. At the end `SweepSummary` (a Hydra callback,
+so it also runs after Optuna or a parallel launcher) gathers them into
+`<sweep dir>/summary.csv`, best first, and prints the same table.
+"""
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints", "params.tsv")
+COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrides", "error"]
+
+
+def read_summary(job_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(job_dir, "summary.json")) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def finished_result(job_dir: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The summary of this very job (same overrides) if it already finished well."""
+    summary = read_summary(job_dir)
+    if summary and summary.get("status") == "ok" and summary.get("overrides") == overrides:
+        return summary
+    return None
+
+
+def set_aside_failed_attempt(job_dir: str) -> None:
+    """A job that failed (or was killed) before runs again; keep what it wrote, moved into
+    attempt-<time>/, so nothing is lost and the job directory is fresh."""
+    found = [name for name in RESULT_FILES if os.path.exists(os.path.join(job_dir, name))]
+    if not found:
+        return
+    summary = read_summary(job_dir)
+    if summary is not None and summary.get("status") == "ok":
+        return  # another job's finished result: left alone, the run refuses the directory
+    attempt = os.path.join(job_dir, time.strftime("attempt-%Y%m%d-%H%M%S"))
+    os.makedirs(attempt)
+    for name in found:
+        shutil.move(os.path.join(job_dir, name), attempt)
+    log.info("an earlier attempt of this job failed; its files moved to %s", attempt)
+
+
+def record_failure(job_dir: str, overrides: list[str], error: BaseException) -> None:
+    """summary.json for a job that failed, unless the directory already has one."""
+    from finetune.outputs import write_json
+
+    if os.path.exists(os.path.join(job_dir, "summary.json")):
+        return
+    os.makedirs(job_dir, exist_ok=True)
+    write_json({"status": "failed", "error": str(error), "overrides": overrides},
+               os.path.join(job_dir, "summary.json"))
+
+
+def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
+    """One row per job directory (a folder with Hydra's .hydra/overrides.yaml), best first."""
+    rows = []
+    for name in sorted(os.listdir(sweep_dir)):
+        job_dir = os.path.join(sweep_dir, name)
+        overrides_file = os.path.join(job_dir, ".hydra", "overrides.yaml")
+        if not os.path.isfile(overrides_file):
+            continue
+        summary = read_summary(job_dir) or {
+            "status": "failed", "error": "no summary.json: the job was stopped before it ended"}
+        overrides = summary.get("overrides") or list(OmegaConf.load(overrides_file))
+        error = summary.get("error", "")
+        rows.append({"job": name, "status": summary["status"], "metric": metric,
+                     "value": summary.get(metric, ""), "best_epoch": summary.get("best_epoch", ""),
+                     "seconds": summary.get("seconds", ""), "overrides": " ".join(overrides),
+                     "error": error.splitlines()[0] if error else ""})
+    lower_is_better = metric.endswith("loss")
+
+    def order(row: dict[str, Any]):
+        if row["status"] != "ok":
+            return (1, 0.0)
+        return (0, row["value"] if lower_is_better else -row["value"])
+
+    return sorted(rows, key=order)
+
+
+def write_table(rows: list[dict[str, Any]], path: str) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'job':>4}  {'status':8}  {rows[0]['metric'] if rows else 'value':>14}  "
+             f"{'epoch':>5}  {'seconds':>8}  overrides"]
+    for row in rows:
+        value = f"{row['value']:.4f}" if isinstance(row["value"], float) else str(row["value"])
+        lines.append(f"{row['job']:>4}  {row['status']:8}  {value:>14}  "
+                     f"{row['best_epoch']!s:>5}  {row['seconds']!s:>8}  {row['overrides']}"
+                     + (f"  ({row['error']})" if row["error"] else ""))
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep: summary.csv and the printed table; exit code 1 if a job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = config.hydra.sweep.dir
+        if not os.path.isdir(sweep_dir):
+            return
+        rows = job_rows(sweep_dir, config.optimized_metric)
+        write_table(rows, os.path.join(sweep_dir, "summary.csv"))
+        print(f"sweep of {len(rows)} jobs, best first ({os.path.join(sweep_dir, 'summary.csv')}):"
+              f"\n{format_table(rows)}")
+        failed = [row["job"] for row in rows if row["status"] != "ok"]
+        if failed:
+            print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "
+                  "command again to rerun only those.", file=sys.stderr)
+            sys.exit(1)
