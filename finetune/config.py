@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from finetune.errors import ConfigError
 
@@ -180,9 +180,16 @@ SCHEMAS = {
 
 
 def register_schemas() -> None:
+    """The schemas, and the resolver sweep presets use to pick Optuna's direction."""
     store = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         store.store(group=group, name=name, node=node)
+    OmegaConf.register_new_resolver("finetune_direction", direction, replace=True)
+
+
+def direction(metric: str) -> str:
+    """How a sweeper should move `optimized_metric`: down for losses, up for accuracies."""
+    return "minimize" if metric.endswith("loss") else "maximize"
 
 
 def validate(cfg: DictConfig) -> None:

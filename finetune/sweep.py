@@ -119,7 +119,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
-        if not os.path.isdir(sweep_dir):
+        if config.dry_run or not os.path.isdir(sweep_dir):  # a dry run has no results
             return
         rows = job_rows(sweep_dir, config.optimized_metric)
         write_table(rows, os.path.join(sweep_dir, "summary.csv"))

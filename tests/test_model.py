@@ -233,6 +233,13 @@ def test_head_output_must_match_the_class_count():
         build_net(backbone, cfg.head, 10, 32)
 
 
+def test_head_layer_that_fails_to_build_is_named():
+    cfg = make_config("backbone.weights=null", "head.layers=[{_target_: torch.nn.Linear, size: 3}]")
+    backbone = build_backbone(cfg.backbone, resolve_weights(cfg.backbone))
+    with pytest.raises(ConfigError, match=r"head.layers\[0\].*size"):
+        build_net(backbone, cfg.head, 10, 32)
+
+
 def test_head_target_that_is_not_a_class_is_named():
     cfg = make_config("backbone.weights=null", "head.layers=[{_target_: torch.nn.Lineer}]")
     backbone = build_backbone(cfg.backbone, resolve_weights(cfg.backbone))
