@@ -10,7 +10,7 @@ from finetune.errors import ConfigError
 
 from conftest import CONF_DIR, make_config
 
-GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "experiment")
+GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "experiment", "hparams_search")
 
 
 def test_default_config_has_every_section():

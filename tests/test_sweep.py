@@ -5,10 +5,12 @@ import json
 import os
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from finetune.sweep import finished_result, job_rows, record_failure, set_aside_failed_attempt
 
-from conftest import run_train
+from conftest import CONF_DIR, run_train
 
 SMALL = ["backbone.weights=null", "data=fake", "data.train_size=32", "data.val_size=16",
          "trainer.max_epochs=1", "trainer.device=cpu"]
@@ -77,3 +79,35 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     for job, mtime in finished.items():
         assert (tmp_path / "sweep" / job / "metrics.csv").stat().st_mtime_ns == mtime
     assert len(list((tmp_path / "sweep").glob("*/attempt-*"))) == 2  # the failed ones, kept
+
+
+@pytest.mark.slow
+def test_an_optuna_search_ends_with_its_best_value_first_in_summary_csv(tmp_path):
+    result = run_train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *SMALL,
+                       f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    best = OmegaConf.load(tmp_path / "optimization_results.yaml").best_value
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert len(rows) == 3 and all(row["status"] == "ok" for row in rows)
+    assert float(rows[0]["value"]) == best
+    assert "head.layers.0.out_features=" in rows[0]["overrides"]  # the searched head width
+
+
+@pytest.mark.parametrize("launcher, target, settings", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", {}),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+     {"gpus_per_node": 1, "timeout_min": 240, "array_parallelism": 16}),
+])
+def test_launcher_presets_compose(launcher, target, settings):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    assert {key: cfg.hydra.launcher[key] for key in settings} == settings
+
+
+def test_optuna_direction_follows_the_optimized_metric():
+    for metric, direction in (("best_val_acc", "maximize"), ("last_val_loss", "minimize")):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["hparams_search=optuna", f"optimized_metric={metric}"],
+                          return_hydra_config=True)
+        assert cfg.hydra.sweeper.direction == direction
