@@ -4,6 +4,7 @@ torch is imported only once a run starts, so `--help` stays quick.
 """
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import register_schemas
+from finetune.distributed import join, launched_by_torchrun, leave
 from finetune.errors import ConfigError
 from finetune.outputs import check_fresh_run_dir, check_writable
 from finetune.resume import find_run_dir
@@ -41,7 +43,8 @@ class CheckRunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_writable(config.hydra.run.dir)
-            if not config.get("resume"):  # resuming writes into its own run, on purpose
+            # resuming writes into its own run on purpose; under torchrun rank 0 checks
+            if not config.get("resume") and os.environ.get("RANK", "0") == "0":
                 check_fresh_run_dir(config.hydra.run.dir)
         except ConfigError as error:
             exit_with(error)
@@ -119,6 +122,8 @@ def main() -> float | None:
     """`python train.py ...` and the `finetune` console script."""
     try:
         sys.argv = with_resume_dir(sys.argv)
+        if launched_by_torchrun():
+            sys.argv = join(sys.argv)
     except ConfigError as error:
         exit_with(error)
     try:
@@ -127,3 +132,6 @@ def main() -> float | None:
         print("interrupted: the last finished epoch's checkpoint is saved; continue with "
               "python train.py resume=latest (or resume=<run directory>)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if launched_by_torchrun():
+            leave()

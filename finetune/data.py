@@ -15,10 +15,12 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
     TensorDataset,
     default_collate,
 )
+from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from finetune.digest import tensors_digest
@@ -191,42 +193,83 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
 BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data}
 
 
-def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool):
+def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool,
+                shard: "Shard | None" = None) -> DataLoader:
     # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
     drop_last = training and len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
     # its own generator: shuffling, and even starting an iterator, then leaves the global
     # RNG (dropout masks) alone, so what runs before training cannot change the result
     generator = torch.Generator().manual_seed(seed)
+    order = index_order(dataset, training, generator, seed, shard)
     if isinstance(dataset, TensorDataset):
-        return tensor_loader(dataset, cfg.batch_size, training, drop_last, generator)
+        return tensor_loader(dataset, cfg.batch_size, order, drop_last, generator)
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=training, num_workers=cfg.num_workers,
+        dataset, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers,
         pin_memory=pin_memory, persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
         generator=generator, collate_fn=collate_readable)
 
 
-def tensor_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, drop_last: bool = False,
-                  generator: torch.Generator | None = None) -> DataLoader:
+@dataclass
+class Shard:
+    """This process's part of the data under torchrun: rank `rank` of `world` processes."""
+
+    rank: int
+    world: int
+
+
+class EveryNth(Sampler):
+    """Indices rank, rank + world, ...: each validation image on exactly one process (no
+    padding, unlike DistributedSampler), so summed metrics equal a single-process pass."""
+
+    def __init__(self, size: int, shard: Shard):
+        self.indices = range(shard.rank, size, shard.world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def index_order(dataset: Dataset, training: bool, generator: torch.Generator, seed: int,
+                shard: Shard | None) -> Sampler:
+    if shard is None:
+        return RandomSampler(dataset, generator=generator) if training else SequentialSampler(dataset)
+    if training:  # a different shuffle each epoch (set_epoch), the same on every process
+        return DistributedSampler(dataset, shard.world, shard.rank, shuffle=True, seed=seed)
+    return EveryNth(len(dataset), shard)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """DistributedSampler shuffles by epoch; other orders ignore it."""
+    order = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+    if isinstance(order, DistributedSampler):
+        order.set_epoch(epoch)
+
+
+def tensor_loader(dataset: TensorDataset, batch_size: int, order: Sampler | None = None,
+                  drop_last: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     """Batches of an in-memory data set, each taken with one indexing operation.
 
     The usual loader fetches images one by one and stacks them. This one yields the same
     batches in the same order (same sampler, same generator draws) without that per-image
-    work, and with no workers: there is nothing to decode.
+    work, and with no workers: there is nothing to decode. `order` defaults to dataset order.
     """
     generator = generator if generator is not None else torch.Generator()
-    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    order = order if order is not None else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last),
                       batch_size=None, generator=generator)
 
 
-def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False) -> Data:
+def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
+               shard: Shard | None = None) -> Data:
     if cfg.name not in BUILDERS:
         raise ConfigError(f"data.name={cfg.name!r} is not valid: use one of {', '.join(BUILDERS)}.")
     train, val, class_names = BUILDERS[cfg.name](cfg, spec)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
-    return Data(make_loader(train, cfg, True, seed, pin_memory),
-                make_loader(val, cfg, False, seed, pin_memory), class_names,
+    return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
+                make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=bool(cfg.get("augment", False)))
 
 

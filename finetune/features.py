@@ -34,9 +34,14 @@ class CacheDecision:
     key: str | None = None  # the entry used, once known (checkpoints record it)
 
 
-def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool) -> list[str]:
-    """Everything that would make cached features differ from computing them each epoch."""
+def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool,
+                    distributed: bool = False) -> list[str]:
+    """Everything that would make cached features differ from computing them each epoch
+    (or, under torchrun, that this version does not share them between processes)."""
     reasons = []
+    if distributed:
+        reasons.append("distributed training (torchrun) shards the data between processes; "
+                       "the cache is not shared between them")
     trainable = [name for name, param in net.pretrained.named_parameters() if param.requires_grad]
     if trainable:
         reasons.append(f"{len(trainable)} backbone parameters are trainable (e.g. "
@@ -52,11 +57,11 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
 
 
 def decide(setting: str, net: nn.Module, random_train_transform: bool,
-           has_phases: bool) -> CacheDecision:
+           has_phases: bool, distributed: bool = False) -> CacheDecision:
     """auto: on exactly when the results do not change; true: on, or an error saying why not."""
     if setting == "false":
         return CacheDecision(False, "off (trainer.cache_features=false)")
-    against = reasons_against(net, random_train_transform, has_phases)
+    against = reasons_against(net, random_train_transform, has_phases, distributed)
     if not against:
         return CacheDecision(True, "on: the backbone is frozen and deterministic, so its "
                                    "outputs are computed once and the head trains on them")
@@ -90,7 +95,7 @@ def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int
             device: torch.device, precision_context) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's outputs for every image, in dataset order, on the CPU in float32."""
     if isinstance(dataset, TensorDataset):
-        loader = tensor_loader(dataset, batch_size, shuffle=False)
+        loader = tensor_loader(dataset, batch_size)
     else:  # its own generator leaves the global RNG as it was
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                             generator=torch.Generator(), collate_fn=collate_readable)

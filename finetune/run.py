@@ -13,8 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from finetune import distributed
 from finetune.config import validate
-from finetune.data import Data, build_data, fingerprint, make_loader
+from finetune.data import Data, Shard, build_data, fingerprint, make_loader
+from finetune.digest import tensors_digest
 from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
@@ -104,7 +106,9 @@ def build(cfg: DictConfig) -> Setup:
     backbone = build_backbone(cfg.backbone, weights)
     spec = input_spec(backbone, weights, cfg.backbone.name, cfg.data.image_size,
                       cfg.data.get("use_weights_transform", False))
-    data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda")
+    data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
+                      shard=Shard(distributed.rank(), distributed.world())
+                      if distributed.active() else None)
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
@@ -114,9 +118,19 @@ def build(cfg: DictConfig) -> Setup:
     optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, net, aliases))
     scheduler = build_scheduler(optimizer, cfg.scheduler, adds_groups=bool(plan))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
-    cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation, bool(plan))
+    cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
+                   bool(plan), distributed.active())
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
                  cache)
+
+
+def check_same_weights(net: Net) -> None:
+    """Under torchrun every rank must end with the same weights; say so, or fail."""
+    digest = tensors_digest(net.state_dict().values())
+    if not distributed.same_on_every_rank(digest):
+        raise TrainingFailed("the ranks ended with different weights; the run is not usable.")
+    log.info("the final weights are identical on all %d ranks (digest %s)",
+             distributed.world(), digest[:16])
 
 
 def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
@@ -135,6 +149,8 @@ def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, Data
         train_loader = make_loader(train, cfg.data, True, cfg.seed, pin)
         val_loader = make_loader(val, cfg.data, False, cfg.seed, pin)
         step.forward = setup.net.add_layers
+    if distributed.active():  # after freezing: DDP syncs the gradients of what trains
+        step.forward = distributed.wrap(setup.net, setup.device)
     if cfg.trainer.compile:
         step.forward = torch.compile(step.forward)
     return step, train_loader, val_loader
@@ -161,13 +177,14 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
         return run_inference(cfg, run_dir)
     started = time.perf_counter()
     checkpoint = load_last(cfg.resume) if cfg.resume else None
-    if checkpoint is None:
+    writes = distributed.is_main()  # under torchrun, rank 0 alone writes
+    if checkpoint is None and writes:
         check_fresh_run_dir(run_dir)
     setup = build(cfg)
     rows = setup.rows()
     log.info("%s", report(cfg, setup, rows))
-    os.makedirs(run_dir, exist_ok=True)
-    if checkpoint is None:
+    if checkpoint is None and writes:
+        os.makedirs(run_dir, exist_ok=True)
         write_params_tsv(rows, os.path.join(run_dir, "params.tsv"))
     if cfg.dry_run:
         log.info("dry run: built %s on %s for %d classes; nothing trained or saved.",
@@ -183,7 +200,10 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
         for phase in setup.unfreeze.start_epoch(epoch):
             log.info("epoch %d: unfreeze phase %d: %s (%d tensors) join the optimizer as group %s",
                      epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
-            write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
+            if writes:
+                write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
+            if distributed.active():  # DDP must see the new trainable set
+                step.forward = distributed.wrap(setup.net, setup.device)
 
     saved = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides),
              "class_names": setup.data.class_names, "input_spec": setup.spec.to_dict()}
@@ -197,7 +217,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
     def finish(status: str, error: str | None = None) -> dict:
         summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
                             setup.rows(), time.perf_counter() - started, overrides, error)
-        write_json(summary, os.path.join(run_dir, "summary.json"))
+        if writes:
+            write_json(summary, os.path.join(run_dir, "summary.json"))
         return summary
 
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
@@ -213,6 +234,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
     except TrainingFailed as error:
         finish("failed", str(error))
         raise
+    if distributed.active():
+        check_same_weights(setup.net)
     summary = finish("ok")
     best = progress.history[progress.best_epoch - 1]
     log.info("best epoch %d: val acc %.4f, val loss %.4f. Run directory: %s",

@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from finetune import distributed
 from finetune.checkpoint import RunCheckpoints
+from finetune.data import set_epoch
 from finetune.errors import ConfigError, TrainingFailed
 from finetune.freeze import unchanging_state_names
 
@@ -83,7 +85,7 @@ class Totals:
         self.first_bad_step = torch.where(bad, step, self.first_bad_step)
 
     def check_finite(self, epoch: int, steps: int) -> None:
-        step = int(self.first_bad_step)
+        step = int(distributed.all_max(self.first_bad_step.clone()))  # every rank stops
         if step >= 0:
             raise TrainingFailed(
                 f"the training loss is not finite at epoch {epoch}, step {step + 1} of {steps}. "
@@ -91,7 +93,11 @@ class Totals:
                 "(e.g. 1.0), or use trainer.precision=32.")
 
     def means(self) -> tuple[float, float]:
-        return self.loss.item() / self.count, self.correct.item() / self.count
+        """Means over every image, summed over the ranks under torchrun."""
+        sums = torch.stack([self.loss.double(), self.correct.double(),
+                            torch.tensor(float(self.count), device=self.loss.device).double()])
+        loss, correct, count = distributed.all_sum(sums).tolist()
+        return loss / count, correct / count
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)
@@ -147,8 +153,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     """One pass over the training data; a non-finite loss stops it (TrainingFailed)."""
     net.train()  # Net.train keeps fully frozen modules in eval mode
     totals = Totals(step.device)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False, disable=None,
-               dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False,
+               disable=None if distributed.is_main() else True, dynamic_ncols=True)
     for index, batch in enumerate(bar):
         images, labels = step.to_device(*batch)
         logits = step.logits(images)
@@ -283,13 +289,16 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     resumed from it ends bit-identical to one never stopped (on the CPU).
     """
     progress = progress or Progress()
-    metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), keep_epochs=progress.epoch)
-    if checkpoints is None:
+    writes = distributed.is_main()  # under torchrun, rank 0 alone writes
+    if writes:
+        metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), keep_epochs=progress.epoch)
+    if checkpoints is None and writes:
         checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
         checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
     try:
         for epoch in range(progress.epoch + 1, max_epochs + 1):
             started = time.perf_counter()
+            set_epoch(train_loader, epoch)
             metrics = train_and_validate(net, train_loader, val_loader, optimizer, scheduler,
                                          step, epoch, max_epochs, before_epoch)
             value = getattr(metrics, monitor.key)
@@ -304,14 +313,17 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                      "scaler": step.scaler.state_dict(), "metrics": asdict(metrics),
                      "progress": progress.state_dict(), "epoch": epoch,
                      "rng": rng_state([train_loader, val_loader]), **checkpoint_extras()}
-            checkpoints.save(state, unchanging_state_names(net), best=improved)
+            if writes:
+                checkpoints.save(state, unchanging_state_names(net), best=improved)
             metrics.seconds = time.perf_counter() - started  # the state copy included
-            metrics_csv.append(metrics)
+            if writes:
+                metrics_csv.append(metrics)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
                      "%.1fs", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
                      metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds)
     finally:  # also on Ctrl-C or a failure: the last epoch's checkpoint is finished, not cut
-        checkpoints.wait()
+        if checkpoints is not None:
+            checkpoints.wait()
     return FitResult(progress.history, progress.best_epoch)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchvision.transforms import InterpolationMode
 
 from finetune.data import build_data, tensor_loader
@@ -115,7 +115,9 @@ def test_in_memory_batches_equal_the_usual_loaders_and_leave_the_global_rng(shuf
     dataset = TensorDataset(torch.randn(130, 3), torch.arange(130))
     usual = DataLoader(dataset, batch_size=64, shuffle=shuffle, drop_last=shuffle,
                        generator=torch.Generator().manual_seed(3))
-    batched = tensor_loader(dataset, 64, shuffle, shuffle, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    order = RandomSampler(dataset, generator=generator) if shuffle else None
+    batched = tensor_loader(dataset, 64, order, shuffle, generator)
     global_rng = torch.get_rng_state()
     for _ in range(2):  # the second epoch's order too
         pairs = list(zip(usual, batched, strict=True))

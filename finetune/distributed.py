@@ -1,0 +1,102 @@
+"""Multi-GPU / multi-node training under torchrun, with DistributedDataParallel.
+
+`torchrun --nproc_per_node=N train.py ...` starts N processes; each trains on its shard
+of every batch (the global batch is data.batch_size x N) and gradients are averaged.
+All ranks share one run directory, chosen by rank 0 before Hydra starts (otherwise each
+rank would stamp its own time into outputs/<date>/<time>); only rank 0 writes Hydra's
+files, the log, metrics.csv, checkpoints and summary.json. `gloo` on CPU, `nccl` on CUDA.
+"""
+
+import os
+import time
+
+from finetune.errors import ConfigError
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(argv: list[str]) -> list[str]:
+    """Before Hydra: join the process group; the same run directory for every rank, and
+    Hydra's own files and logging on rank 0 only."""
+    import torch
+    import torch.distributed as dist
+
+    if {"-m", "--multirun"} & set(argv):
+        raise ConfigError("torchrun trains one run over several processes; a sweep (-m) "
+                          "cannot run inside it. Drop -m, or sweep without torchrun.")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
+    run_dir = [given[-1] if given else time.strftime("outputs/%Y-%m-%d/%H-%M-%S")]
+    dist.broadcast_object_list(run_dir, src=0)  # rank 0's clock decides
+    extra = [] if given else [f"hydra.run.dir={run_dir[0]}"]
+    if dist.get_rank() > 0:  # no .hydra/, no log file, errors only on the console
+        extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",
+                  "hydra.job_logging.root.level=ERROR"]
+    return [*argv, *extra]
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else 1
+
+
+def wrap(net, device):
+    """DDP over what trains now: call again after an unfreeze phase changes that set."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_sum(tensor):
+    """Sum over ranks, in place (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_max(tensor):
+    import torch.distributed as dist
+
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def same_on_every_rank(value: str) -> bool:
+    import torch.distributed as dist
+
+    if not active():
+        return True
+    values = [None] * world()
+    dist.all_gather_object(values, value)
+    return len(set(values)) == 1
