@@ -86,6 +86,16 @@ def detached_copy(value: Any) -> Any:
     return value
 
 
+def cuda_devices(value: Any) -> set[torch.device]:
+    if isinstance(value, torch.Tensor):
+        return {value.device} if value.is_cuda else set()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return set().union(*(cuda_devices(item) for item in value))
+    return set()
+
+
 class BackgroundSaver:
     """Writes checkpoints on a background thread while the next epoch trains.
 
@@ -103,14 +113,15 @@ class BackgroundSaver:
         before the next `save` or `wait`."""
         self.wait()
         snapshot = detached_copy(state) if copy else state
-        copies_done = torch.cuda.Event() if torch.cuda.is_initialized() else None
-        if copies_done is not None:
-            copies_done.record()
+        copies_done = []  # one event per GPU the copies came from, on that GPU's stream
+        for device in cuda_devices(state) if copy else ():
+            copies_done.append(torch.cuda.Event())
+            copies_done[-1].record(torch.cuda.current_stream(device))
 
         def write() -> None:
             try:
-                if copies_done is not None:
-                    copies_done.synchronize()
+                for event in copies_done:
+                    event.synchronize()
                 save_atomic(snapshot, path)
                 if link_to is not None:
                     link_atomic(path, link_to)

@@ -110,11 +110,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
                                  compose_unresolved)
             overrides = saved["overrides"]
         return run(cfg, run_dir, overrides)
-    except (ConfigError, TrainingFailed) as error:
+    except Exception as error:
+        expected = isinstance(error, ConfigError | TrainingFailed)
         if in_sweep and not cfg.fail_fast:  # recorded; the other jobs go on
-            record_failure(run_dir, overrides, error)
-            log.error("job failed: %s", error)
+            record_failure(run_dir, overrides, error if expected else
+                           RuntimeError(f"{type(error).__name__}: {error}"))
+            log.error("job failed: %s", error, exc_info=not expected)
             return float("nan")  # a failed trial to Optuna
+        if not expected:
+            raise  # a bug, or the machine: Hydra shows it (HYDRA_FULL_ERROR=1 for all of it)
         exit_with(error, code=2 if isinstance(error, ConfigError) else 1)
 
 

@@ -205,8 +205,10 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
         return tensor_loader(dataset, cfg.batch_size, order, drop_last, generator)
     return DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers,
-        pin_memory=pin_memory, persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
-        generator=generator, collate_fn=collate_readable)
+        # no persistent workers: each epoch's workers then take their seeds from `generator`,
+        # which checkpoints save, so a resumed run shuffles and augments as an unbroken one
+        pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+        collate_fn=collate_readable)
 
 
 @dataclass
@@ -242,7 +244,8 @@ def index_order(dataset: Dataset, training: bool, generator: torch.Generator, se
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """DistributedSampler shuffles by epoch; other orders ignore it."""
-    order = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+    order = loader.batch_sampler or loader.sampler  # tensor_loader: its sampler is batched
+    order = getattr(order, "sampler", order)
     if isinstance(order, DistributedSampler):
         order.set_epoch(epoch)
 

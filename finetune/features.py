@@ -102,7 +102,10 @@ def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int
     outputs, labels = [], []
     backbone.eval()
     with torch.inference_mode():
-        for images, targets in loader:
+        for batch in loader:
+            if batch is None:  # all of it unreadable (data.bad_images=skip)
+                continue
+            images, targets = batch
             with precision_context():
                 outputs.append(backbone(images.to(device)).float().cpu())
             labels.append(torch.as_tensor(targets))

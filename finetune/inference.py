@@ -68,14 +68,18 @@ def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir
     step = Step(net, device, cfg.trainer.precision)
     loss, counts = 0.0, torch.zeros(data.num_classes, 2, dtype=torch.long)  # (right, seen)
     with torch.inference_mode():
-        for images, labels in data.val_loader:
-            images, labels = step.to_device(images, labels)
+        for batch in data.val_loader:
+            if batch is None:  # all of it unreadable (data.bad_images=skip)
+                continue
+            images, labels = step.to_device(*batch)
             logits = step.logits(images)
             loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             right = (logits.argmax(dim=1) == labels).long().cpu()
             counts[:, 0].index_add_(0, labels.cpu(), right)
             counts[:, 1].index_add_(0, labels.cpu(), torch.ones_like(right))
     seen = int(counts[:, 1].sum())
+    if seen == 0:
+        raise ConfigError(f"data={cfg.data.name}: no readable validation image to evaluate on.")
     per_class = [{"class": name, "images": int(counts[index, 1]),
                   "accuracy": float(counts[index, 0]) / max(int(counts[index, 1]), 1)}
                  for index, name in enumerate(net.class_names)]
@@ -137,6 +141,9 @@ def predict_folder(cfg: DictConfig, net: Net, device: torch.device, run_dir: str
             best, index = probabilities.max(dim=1)
             rows += [{"path": path, "class": net.class_names[i], "probability": float(p)}
                      for path, i, p in zip(paths, index.tolist(), best, strict=True)]
+    if not rows:
+        raise ConfigError(f"predict_input={cfg.predict_input!r}: none of its {len(files)} image "
+                          "files could be read.")
     write_rows(rows, os.path.join(run_dir, "predictions.csv"))
     log.info("predicted %d of %d images in %s: %s", len(rows), len(files), folder,
              os.path.join(run_dir, "predictions.csv"))

@@ -98,7 +98,8 @@ def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequenc
 
 def restore(checkpoint: dict[str, Any], setup: Any, step: Any, loaders: list, run_dir: str):
     """Put the built run back where `checkpoint` left it; returns (progress, checkpoints)."""
-    from finetune.checkpoint import RunCheckpoints
+    from finetune import distributed
+    from finetune.checkpoint import RunCheckpoints, link_atomic
     from finetune.trainer import Progress, restore_rng
 
     for epoch in range(2, checkpoint["epoch"] + 1):  # the phases that had started, in order
@@ -119,4 +120,7 @@ def restore(checkpoint: dict[str, Any], setup: Any, step: Any, loaders: list, ru
                     "an uninterrupted run", setup.cache.key, checkpoint["feature_cache_key"])
     checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
     checkpoints.adopt(checkpoint["frozen_part"])
+    if checkpoint["progress"]["best_epoch"] == checkpoint["epoch"] and distributed.is_main():
+        # killed between writing last.pt and linking best.pt to it: link it now
+        link_atomic(checkpoints.path("last.pt"), checkpoints.path("best.pt"))
     return Progress.from_state(checkpoint["progress"]), checkpoints

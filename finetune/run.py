@@ -148,12 +148,20 @@ def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, Data
         pin = setup.device.type == "cuda"
         train_loader = make_loader(train, cfg.data, True, cfg.seed, pin)
         val_loader = make_loader(val, cfg.data, False, cfg.seed, pin)
-        step.forward = setup.net.add_layers
-    if distributed.active():  # after freezing: DDP syncs the gradients of what trains
-        step.forward = distributed.wrap(setup.net, setup.device)
-    if cfg.trainer.compile:
-        step.forward = torch.compile(step.forward)
+    step.forward = trained_forward(cfg, setup)
     return step, train_loader, val_loader
+
+
+def trained_forward(cfg: DictConfig, setup: Setup):
+    """The head alone on cached features, else the Net; under torchrun wrapped in DDP, which
+    must be done again whenever the trainable set changes; compiled if asked."""
+    if setup.cache.enabled:
+        forward = setup.net.add_layers
+    elif distributed.active():  # after freezing: DDP syncs the gradients of what trains
+        forward = distributed.wrap(setup.net, setup.device)
+    else:
+        forward = setup.net
+    return torch.compile(forward) if cfg.trainer.compile else forward
 
 
 def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
@@ -194,6 +202,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
     progress, checkpoints = Progress(), None
     if checkpoint is not None:
         progress, checkpoints = restore(checkpoint, setup, step, [train_loader, val_loader], run_dir)
+        step.forward = trained_forward(cfg, setup)  # the phases re-applied: DDP sees them
         log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
 
     def before_epoch(epoch: int) -> None:
@@ -203,7 +212,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float |
             if writes:
                 write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
             if distributed.active():  # DDP must see the new trainable set
-                step.forward = distributed.wrap(setup.net, setup.device)
+                step.forward = trained_forward(cfg, setup)
 
     saved = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides),
              "class_names": setup.data.class_names, "input_spec": setup.spec.to_dict()}

@@ -78,7 +78,11 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
             continue
         summary = read_summary(job_dir) or {
             "status": "failed", "error": "no summary.json: the job was stopped before it ended"}
-        overrides = summary.get("overrides") or list(OmegaConf.load(overrides_file))
+        overrides = list(OmegaConf.load(overrides_file))  # what Hydra ran there last
+        if summary.get("overrides", overrides) != overrides:
+            summary = {"status": "failed", "error": "refused: its directory holds the result of "
+                       "another job (" + " ".join(summary["overrides"]) + "); use a new "
+                       "hydra.sweep.dir"}
         error = summary.get("error", "")
         rows.append({"job": name, "status": summary["status"], "metric": metric,
                      "value": summary.get(metric, ""), "best_epoch": summary.get("best_epoch", ""),
@@ -87,8 +91,8 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
     lower_is_better = metric.endswith("loss")
 
     def order(row: dict[str, Any]):
-        if row["status"] != "ok":
-            return (1, 0.0)
+        if row["status"] != "ok" or not isinstance(row["value"], int | float) or row["value"] != row["value"]:
+            return (1, 0.0)  # failed, or no number (NaN): after every result
         return (0, row["value"] if lower_is_better else -row["value"])
 
     return sorted(rows, key=order)

@@ -156,6 +156,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False,
                disable=None if distributed.is_main() else True, dynamic_ncols=True)
     for index, batch in enumerate(bar):
+        if batch is None:  # every image of it was unreadable (data.bad_images=skip)
+            continue
         images, labels = step.to_device(*batch)
         logits = step.logits(images)
         loss = F.cross_entropy(logits, labels)
@@ -175,6 +177,8 @@ def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> tuple[float, flo
     totals = Totals(step.device)
     with torch.inference_mode():
         for batch in loader:
+            if batch is None:
+                continue
             images, labels = step.to_device(*batch)
             logits = step.logits(images)
             totals.add(F.cross_entropy(logits, labels), logits, labels)
@@ -190,21 +194,18 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 class MetricsCsv:
     """metrics.csv: one row per finished epoch, flushed so it can be watched.
 
-    A resumed run first drops the rows after its checkpoint's epoch (a run killed between
-    writing a row and its checkpoint repeats that epoch), so no epoch is missing or doubled.
+    A resumed run rewrites it from its checkpoint's history first: a row written after that
+    checkpoint is dropped and one the kill cut off is restored, so no epoch is missing or
+    doubled whichever of the two files was written last.
     """
 
-    def __init__(self, path: str, keep_epochs: int = 0):
+    def __init__(self, path: str, history: list[EpochMetrics] = ()):
         self.path = path
-        kept = []
-        if keep_epochs and os.path.exists(path):
-            with open(path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= keep_epochs]
         temporary = path + ".tmp"
         with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
+            writer = csv.writer(handle)
+            writer.writerow(METRIC_COLUMNS)
+            writer.writerows(asdict(row).values() for row in history)
         os.replace(temporary, path)
 
     def append(self, metrics: EpochMetrics) -> None:
@@ -248,7 +249,7 @@ def rng_state(loaders: list[DataLoader]) -> dict[str, Any]:
     """Every random stream the next epoch draws from: dropout and augmentation (torch,
     CUDA, numpy, random) and each loader's own generator (shuffling)."""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             "numpy": numpy_rng_state(), "python": random.getstate(),
             "loaders": [loader.generator.get_state() for loader in loaders]}
 
@@ -261,8 +262,8 @@ def numpy_rng_state() -> tuple:
 
 def restore_rng(state: dict[str, Any], loaders: list[DataLoader]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:  # this process's GPU (each rank's own under torchrun)
+        torch.cuda.set_rng_state(state["cuda"])
     name, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gauss))
     random.setstate(state["python"])
@@ -291,7 +292,7 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     progress = progress or Progress()
     writes = distributed.is_main()  # under torchrun, rank 0 alone writes
     if writes:
-        metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), keep_epochs=progress.epoch)
+        metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), progress.history)
     if checkpoints is None and writes:
         checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
         checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
@@ -307,16 +308,16 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                 progress.best, progress.best_epoch = value, epoch
             progress.epoch = epoch
             progress.history.append(metrics)
-            state = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "scaler": step.scaler.state_dict(), "metrics": asdict(metrics),
-                     "progress": progress.state_dict(), "epoch": epoch,
-                     "rng": rng_state([train_loader, val_loader]), **checkpoint_extras()}
+            metrics.seconds = time.perf_counter() - started  # as the checkpoint's history has it
             if writes:
+                state = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
+                         "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                         "scaler": step.scaler.state_dict(), "metrics": asdict(metrics),
+                         "progress": progress.state_dict(), "epoch": epoch,
+                         "rng": rng_state([train_loader, val_loader]), **checkpoint_extras()}
                 checkpoints.save(state, unchanging_state_names(net), best=improved)
-            metrics.seconds = time.perf_counter() - started  # the state copy included
-            if writes:
+                metrics.seconds = time.perf_counter() - started  # metrics.csv: the copy included
                 metrics_csv.append(metrics)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
                      "%.1fs", epoch, max_epochs, metrics.train_loss, metrics.train_acc,

@@ -111,3 +111,11 @@ def test_optuna_direction_follows_the_optimized_metric():
             cfg = compose("config", overrides=["hparams_search=optuna", f"optimized_metric={metric}"],
                           return_hydra_config=True)
         assert cfg.hydra.sweeper.direction == direction
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_the_sweep_at_the_first_failed_job(tmp_path):
+    result = run_train("-m", *SMALL, "optimizer.lr=-1,0.01", "fail_fast=true",
+                       f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 2 and "optimizer.lr=-1.0 is not valid" in result.stderr
+    assert not (tmp_path / "1").exists()  # the second job never started
