@@ -27,17 +27,23 @@ def make_job(sweep, name, overrides, summary=None):
 
 def test_rows_are_sorted_best_first_with_failures_last(tmp_path):
     make_job(tmp_path, "0", ["optimizer.lr=0.1"], {"status": "ok", "best_val_acc": 0.5,
-                                                    "best_epoch": 2, "seconds": 1.0})
+                                                    "best_val_loss": 0.7, "best_epoch": 2,
+                                                    "seconds": 1.0})
     make_job(tmp_path, "1", ["optimizer.lr=-1"], {"status": "failed",
                                                    "error": "optimizer.lr=-1.0 is not valid\nmore"})
     make_job(tmp_path, "2", ["optimizer.lr=0.01"], {"status": "ok", "best_val_acc": 0.9,
-                                                     "best_epoch": 1, "seconds": 1.0})
+                                                     "best_val_loss": 0.3, "best_epoch": 1,
+                                                     "seconds": 1.0})
     make_job(tmp_path, "3", ["optimizer.lr=0.001"])  # killed: no summary.json
     rows = job_rows(str(tmp_path), "best_val_acc")
     assert [row["job"] for row in rows] == ["2", "0", "1", "3"]
     assert rows[2]["error"] == "optimizer.lr=-1.0 is not valid"
     assert rows[3]["status"] == "failed" and rows[3]["overrides"] == "optimizer.lr=0.001"
-    assert [row["job"] for row in job_rows(str(tmp_path), "best_val_loss")][2:] == ["1", "3"]
+    assert [row["job"] for row in job_rows(str(tmp_path), "best_val_loss")] == ["2", "0", "1", "3"]
+    make_job(tmp_path, "4", ["optimizer.lr=1"], {"status": "ok", "best_val_acc": 0.99})
+    (tmp_path / "4" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=2\n")  # reused
+    refused = next(row for row in job_rows(str(tmp_path), "best_val_acc") if row["job"] == "4")
+    assert refused["status"] == "failed" and "holds the result of another job" in refused["error"]
 
 
 def test_only_the_same_finished_job_is_skipped_and_failed_attempts_are_kept(tmp_path):
