@@ -104,12 +104,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return finished.get(cfg.optimized_metric)
         set_aside_failed_attempt(run_dir)
     try:
+        saved = None
         if cfg.resume:
             saved = load_last(cfg.resume)
             cfg = resumed_config(cfg.resume, saved["config"], saved["overrides"], overrides,
                                  compose_unresolved)
             overrides = saved["overrides"]
-        return run(cfg, run_dir, overrides)
+        return run(cfg, run_dir, overrides, checkpoint=saved)
     except Exception as error:
         expected = isinstance(error, ConfigError | TrainingFailed)
         if in_sweep and not cfg.fail_fast:  # recorded; the other jobs go on

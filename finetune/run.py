@@ -175,16 +175,19 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = ()) -> float | None:
+def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
+        checkpoint: dict | None = None) -> float | None:
     """Train (or, for mode=evaluate|predict, use a checkpoint); return cfg.optimized_metric
-    (None for a dry run). `overrides` are the command line's, kept for resuming."""
+    (None for a dry run). `overrides` are the command line's, kept for resuming; a resumed
+    run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
     if cfg.mode != "train":
         from finetune.inference import run_inference
 
         return run_inference(cfg, run_dir)
     started = time.perf_counter()
-    checkpoint = load_last(cfg.resume) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        checkpoint = load_last(cfg.resume)
     writes = distributed.is_main()  # under torchrun, rank 0 alone writes
     if checkpoint is None and writes:
         check_fresh_run_dir(run_dir)
