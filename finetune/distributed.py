@@ -68,6 +68,13 @@ def world() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def shard():
+    """This process's part of the data under torchrun, else None (all of it)."""
+    from finetune.data import Shard
+
+    return Shard(rank(), world()) if active() else None
+
+
 def wrap(net, device):
     """DDP over what trains now: call again after an unfreeze phase changes that set."""
     from torch.nn.parallel import DistributedDataParallel

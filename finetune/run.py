@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from finetune import distributed
 from finetune.config import validate
-from finetune.data import Data, Shard, build_data, fingerprint, make_loader
+from finetune.data import Data, build_data, fingerprint, make_loader
 from finetune.digest import tensors_digest
 from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
@@ -107,8 +107,7 @@ def build(cfg: DictConfig) -> Setup:
     spec = input_spec(backbone, weights, cfg.backbone.name, cfg.data.image_size,
                       cfg.data.get("use_weights_transform", False))
     data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
-                      shard=Shard(distributed.rank(), distributed.world())
-                      if distributed.active() else None)
+                      shard=distributed.shard())
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)

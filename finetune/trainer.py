@@ -76,13 +76,15 @@ class Totals:
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-            step: int = 0) -> None:
+            step: int | None = None) -> None:
+        """`step`: the training step, watched for a non-finite loss (validation is not)."""
         loss = loss.detach()
         self.loss += loss * labels.numel()
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.count += labels.numel()
-        bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
-        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        if step is not None:
+            bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+            self.first_bad_step = torch.where(bad, step, self.first_bad_step)
 
     def check_finite(self, epoch: int, steps: int) -> None:
         step = int(distributed.all_max(self.first_bad_step.clone()))  # every rank stops
