@@ -87,6 +87,17 @@ def compose_unresolved(overrides: list[str]) -> dict:
     return OmegaConf.to_container(compose(config_name="config", overrides=overrides))
 
 
+def describe_config(cfg: DictConfig) -> str:
+    """The groups chosen and the keys that differ from those groups' defaults."""
+    from hydra import compose
+
+    from finetune.console import app_choices, choice_overrides, config_view
+
+    choices = app_choices(dict(HydraConfig.get().runtime.choices))
+    defaults = compose(config_name="config", overrides=choice_overrides(choices))
+    return config_view(choices, cfg, defaults)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     from finetune.errors import TrainingFailed
@@ -110,6 +121,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
             cfg = resumed_config(cfg.resume, saved["config"], saved["overrides"], overrides,
                                  compose_unresolved)
             overrides = saved["overrides"]
+            log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
+        else:
+            log.info("%s", describe_config(cfg))
         return run(cfg, run_dir, overrides, checkpoint=saved)
     except Exception as error:
         expected = isinstance(error, ConfigError | TrainingFailed)

@@ -1,14 +1,16 @@
 """Config schemas: the types and defaults of every key, registered in Hydra's ConfigStore.
 
 `Config` types the whole tree; where a group's options differ in their keys (data, optimizer,
-scheduler) each option file starts from its own schema (`/schema/<group>/<option>` in its
-defaults list). Either way a misspelled key or a value of the wrong type stops the run at
-start-up with the full key named. Checks that need more than a type (allowed values,
+scheduler) each option file starts from its own schema (`/schema_<group>_<option>` in its
+defaults list: top-level names, so `--help` does not list them as groups). Either way a
+misspelled key or a value of the wrong type stops the run at start-up with the full key
+named. Checks that need more than a type (allowed values,
 ranges) live in `validate`, which reports every problem at once.
 
 This module imports no torch, so `python train.py --help` stays quick.
 """
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +159,8 @@ class Config:
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
     fail_fast: bool = False  # -m: the first failed job stops the sweep (else it is recorded)
+    plots: str = "auto"  # auto (when matplotlib is installed) | true | false
+    logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., keys}
 
 
 CACHE_SETTINGS = ("auto", "true", "false")
@@ -165,26 +169,45 @@ OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_
 FROZEN_MODULE_MODES = ("eval", "train")
 MODES = ("train", "evaluate", "predict")
 BAD_IMAGE_POLICIES = ("skip", "fail")
+PLOT_SETTINGS = ("auto", "true", "false")
 
 SCHEMAS = {
     (None, "config_schema"): Config,
-    ("schema/data", "digits"): DigitsDataConfig,
-    ("schema/data", "imagefolder"): ImageFolderDataConfig,
-    ("schema/data", "fake"): FakeDataConfig,
-    ("schema/optimizer", "sgd"): SGDConfig,
-    ("schema/optimizer", "adamw"): AdamWConfig,
-    ("schema/scheduler", "none"): SchedulerConfig,
-    ("schema/scheduler", "cosine"): CosineSchedulerConfig,
-    ("schema/scheduler", "step"): StepSchedulerConfig,
+    (None, "schema_data_digits"): DigitsDataConfig,
+    (None, "schema_data_imagefolder"): ImageFolderDataConfig,
+    (None, "schema_data_fake"): FakeDataConfig,
+    (None, "schema_optimizer_sgd"): SGDConfig,
+    (None, "schema_optimizer_adamw"): AdamWConfig,
+    (None, "schema_scheduler_none"): SchedulerConfig,
+    (None, "schema_scheduler_cosine"): CosineSchedulerConfig,
+    (None, "schema_scheduler_step"): StepSchedulerConfig,
 }
 
 
 def register_schemas() -> None:
-    """The schemas, and the resolver sweep presets use to pick Optuna's direction."""
+    """The schemas, and the resolvers: Optuna's direction for sweep presets, and a fresh
+    directory for the default run and sweep directories (cached, so resolved once)."""
+    from finetune.outputs import new_dir
+
     store = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         store.store(group=group, name=name, node=node)
     OmegaConf.register_new_resolver("finetune_direction", direction, replace=True)
+    OmegaConf.register_new_resolver("finetune_new_dir", new_dir, use_cache=True, replace=True)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved config as dotted keys with scalar values (lists and null as JSON text)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
 
 
 def direction(metric: str) -> str:
@@ -213,6 +236,11 @@ def validate(cfg: DictConfig) -> None:
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
           cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
+    check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,
+          "use auto (plots when matplotlib is installed), true or false")
+    for name, entry in cfg.logger.items():
+        check(isinstance(entry, DictConfig) and "_target_" in entry, f"logger.{name}", entry,
+              "each logger needs a _target_ class, e.g. finetune.loggers.TensorBoardLogger")
     check(cfg.trainer.grad_clip is None or cfg.trainer.grad_clip > 0, "trainer.grad_clip",
           cfg.trainer.grad_clip, "use a positive number, or null for no clipping")
     if cfg.data.name == "imagefolder":

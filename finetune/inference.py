@@ -15,12 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from finetune import distributed
 from finetune.checkpoint import read_checkpoint
 from finetune.data import build_data, image_transforms
 from finetune.errors import ConfigError
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
 from finetune.outputs import write_json
-from finetune.trainer import Step, resolve_device
+from finetune.plots import plot_confusion
+from finetune.trainer import Step, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,47 +49,44 @@ def load_model(path: str, device: str | torch.device = "cpu",
     return net.to(device).eval()
 
 
-def run_inference(cfg: DictConfig, run_dir: str) -> float:
-    """mode=evaluate -> evaluation.json + per_class.csv; mode=predict -> predictions.csv."""
+def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False) -> float:
+    """mode=evaluate -> evaluation.json + per_class.csv (+ confusion.png with `plots`);
+    mode=predict -> predictions.csv."""
     device = resolve_device(cfg.trainer.device)
     net = load_model(os.path.expanduser(cfg.checkpoint), device)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.mode == "evaluate":
-        return evaluate_checkpoint(cfg, net, device, run_dir)
+        return evaluate_checkpoint(cfg, net, device, run_dir, plots)
     return predict_folder(cfg, net, device, run_dir)
 
 
-def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir: str) -> float:
-    """Loss, accuracy and per-class accuracy on the data's validation split."""
-    data = build_data(cfg.data, net.input_spec, cfg.seed, pin_memory=device.type == "cuda")
+def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir: str,
+                        plots: bool = False) -> float:
+    """Loss, accuracy, per-class accuracy and the confusion matrix on the data's validation
+    split."""
+    data = build_data(cfg.data, net.input_spec, cfg.seed, pin_memory=device.type == "cuda",
+                      shard=distributed.shard())  # under torchrun each rank a part, summed
     if data.class_names != net.class_names:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} was trained on {len(net.class_names)} classes "
             f"{net.class_names[:10]}, but data={cfg.data.name} has {data.num_classes} classes "
             f"{data.class_names[:10]}; evaluate it on data with the same classes.")
-    step = Step(net, device, cfg.trainer.precision)
-    loss, counts = 0.0, torch.zeros(data.num_classes, 2, dtype=torch.long)  # (right, seen)
-    with torch.inference_mode():
-        for batch in data.val_loader:
-            if batch is None:  # all of it unreadable (data.bad_images=skip)
-                continue
-            images, labels = step.to_device(*batch)
-            logits = step.logits(images)
-            loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            right = (logits.argmax(dim=1) == labels).long().cpu()
-            counts[:, 0].index_add_(0, labels.cpu(), right)
-            counts[:, 1].index_add_(0, labels.cpu(), torch.ones_like(right))
-    seen = int(counts[:, 1].sum())
+    val = evaluate(net, data.val_loader, Step(net, device, cfg.trainer.precision))
+    seen = sum(map(sum, val.confusion))
     if seen == 0:
         raise ConfigError(f"data={cfg.data.name}: no readable validation image to evaluate on.")
-    per_class = [{"class": name, "images": int(counts[index, 1]),
-                  "accuracy": float(counts[index, 0]) / max(int(counts[index, 1]), 1)}
-                 for index, name in enumerate(net.class_names)]
+    per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
+                 for index, (name, row) in enumerate(zip(net.class_names, val.confusion,
+                                                         strict=True))]
     result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
-              "data": cfg.data.name, "images": seen, "loss": loss / seen,
-              "accuracy": float(counts[:, 0].sum()) / seen, "per_class": per_class}
-    write_json(result, os.path.join(run_dir, "evaluation.json"))
-    write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
+              "data": cfg.data.name, "images": seen, "loss": val.loss,
+              "accuracy": val.accuracy, "per_class": per_class, "confusion": val.confusion}
+    if distributed.is_main():
+        write_json(result, os.path.join(run_dir, "evaluation.json"))
+        write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
+        if plots:
+            plot_confusion(val.confusion, net.class_names, f"{cfg.data.name} validation split",
+                           os.path.join(run_dir, "confusion.png"))
     lines = [f"{row['class']:>12}  {row['images']:6d}  {row['accuracy']:.4f}" for row in per_class]
     log.info("evaluated %s on %d images of data=%s: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s",
              cfg.checkpoint, seen, cfg.data.name, result["loss"], result["accuracy"], "class",

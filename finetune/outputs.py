@@ -1,11 +1,34 @@
-"""The run directory: refuse to reuse one that holds results, write files atomically."""
+"""The run directory: a fresh one per run, never one that holds results; atomic writes."""
 
+import itertools
 import json
 import os
 
 from finetune.errors import ConfigError
 
 PREVIOUS_RUN_FILES = ("metrics.csv", "summary.json", "checkpoints")
+
+
+def new_dir(path: str) -> str:
+    """`path`, or else `path-2`, `path-3`, ...: the first that did not exist, created here.
+
+    mkdir either creates a folder or fails, so two runs started in the same second (or on
+    two machines sharing the folder) never get the same one. The config's run and sweep
+    directories resolve through this once (a cached resolver). A path that cannot be
+    created is returned as it is, for check_writable to explain.
+    """
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for number in itertools.count(1):
+            candidate = path if number == 1 else f"{path}-{number}"
+            try:
+                os.mkdir(candidate)
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError:
+        pass
+    return path
 
 
 def check_fresh_run_dir(run_dir: str) -> None:

@@ -20,6 +20,7 @@ from finetune.digest import tensors_digest
 from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
+from finetune.loggers import RunLog, build_loggers, config_hparams
 from finetune.model import (
     InputSpec,
     Net,
@@ -31,6 +32,7 @@ from finetune.model import (
 )
 from finetune.optim import build_optimizer, build_scheduler, group_rules
 from finetune.outputs import check_fresh_run_dir, write_json
+from finetune.plots import plot_confusion, plots_enabled
 from finetune.report import (
     ParamRow,
     format_report,
@@ -180,10 +182,11 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     (None for a dry run). `overrides` are the command line's, kept for resuming; a resumed
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
+    plots = plots_enabled(cfg.plots)
     if cfg.mode != "train":
         from finetune.inference import run_inference
 
-        return run_inference(cfg, run_dir)
+        return run_inference(cfg, run_dir, plots)
     started = time.perf_counter()
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)
@@ -233,10 +236,20 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         return summary
 
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
+    run_log = None
+    if writes:
+        run_log = RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * len(train_loader)),
+                         os.path.join(run_dir, "curves.png") if plots else None,
+                         [phase.epoch for phase in setup.unfreeze.plan])
     try:
         fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
             cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch,
-            progress, checkpoints)
+            progress, checkpoints, run_log)
+        if distributed.active():
+            check_same_weights(setup.net)
+        summary = finish("ok")
+        if run_log is not None:
+            run_log.finish(config_hparams(cfg), summary, progress.epoch * len(train_loader))
     except KeyboardInterrupt:
         finish("interrupted")
         log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
@@ -245,10 +258,32 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     except TrainingFailed as error:
         finish("failed", str(error))
         raise
-    if distributed.active():
-        check_same_weights(setup.net)
-    summary = finish("ok")
-    best = progress.history[progress.best_epoch - 1]
-    log.info("best epoch %d: val acc %.4f, val loss %.4f. Run directory: %s",
-             best.epoch, best.val_acc, best.val_loss, run_dir)
+    finally:
+        if run_log is not None:
+            run_log.close()
+    if plots and writes and progress.best_confusion:
+        draw_confusion(progress, setup.data.class_names, run_dir)
+    log.info("%s", closing_lines(cfg, progress, summary, run_dir))
     return summary[cfg.optimized_metric]
+
+
+def draw_confusion(progress: Progress, class_names: list[str], run_dir: str) -> None:
+    best = progress.history[progress.best_epoch - 1]
+    plot_confusion(progress.best_confusion, class_names,
+                   f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
+                   os.path.join(run_dir, "confusion.png"))
+
+
+def closing_lines(cfg: DictConfig, progress: Progress, summary: dict, run_dir: str) -> str:
+    """The best epoch, where everything is, and what to run next."""
+    best = progress.history[progress.best_epoch - 1]
+    best_pt = os.path.join(run_dir, "checkpoints", "best.pt")
+    lines = [f"best epoch {best.epoch}: val acc {best.val_acc:.4f}, val loss {best.val_loss:.4f} "
+             f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
+             f"run directory: {run_dir}",
+             f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}",
+             f"  train more:  python train.py resume={run_dir} "
+             f"trainer.max_epochs={cfg.trainer.max_epochs * 2}"]
+    if "tensorboard" in cfg.logger:
+        lines.append(f"  curves:      tensorboard --logdir {run_dir}")
+    return "\n".join(lines)

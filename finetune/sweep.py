@@ -19,6 +19,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints", "params.tsv")
@@ -87,7 +89,7 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
         rows.append({"job": name, "status": summary["status"], "metric": metric,
                      "value": summary.get(metric, ""), "best_epoch": summary.get("best_epoch", ""),
                      "seconds": summary.get("seconds", ""), "overrides": " ".join(overrides),
-                     "error": error.splitlines()[0] if error else ""})
+                     "error": error.splitlines()[0] if error else "", "override_list": overrides})
     lower_is_better = metric.endswith("loss")
 
     def order(row: dict[str, Any]):
@@ -101,7 +103,7 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
 def write_table(rows: list[dict[str, Any]], path: str) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
+        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, path)
@@ -118,6 +120,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep_plots(setting: str) -> bool:
+    from finetune.plots import plots_enabled
+
+    try:
+        return plots_enabled(setting)
+    except ConfigError:  # plots=true without matplotlib: every job has said so already
+        return False
+
+
 class SweepSummary(Callback):
     """At the end of a sweep: summary.csv and the printed table; exit code 1 if a job failed."""
 
@@ -129,6 +140,10 @@ class SweepSummary(Callback):
         write_table(rows, os.path.join(sweep_dir, "summary.csv"))
         print(f"sweep of {len(rows)} jobs, best first ({os.path.join(sweep_dir, 'summary.csv')}):"
               f"\n{format_table(rows)}")
+        if sweep_plots(config.plots):
+            from finetune.plots import plot_sweep
+
+            plot_sweep(rows, config.optimized_metric, os.path.join(sweep_dir, "summary.png"))
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "

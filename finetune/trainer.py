@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import logging
+import math
 import os
 import random
 import time
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2  # 2: progress, RNG states and frozen.pt; resume refuses other formats
 
-POSTFIX_EVERY = 10  # steps between progress-bar updates (each waits for the device; none without a bar)
+SAMPLE_EVERY = 10  # steps between progress-bar updates (each waits for the device; none without a bar)
 
 
 @dataclass
@@ -39,9 +40,10 @@ class EpochMetrics:
     val_acc: float
     lr: float
     seconds: float
+    group_lrs: dict[str, float] = field(default_factory=dict)  # each optimizer group's rate
 
 
-METRIC_COLUMNS = list(EpochMetrics.__dataclass_fields__)
+METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__ if name != "group_lrs"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,21 +69,28 @@ def resolve_device(name: str) -> torch.device:
 
 class Totals:
     """Loss and accuracy summed on the device, read back once per epoch, and the first step
-    whose loss was not finite, read back every CHECK_EVERY steps."""
+    whose loss was not finite, read back every CHECK_EVERY steps. With `confusion`, also the
+    confusion matrix (rows: true class, columns: predicted)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, confusion: bool = False):
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.count = 0
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.pairs = torch.zeros(0, device=device, dtype=torch.long) if confusion else None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             step: int | None = None) -> None:
         """`step`: the training step, watched for a non-finite loss (validation is not)."""
         loss = loss.detach()
+        predicted = logits.argmax(dim=1)
         self.loss += loss * labels.numel()
-        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.correct += (predicted == labels).sum()
         self.count += labels.numel()
+        if self.pairs is not None:
+            classes = logits.shape[1]
+            counts = torch.bincount(labels * classes + predicted, minlength=classes * classes)
+            self.pairs = counts if self.pairs.numel() == 0 else self.pairs + counts
         if step is not None:
             bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
             self.first_bad_step = torch.where(bad, step, self.first_bad_step)
@@ -99,7 +108,18 @@ class Totals:
         sums = torch.stack([self.loss.double(), self.correct.double(),
                             torch.tensor(float(self.count), device=self.loss.device).double()])
         loss, correct, count = distributed.all_sum(sums).tolist()
+        if count == 0:  # nothing readable (data.bad_images=skip): the caller says so
+            return math.nan, math.nan
         return loss / count, correct / count
+
+    def running_accuracy(self) -> float:
+        return self.correct.item() / max(self.count, 1)
+
+    def confusion(self) -> list[list[int]]:
+        """The matrix summed over the ranks under torchrun (every rank saw some batch)."""
+        pairs = distributed.all_sum(self.pairs)
+        classes = math.isqrt(pairs.numel())
+        return pairs.view(classes, classes).tolist()
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)
@@ -150,13 +170,23 @@ class Step:
             return self.forward(images).float()
 
 
+StepLog = Callable[[int, float], None]  # (global step, training loss)
+
+
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    step: Step, epoch: int, max_epochs: int) -> tuple[float, float]:
-    """One pass over the training data; a non-finite loss stops it (TrainingFailed)."""
+                    step: Step, epoch: int, max_epochs: int, log_step: StepLog | None = None,
+                    log_every: int = 0) -> tuple[float, float]:
+    """One pass over the training data; a non-finite loss stops it (TrainingFailed).
+
+    The progress bar shows only on a terminal (no bar spam in CI or SLURM logs). Every
+    `log_every` steps `log_step` gets the loss; reading it waits for the device, so nothing
+    is read when neither wants it.
+    """
     net.train()  # Net.train keeps fully frozen modules in eval mode
     totals = Totals(step.device)
     bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False,
                disable=None if distributed.is_main() else True, dynamic_ncols=True)
+    steps_before = (epoch - 1) * len(loader)
     for index, batch in enumerate(bar):
         if batch is None:  # every image of it was unreadable (data.bad_images=skip)
             continue
@@ -168,15 +198,25 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         totals.add(loss, logits, labels, index)
         if index % CHECK_EVERY == CHECK_EVERY - 1:
             totals.check_finite(epoch, len(loader))
-        if not bar.disable and index % POSTFIX_EVERY == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{base_lr(optimizer):.3g}")
+        if not bar.disable and index % SAMPLE_EVERY == 0:
+            bar.set_postfix({"loss": f"{loss.item():.4f}", "acc": f"{totals.running_accuracy():.3f}",
+                             "lr": f"{base_lr(optimizer):.3g}"})
+        if log_step is not None and log_every and (steps_before + index + 1) % log_every == 0:
+            log_step(steps_before + index + 1, loss.item())
     totals.check_finite(epoch, len(loader))
     return totals.means()
 
 
-def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> tuple[float, float]:
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    confusion: list[list[int]]  # [true class][predicted class] image counts
+
+
+def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> Evaluation:
     net.eval()
-    totals = Totals(step.device)
+    totals = Totals(step.device, confusion=True)
     with torch.inference_mode():
         for batch in loader:
             if batch is None:
@@ -184,13 +224,17 @@ def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> tuple[float, flo
             images, labels = step.to_device(*batch)
             logits = step.logits(images)
             totals.add(F.cross_entropy(logits, labels), logits, labels)
-    return totals.means()
+    return Evaluation(*totals.means(), totals.confusion())
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """optimizer.lr under the schedule: the first group's rate without its multiplier."""
     group = optimizer.param_groups[0]
     return group["lr"] / group.get("lr_mult", 1.0)
+
+
+def csv_row(metrics: EpochMetrics) -> list:
+    return [getattr(metrics, column) for column in METRIC_COLUMNS]
 
 
 class MetricsCsv:
@@ -207,12 +251,12 @@ class MetricsCsv:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(METRIC_COLUMNS)
-            writer.writerows(asdict(row).values() for row in history)
+            writer.writerows(csv_row(row) for row in history)
         os.replace(temporary, path)
 
     def append(self, metrics: EpochMetrics) -> None:
         with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow(asdict(metrics).values())
+            csv.writer(handle).writerow(csv_row(metrics))
 
 
 @dataclass
@@ -236,15 +280,17 @@ class Progress:
     history: list[EpochMetrics] = field(default_factory=list)
     best: float | None = None
     best_epoch: int = 0
+    best_confusion: list[list[int]] = field(default_factory=list)  # the best epoch's, on val
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": [asdict(row) for row in self.history],
-                "best": self.best, "best_epoch": self.best_epoch}
+                "best": self.best, "best_epoch": self.best_epoch,
+                "best_confusion": self.best_confusion}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Progress":
         return cls(state["epoch"], [EpochMetrics(**row) for row in state["history"]],
-                   state["best"], state["best_epoch"])
+                   state["best"], state["best_epoch"], state.get("best_confusion", []))
 
 
 def rng_state(loaders: list[DataLoader]) -> dict[str, Any]:
@@ -283,13 +329,15 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, step: Step,
         run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
         before_epoch: Callable[[int], None] = lambda epoch: None,
-        progress: Progress | None = None, checkpoints: RunCheckpoints | None = None) -> FitResult:
+        progress: Progress | None = None, checkpoints: RunCheckpoints | None = None,
+        run_log: Any = None) -> FitResult:
     """Train up to max_epochs, writing metrics.csv and checkpoints/ (RunCheckpoints) each epoch.
 
     `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there). A
     resumed run passes the checkpoint's `progress` (with every state already restored) and
     its `checkpoints`. A checkpoint holds everything the next epoch depends on, so a run
-    resumed from it ends bit-identical to one never stopped (on the CPU).
+    resumed from it ends bit-identical to one never stopped (on the CPU). `run_log` (a
+    loggers.RunLog, rank 0 only) gets the sampled steps and each finished epoch.
     """
     progress = progress or Progress()
     writes = distributed.is_main()  # under torchrun, rank 0 alone writes
@@ -302,12 +350,14 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         for epoch in range(progress.epoch + 1, max_epochs + 1):
             started = time.perf_counter()
             set_epoch(train_loader, epoch)
-            metrics = train_and_validate(net, train_loader, val_loader, optimizer, scheduler,
-                                         step, epoch, max_epochs, before_epoch)
+            metrics, confusion = train_and_validate(
+                net, train_loader, val_loader, optimizer, scheduler, step, epoch, max_epochs,
+                before_epoch, run_log)
             value = getattr(metrics, monitor.key)
             improved = monitor.improved(value, progress.best)
             if improved:
                 progress.best, progress.best_epoch = value, epoch
+                progress.best_confusion = confusion
             progress.epoch = epoch
             progress.history.append(metrics)
             metrics.seconds = time.perf_counter() - started  # as the checkpoint's history has it
@@ -322,8 +372,11 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                 metrics.seconds = time.perf_counter() - started  # metrics.csv: the copy included
                 metrics_csv.append(metrics)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
-                     "%.1fs", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
-                     metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds)
+                     "%.1fs%s", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
+                     metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds,
+                     "  (best)" if improved else "")
+            if run_log is not None:
+                run_log.epoch(progress, epoch * len(train_loader))
     finally:  # also on Ctrl-C or a failure: the last epoch's checkpoint is finished, not cut
         if checkpoints is not None:
             checkpoints.wait()
@@ -332,12 +385,18 @@ def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
 
 def train_and_validate(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                        optimizer: torch.optim.Optimizer, scheduler: Any, step: Step, epoch: int,
-                       max_epochs: int, before_epoch: Callable[[int], None]) -> EpochMetrics:
-    """One epoch: train, validate, step the schedule (`seconds` is left to the caller)."""
+                       max_epochs: int, before_epoch: Callable[[int], None],
+                       run_log: Any = None) -> tuple[EpochMetrics, list[list[int]]]:
+    """One epoch: train, validate, step the schedule (`seconds` is left to the caller).
+    Returns the metrics and the validation confusion matrix."""
     before_epoch(epoch)
     lr = base_lr(optimizer)
-    train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step, epoch, max_epochs)
-    val_loss, val_acc = evaluate(net, val_loader, step)
+    group_lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    train_loss, train_acc = train_one_epoch(
+        net, train_loader, optimizer, step, epoch, max_epochs,
+        run_log.step if run_log else None, run_log.every_n_steps if run_log else 0)
+    val = evaluate(net, val_loader, step)
     if scheduler is not None:
         scheduler.step()
-    return EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds=0.0)
+    return EpochMetrics(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seconds=0.0,
+                        group_lrs=group_lrs), val.confusion

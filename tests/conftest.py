@@ -21,7 +21,11 @@ register_schemas()
 
 
 def make_config(*overrides: str) -> DictConfig:
-    """The config `python train.py OVERRIDES` would run with (without the hydra section)."""
+    """The config `python train.py OVERRIDES` would run with (without the hydra section),
+    except that plots are off unless asked for: drawing costs about half a second a run,
+    and tests/test_plots.py and the command-line tests draw them."""
+    if not any(override.startswith("plots=") for override in overrides):
+        overrides = ("plots=false", *overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 

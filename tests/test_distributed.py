@@ -22,15 +22,17 @@ def test_torchrun_two_processes_share_one_run_and_agree(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(ROOT / "train.py"), *DATA,
                "trainer.max_epochs=2", "freeze=[@backbone]",  # frozen, then a phase: re-wrapped
-               "unfreeze=[{epoch: 2, patterns: [@stage-1]}]", "backbone.allow_download=false"]
+               "unfreeze=[{epoch: 2, patterns: [@stage-1]}]", "backbone.allow_download=false",
+               "logger=tensorboard"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     assert len(runs) == 1  # one directory, whatever each rank's clock said
     run_dir = runs[0]
     assert sorted(path.name for path in run_dir.iterdir()) == [
-        ".hydra", "checkpoints", "metrics.csv", "params.tsv", "params_epoch2.tsv", "summary.json",
-        "train.log"]
+        ".hydra", "checkpoints", "confusion.png", "curves.png", "metrics.csv", "params.tsv",
+        "params_epoch2.tsv", "summary.json", "tensorboard", "train.log"]
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # rank 0's event file only
     assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1  # rank 0's log only
     output = result.stdout + result.stderr
     assert "the final weights are identical on all 2 ranks" in output

@@ -52,6 +52,9 @@ def test_evaluate_mode_reports_the_runs_validation_metrics(trained, tmp_path):
     assert sum(int(row["images"]) for row in rows) == result["images"] == 32
     right = sum(int(row["images"]) * float(row["accuracy"]) for row in rows)
     assert right == pytest.approx(result["accuracy"] * 32)
+    # the same weights on the same images: the matrix training kept for its best epoch
+    progress = read_checkpoint(str(trained / "checkpoints" / "best.pt"))["progress"]
+    assert result["confusion"] == progress["best_confusion"]
 
 
 def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):

@@ -53,7 +53,7 @@ def saved_run(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs(command, tmp_path, photos, request):
-    arguments = [arg.replace("~/photos", str(photos)).replace("~/new_photos", str(photos))
+    arguments = [arg.replace("/data/photos", str(photos)).replace("/data/new_photos", str(photos))
                  for arg in shlex.split(command)[2:]]
     if any(arg.startswith(("resume=", "mode=")) for arg in arguments):
         request.getfixturevalue("saved_run")

@@ -78,6 +78,7 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
             assert "optimizer.lr=-1" in row["overrides"]
             assert "optimizer.lr=-1.0 is not valid" in row["error"]
     assert float(rows[0]["value"]) >= float(rows[1]["value"])
+    assert (tmp_path / "sweep" / "summary.png").is_file()  # beside summary.csv (plots=auto)
     finished = {row["job"]: (tmp_path / "sweep" / row["job"] / "metrics.csv").stat().st_mtime_ns
                 for row in rows if row["status"] == "ok"}
     second = run_train(*command)

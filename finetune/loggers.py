@@ -1,0 +1,143 @@
+"""Loggers: where a run's numbers go besides the console and metrics.csv.
+
+metrics.csv (one row per epoch, written by the trainer) is always there: that is
+`logger=csv`, the default. `logger=tensorboard` adds TensorBoard event files, and
+`logger=[tensorboard,mine]` any number of others. A logger is a class with the three
+methods of `Logger`, named by `_target_` in conf/logger/<name>.yaml (as `<name>: {_target_:
+..., its keys}`); a run builds each one with `run_dir` and `start_step` (the global step a
+resumed run continues after, else 0) plus the file's keys. Only rank 0 logs under torchrun.
+
+Steps are global optimizer steps (1, 2, ... across epochs); each epoch's numbers are logged
+at the step that ends it, so every chart shares one x axis.
+"""
+
+import logging
+import math
+import os
+from typing import Any, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import flatten
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Logger(Protocol):
+    log_every_n_steps: int  # 0: called for epochs only
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def build_loggers(configs: DictConfig, run_dir: str, start_step: int) -> list[Logger]:
+    """The loggers `logger=...` names, built in order; a bad one is a ConfigError naming it."""
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, entry in configs.items():
+        try:
+            loggers.append(instantiate(entry, run_dir=run_dir, start_step=start_step))
+        except Exception as error:  # instantiate wraps what the class raised
+            if isinstance(error.__cause__, ConfigError):
+                raise error.__cause__ from None
+            raise ConfigError(f"logger.{name} (_target_={entry.get('_target_')!r}) could not be "
+                              f"built: {error}") from error
+    return loggers
+
+
+class TensorBoardLogger:
+    """Event files in <run_dir>/tensorboard/: per-step training loss, per-epoch losses,
+    accuracies and each optimizer group's learning rate, and at the end the hyperparameters
+    with the final metrics (the HPARAMS tab). A resumed run purges what the killed run logged
+    after its checkpoint, so no step appears twice."""
+
+    def __init__(self, run_dir: str, start_step: int = 0, log_every_n_steps: int = 10):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install -e "
+                              "'.[tensorboard]' (or choose logger=csv).") from error
+        self.log_every_n_steps = log_every_n_steps
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        # into this writer's own file (add_hparams would start a second run folder); the
+        # metrics' values are scalars the caller logged under the same names
+        for summary in hparams(params, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def config_hparams(config: DictConfig) -> dict[str, Any]:
+    """What the HPARAMS tab shows: every key of the resolved config, hydra's section aside."""
+    container = OmegaConf.to_container(config, resolve=True)
+    container.pop("hydra", None)
+    return flatten(container)
+
+
+FINAL_METRICS = ("best_val_acc", "best_val_loss", "last_val_acc", "last_val_loss")
+
+
+class RunLog:
+    """Everything rank 0 records beside metrics.csv: the loggers and, with plots on,
+    curves.png redrawn after every epoch so it can be watched."""
+
+    def __init__(self, loggers: list[Logger], curves_path: str | None = None,
+                 phase_epochs: list[int] = ()):
+        self.loggers, self.curves_path, self.phase_epochs = loggers, curves_path, phase_epochs
+        self.plots = None
+        if curves_path is not None:
+            from finetune.plots import BackgroundPlots
+
+            self.plots = BackgroundPlots()
+        every = [logger.log_every_n_steps for logger in loggers if logger.log_every_n_steps > 0]
+        self.every_n_steps = math.gcd(*every) if every else 0  # the trainer samples this often
+
+    def step(self, step: int, loss: float) -> None:
+        for logger in self.loggers:
+            if logger.log_every_n_steps and step % logger.log_every_n_steps == 0:
+                logger.log_metrics({"train/loss_step": loss}, step)
+
+    def epoch(self, progress: Any, step: int) -> None:
+        """After each epoch (its checkpoint written): `progress` is a trainer.Progress."""
+        row = progress.history[-1]
+        scalars = {"epoch": row.epoch, "train/loss": row.train_loss, "train/acc": row.train_acc,
+                   "val/loss": row.val_loss, "val/acc": row.val_acc, "epoch_seconds": row.seconds}
+        scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step)
+        if self.plots is not None:
+            from finetune.plots import plot_curves
+
+            self.plots.draw(plot_curves, self.curves_path, list(progress.history),
+                            self.phase_epochs, progress.best_epoch)
+
+    def finish(self, hparams: dict[str, Any], summary: dict[str, Any], step: int) -> None:
+        """The hyperparameters with the run's final metrics (a finished run only)."""
+        final = {f"final/{key}": summary[key] for key in FINAL_METRICS if key in summary}
+        for logger in self.loggers:
+            logger.log_metrics(final, step)
+            logger.log_hparams(hparams, final)
+
+    def close(self) -> None:
+        """Also waits for curves.png."""
+        for logger in self.loggers:
+            logger.close()
+        if self.plots is not None:
+            self.plots.wait()

@@ -1,0 +1,199 @@
+"""Pictures of a run: curves.png (each epoch), confusion.png (the best epoch), and a sweep's
+summary.png. matplotlib is an optional extra (`pip install -e ".[plots]"`); `plots=auto`
+draws when it is installed.
+
+Figures are built with matplotlib's object API (no pyplot: no global state, no display
+needed) and written to a temporary file that replaces the picture, so a viewer watching it
+never sees half a file.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from finetune.errors import ConfigError
+
+DPI = 110
+log = logging.getLogger(__name__)
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notes
+
+
+def matplotlib_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plots_enabled(setting: str) -> bool:
+    """plots=auto draws if matplotlib is installed; true insists; false never draws."""
+    setting = str(setting).lower()
+    if setting == "false":
+        return False
+    if matplotlib_installed():
+        return True
+    if setting == "true":
+        raise ConfigError("plots=true needs matplotlib: pip install -e '.[plots]' (or set "
+                          "plots=auto to draw only when it is installed, or plots=false).")
+    return False
+
+
+class BackgroundPlots:
+    """Draws on one background thread, so training does not wait the ~0.3 s a figure takes.
+    A newer picture of the same file replaces one not yet started; a drawing that fails is
+    a warning, never a failed run."""
+
+    def __init__(self):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        self.pending: dict[str, Future] = {}
+
+    def draw(self, function: Callable[..., None], path: str, *args: Any) -> None:
+        previous = self.pending.get(path)
+        if previous is not None:
+            previous.cancel()  # only if it has not started
+        self.pending[path] = self.executor.submit(function, *args, path)
+
+    def wait(self) -> None:
+        for path, future in self.pending.items():
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("could not draw %s: %s", path, future.exception())
+        self.executor.shutdown()
+
+
+def save(figure, path: str) -> None:
+    temporary = path + ".tmp"
+    figure.savefig(temporary, format="png", dpi=DPI, bbox_inches="tight")
+    os.replace(temporary, path)
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_curves(history: Sequence[Any], phase_epochs: Sequence[int], best_epoch: int,
+                path: str) -> None:
+    """Loss and accuracy (train and val) and each optimizer group's learning rate per epoch;
+    a dotted line where an unfreeze phase starts, a star on the best epoch."""
+    epochs = [row.epoch for row in history]
+    figure = new_figure(13, 3.8)
+    loss, accuracy, rate = figure.subplots(1, 3)
+    loss.plot(epochs, [row.train_loss for row in history], "o-", label="train")
+    loss.plot(epochs, [row.val_loss for row in history], "o-", label="val")
+    accuracy.plot(epochs, [row.train_acc for row in history], "o-", label="train")
+    accuracy.plot(epochs, [row.val_acc for row in history], "o-", label="val")
+    best = [row for row in history if row.epoch == best_epoch]
+    if best:
+        accuracy.plot([best_epoch], [best[0].val_acc], "*", color="black", markersize=14,
+                      label=f"best: epoch {best_epoch}")
+    for group in dict.fromkeys(name for row in history for name in row.group_lrs):
+        points = [(row.epoch, row.group_lrs[group]) for row in history if group in row.group_lrs]
+        rate.plot(*zip(*points, strict=True), "o-", label=group)
+    if not any(row.group_lrs for row in history):  # a checkpoint from before group_lrs
+        rate.plot(epochs, [row.lr for row in history], "o-", label="lr")
+    log_scale_if_wide(loss, [v for row in history for v in (row.train_loss, row.val_loss)])
+    log_scale_if_wide(rate, [lr for row in history for lr in row.group_lrs.values()])
+    for axes, title in ((loss, "loss"), (accuracy, "accuracy"), (rate, "learning rate")):
+        for number, epoch in enumerate(phase_epochs, start=1):
+            axes.axvline(epoch - 0.5, color="gray", linestyle=":",
+                         label="unfreeze phase" if number == 1 else None)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    save(figure, path)
+
+
+def log_scale_if_wide(axes, values: list[float]) -> None:
+    """A log axis when the values span more than 30x (a first epoch's huge loss, lr decay)."""
+    if values and min(values) > 0 and max(values) / min(values) > 30:
+        axes.set_yscale("log")
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str,
+                   path: str) -> None:
+    """Rows: true class, columns: predicted; colour is the share of the true class's images,
+    the numbers are image counts (shown up to 30 classes)."""
+    count = len(class_names)
+    size = min(max(5.0, 0.45 * count + 2.5), 30.0)
+    figure = new_figure(size, size * 0.9)
+    axes = figure.subplots()
+    totals = [max(sum(row), 1) for row in matrix]
+    shares = [[value / total for value in row] for row, total in zip(matrix, totals, strict=True)]
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    labels = [name if len(name) <= 18 else name[:8] + "…" + name[-9:] for name in class_names]
+    axes.set_xticks(range(count), labels, rotation=45 if max(map(len, labels)) > 3 else 0,
+                    ha="right" if max(map(len, labels)) > 3 else "center")
+    axes.set_yticks(range(count), labels)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    if count <= 30:
+        for row in range(count):
+            for column in range(count):
+                axes.text(column, row, str(matrix[row][column]), ha="center", va="center",
+                          fontsize="small" if count <= 15 else "x-small",
+                          color="white" if shares[row][column] > 0.5 else "black")
+    save(figure, path)
+
+
+def job_settings(overrides: Sequence[str]) -> dict[str, str]:
+    return dict(override.partition("=")[::2] for override in overrides)
+
+
+def swept_keys(jobs: Sequence[dict[str, str]]) -> list[str]:
+    """The override keys whose values differ between jobs."""
+    keys = dict.fromkeys(key for job in jobs for key in job)
+    return [key for key in keys if len({job.get(key) for job in jobs}) > 1]
+
+
+def as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str) -> None:
+    """The optimized metric per job (best first), and against each swept key (up to 3)."""
+    done = [row for row in rows if row["status"] == "ok" and isinstance(row["value"], int | float)
+            and not math.isnan(row["value"])]
+    settings = [job_settings(row["override_list"]) for row in done]
+    keys = swept_keys(settings)[:3]  # each gets a panel; the job labels name them
+    height = max(3.0, 0.3 * len(done) + 1.5)
+    figure = new_figure(6 + 4 * len(keys), height)
+    panels = figure.subplots(1, 1 + len(keys), squeeze=False)[0]
+    jobs = panels[0]
+    labels = [f"{row['job']}: " + (" ".join(f"{key}={job.get(key, '(default)')}" for key in keys)
+                                   or row["overrides"])[:60]
+              for row, job in zip(done, settings, strict=True)]
+    jobs.barh(range(len(done)), [row["value"] for row in done], color="tab:blue")
+    jobs.set_yticks(range(len(done)), labels, fontsize="small")
+    jobs.invert_yaxis()  # best first, at the top
+    jobs.set_xlabel(metric)
+    failed = len(rows) - len(done)
+    jobs.set_title(f"{len(done)} jobs" + (f" ({failed} failed, not shown)" if failed else ""))
+    jobs.grid(axis="x", alpha=0.3)
+    for axes, key in zip(panels[1:], keys, strict=True):
+        values = [job.get(key, "(default)") for job in settings]
+        numbers = [as_number(value) for value in values]
+        if all(number is not None for number in numbers):
+            axes.plot(numbers, [row["value"] for row in done], "o")
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+                axes.set_xscale("log")
+        else:
+            categories = list(dict.fromkeys(values))
+            axes.plot([categories.index(value) for value in values],
+                      [row["value"] for row in done], "o")
+            axes.set_xticks(range(len(categories)), [c[:20] for c in categories],
+                            rotation=30, ha="right")
+            axes.set_xlim(-0.5, len(categories) - 0.5)
+        axes.set_xlabel(key)
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+    save(figure, path)

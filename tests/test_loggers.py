@@ -1,0 +1,102 @@
+"""Loggers: TensorBoard event files, a logger of one's own, and a bad one named."""
+
+import csv
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from finetune.errors import ConfigError
+from finetune.run import run
+
+from conftest import FAST, make_config
+
+STEPS_PER_EPOCH = 4  # 64 fake training images, batches of 16
+
+
+class RecordingLogger:
+    """A logger of one's own, as the README shows: three methods, named by _target_."""
+
+    calls: list = []
+
+    def __init__(self, run_dir: str, start_step: int, log_every_n_steps: int = 0):
+        self.log_every_n_steps = log_every_n_steps
+        RecordingLogger.calls = [("start", run_dir, start_step)]
+
+    def log_metrics(self, metrics, step):
+        RecordingLogger.calls.append(("metrics", step, dict(metrics)))
+
+    def log_hparams(self, params, metrics):
+        RecordingLogger.calls.append(("hparams", dict(params), dict(metrics)))
+
+    def close(self):
+        RecordingLogger.calls.append(("close",))
+
+
+def events(run_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(accumulator: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def test_tensorboard_gets_epochs_steps_group_learning_rates_and_hparams(tmp_path):
+    run(make_config(*FAST, "trainer.max_epochs=2", "logger=tensorboard",
+                    "logger.tensorboard.log_every_n_steps=2", "freeze=[@backbone]",
+                    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"), str(tmp_path))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))  # csv: always written
+    accumulator = events(tmp_path)
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # one event file
+    epoch_ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    for tag, column in (("val/acc", "val_acc"), ("val/loss", "val_loss"),
+                        ("train/loss", "train_loss"), ("train/acc", "train_acc")):
+        assert scalars(accumulator, tag) == [
+            (step, pytest.approx(float(row[column]), rel=1e-6))
+            for step, row in zip(epoch_ends, rows, strict=True)]
+    assert [step for step, _ in scalars(accumulator, "train/loss_step")] == [2, 4, 6, 8]
+    assert [step for step, _ in scalars(accumulator, "lr/default")] == epoch_ends
+    assert [step for step, _ in scalars(accumulator, "lr/unfreeze1")] == [8]  # from its epoch
+    assert scalars(accumulator, "lr/unfreeze1")[0][1] == pytest.approx(float(rows[1]["lr"]))
+    assert set(accumulator.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    best = max(float(row["val_acc"]) for row in rows)
+    assert scalars(accumulator, "final/best_val_acc") == [(8, pytest.approx(best))]
+
+
+def test_a_resumed_run_purges_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    every_step = ("logger=tensorboard", "logger.tensorboard.log_every_n_steps=1")
+    run(make_config(*FAST, *every_step), str(tmp_path))  # epoch 1, checkpointed
+    with SummaryWriter(str(tmp_path / "tensorboard")) as writer:  # as if killed in epoch 2
+        writer.add_scalar("train/loss_step", 123.0, STEPS_PER_EPOCH + 2)
+    run(make_config(*FAST, *every_step, "trainer.max_epochs=2", f"resume={tmp_path}"),
+        str(tmp_path))
+    steps = scalars(events(tmp_path), "train/loss_step")
+    assert [step for step, _ in steps] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert 123.0 not in [value for _, value in steps]
+    assert [step for step, _ in scalars(events(tmp_path), "val/acc")] == [4, 8]
+
+
+def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
+    run(make_config(*FAST, "trainer.max_epochs=2",
+                    "+logger.mine._target_=test_loggers.RecordingLogger",
+                    "+logger.mine.log_every_n_steps=3"), str(tmp_path))
+    calls = RecordingLogger.calls
+    assert calls[0] == ("start", str(tmp_path), 0) and calls[-1] == ("close",)
+    steps = [call[1] for call in calls if call[0] == "metrics" and "train/loss_step" in call[2]]
+    assert steps == [3, 6]
+    epochs = [call[2]["epoch"] for call in calls if call[0] == "metrics" and "epoch" in call[2]]
+    assert epochs == [1, 2]
+    _, params, final = next(call for call in calls if call[0] == "hparams")
+    assert params["optimizer.lr"] == 0.05 and params["backbone.name"] == "resnet18"
+    assert set(final) == {"final/best_val_acc", "final/best_val_loss", "final/last_val_acc",
+                          "final/last_val_loss"}
+
+
+def test_a_logger_that_cannot_be_built_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"logger\.mine \(_target_='no.such.Logger'\)"):
+        run(make_config(*FAST, "+logger.mine._target_=no.such.Logger"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"logger\.mine=.* needs a _target_"):
+        run(make_config(*FAST, "+logger.mine.every=3"), str(tmp_path / "b"))

@@ -1,0 +1,79 @@
+"""Pictures: curves.png after every epoch, confusion.png of the best epoch, summary.png."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import finetune.plots
+from finetune.checkpoint import read_checkpoint
+from finetune.errors import ConfigError
+from finetune.plots import plot_confusion, plot_sweep, plots_enabled, swept_keys
+from finetune.run import run
+
+from conftest import FAST, make_config
+
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_path, monkeypatch):
+    drawn = []
+    real_plot_curves = finetune.plots.plot_curves
+
+    def recording_plot_curves(history, phase_epochs, best_epoch, path):
+        drawn.append(([row.epoch for row in history], list(phase_epochs), sorted(
+            {group for row in history for group in row.group_lrs})))
+        real_plot_curves(history, phase_epochs, best_epoch, path)
+
+    monkeypatch.setattr(finetune.plots, "plot_curves", recording_plot_curves)
+    run(make_config(*FAST, "plots=true", "trainer.max_epochs=3", "freeze=[@backbone]",
+                    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"), str(tmp_path))
+    assert [epochs for epochs, _, _ in drawn] == [[1], [1, 2], [1, 2, 3]]
+    assert drawn[-1][1] == [2]  # the phase is marked
+    assert "unfreeze1" in drawn[-1][2]  # and its group's learning rate drawn
+    width, height = png_size(tmp_path / "curves.png")
+    assert width > 1000 and height > 300
+    png_size(tmp_path / "confusion.png")
+    # the matrix drawn is the best epoch's, on the validation set
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    progress = read_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))["progress"]
+    matrix = progress["best_confusion"]
+    assert progress["best_epoch"] == summary["best_epoch"]
+    assert sum(map(sum, matrix)) == 32  # every validation image once
+    assert sum(matrix[index][index] for index in range(10)) / 32 == summary["best_val_acc"]
+
+
+def test_plots_off_and_plots_true_without_matplotlib(tmp_path, monkeypatch):
+    run(make_config(*FAST, "plots=false"), str(tmp_path / "off"))
+    assert not list((tmp_path / "off").glob("*.png"))
+    monkeypatch.setattr(finetune.plots, "matplotlib_installed", lambda: False)
+    assert plots_enabled("auto") is False
+    with pytest.raises(ConfigError, match=r"plots=true needs matplotlib: pip install"):
+        run(make_config(*FAST, "plots=true"), str(tmp_path / "true"))
+    assert not (tmp_path / "true").exists()  # said before anything is written
+
+
+def test_a_confusion_matrix_of_many_long_class_names_stays_readable(tmp_path):
+    names = [f"a rather long class name {index}" for index in range(40)]
+    matrix = [[5 if row == column else 0 for column in range(40)] for row in range(40)]
+    plot_confusion(matrix, names, "40 classes", str(tmp_path / "confusion.png"))
+    width, height = png_size(tmp_path / "confusion.png")
+    assert 1500 < width < 4000 and 1500 < height < 4000  # grows with the classes, bounded
+
+
+def test_a_sweep_picture_names_only_the_swept_keys(tmp_path):
+    def row(job, lr, freeze, value, status="ok"):
+        overrides = ["data=fake", f"optimizer.lr={lr}", f"freeze={freeze}"]
+        return {"job": job, "status": status, "value": value, "overrides": " ".join(overrides),
+                "override_list": overrides}
+
+    rows = [row("1", 0.1, "[]", 0.9), row("0", 0.01, "[pretrained]", 0.5),
+            row("2", 0.001, "[]", "", status="failed")]
+    assert swept_keys([{"a": "1", "b": "2"}, {"a": "1", "b": "3"}, {"a": "1"}]) == ["b"]
+    plot_sweep(rows, "best_val_acc", str(tmp_path / "summary.png"))
+    width, _ = png_size(tmp_path / "summary.png")
+    assert width > 1200  # the per-job bars and one panel per swept key (lr, freeze)
