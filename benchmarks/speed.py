@@ -21,6 +21,10 @@ Each item is measured --repeats times and the median ratio printed as a Markdown
 4. peak RSS of a linear probe / peak RSS of full fine-tuning, same batch size (tool runs);
    also the same ratio counting only what each run adds to the memory its imports take
 5. `python train.py --help` wall time / `python -c "import torch"` wall time
+
+The bare loop draws no pictures, so the tool runs with plots=false in items 1-4; what the
+default plots=auto adds is measured on its own (row 6: item 2's linear probe with plots on
+/ the same with plots off; no target).
 """
 
 import argparse
@@ -52,6 +56,7 @@ class Work:
 
     def overrides(self) -> list[str]:
         return ["backbone.weights=null", "backbone.allow_download=false", "data.batch_size=64",
+                "plots=false",  # the bare loop draws nothing; row 6 measures what plots add
                 f"backbone={self.backbone}", f"data.image_size={self.image_size}",
                 f"trainer.device={self.device}", f"trainer.precision={'bf16' if self.bf16 else 32}"]
 
@@ -147,8 +152,9 @@ def bare_probe_process() -> None:
 
 # --- this tool -----------------------------------------------------------------------------
 
-def tool_run(overrides: list[str], folder: Path, work: Work = CPU_WORK) -> Path:
-    """`run()` in this process, as train.py does it; returns the run directory."""
+def tool_run(overrides: list[str], folder: Path, work: Work = CPU_WORK, name: str = "run") -> Path:
+    """`run()` in this process, as train.py does it, into folder/name, with its feature cache
+    in folder/cache; returns the run directory."""
     from hydra import compose, initialize_config_dir
 
     from finetune.config import register_schemas
@@ -158,7 +164,7 @@ def tool_run(overrides: list[str], folder: Path, work: Work = CPU_WORK) -> Path:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*work.overrides(), *overrides,
                                                        f"trainer.cache_dir={folder}/cache"])
-    run_dir = folder / "run"
+    run_dir = folder / name
     run(cfg, str(run_dir))
     return run_dir
 
@@ -232,6 +238,18 @@ def sweep_ratio(bare_in_process: float) -> tuple[float, str]:
                                   f"in-process bare probe: {seconds / (8 * bare_in_process):.3f}")
 
 
+def plots_cost() -> tuple[float, str]:
+    """Item 2's linear probe with plots=auto (the default) against plots=false."""
+    seconds = []
+    with tempfile.TemporaryDirectory() as folder:
+        tool_run(LINEAR_PROBE, Path(folder), name="first")  # then both runs load the features
+        for plots in ("auto", "false"):
+            started = time.perf_counter()
+            tool_run([*LINEAR_PROBE, f"plots={plots}"], Path(folder), name=plots)
+            seconds.append(time.perf_counter() - started)
+    return seconds[0] / seconds[1], f"{seconds[0]:.2f} s / {seconds[1]:.2f} s"
+
+
 def memory_ratio() -> tuple[float, str]:
     probe, probe_imports = peak_rss_mib([*LINEAR_PROBE, "trainer.max_epochs=2"])
     full, full_imports = peak_rss_mib([*FULL, "trainer.max_epochs=2"])
@@ -269,6 +287,8 @@ def cpu_rows(repeats: int) -> list[tuple]:
                  *median_of(repeats, lambda _: memory_ratio())))
     rows.append(("5. `train.py --help` / `import torch` wall time", "<= 1.0",
                  *median_of(repeats, lambda _: help_ratio())))
+    rows.append(("6. what plots=auto adds: item 2's probe with plots / without", "(cost)",
+                 *median_of(repeats, lambda _: plots_cost())))
     return rows
 
 

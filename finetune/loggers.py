@@ -11,7 +11,6 @@ Steps are global optimizer steps (1, 2, ... across epochs); each epoch's numbers
 at the step that ends it, so every chart shares one x axis.
 """
 
-import logging
 import math
 import os
 from typing import Any, Protocol
@@ -20,8 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import flatten
 from finetune.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class Logger(Protocol):
@@ -91,6 +88,11 @@ def config_hparams(config: DictConfig) -> dict[str, Any]:
     return flatten(container)
 
 
+def steps_between(logger: Logger) -> int:
+    """How often a logger wants the training loss; 0 (per epoch only) if it does not say."""
+    return getattr(logger, "log_every_n_steps", 0) or 0
+
+
 FINAL_METRICS = ("best_val_acc", "best_val_loss", "last_val_acc", "last_val_loss")
 
 
@@ -106,12 +108,12 @@ class RunLog:
             from finetune.plots import BackgroundPlots
 
             self.plots = BackgroundPlots()
-        every = [logger.log_every_n_steps for logger in loggers if logger.log_every_n_steps > 0]
+        every = [steps_between(logger) for logger in loggers if steps_between(logger) > 0]
         self.every_n_steps = math.gcd(*every) if every else 0  # the trainer samples this often
 
     def step(self, step: int, loss: float) -> None:
         for logger in self.loggers:
-            if logger.log_every_n_steps and step % logger.log_every_n_steps == 0:
+            if steps_between(logger) and step % steps_between(logger) == 0:
                 logger.log_metrics({"train/loss_step": loss}, step)
 
     def epoch(self, progress: Any, step: int) -> None:

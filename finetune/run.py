@@ -183,6 +183,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
     plots = plots_enabled(cfg.plots)
+    if not plots and str(cfg.plots).lower() == "auto":
+        log.info("plots: off (matplotlib is not installed: pip install -e '.[plots]')")
     if cfg.mode != "train":
         from finetune.inference import run_inference
 

@@ -116,10 +116,12 @@ class Totals:
         return self.correct.item() / max(self.count, 1)
 
     def confusion(self) -> list[list[int]]:
-        """The matrix summed over the ranks under torchrun (every rank saw some batch)."""
-        pairs = distributed.all_sum(self.pairs)
-        classes = math.isqrt(pairs.numel())
-        return pairs.view(classes, classes).tolist()
+        """The matrix, summed over the ranks under torchrun (a rank that saw no batch, with
+        fewer validation images than ranks, adds zeros)."""
+        classes = torch.tensor(math.isqrt(self.pairs.numel()), device=self.pairs.device)
+        classes = int(distributed.all_max(classes))
+        pairs = self.pairs if self.pairs.numel() else self.pairs.new_zeros(classes * classes)
+        return distributed.all_sum(pairs).view(classes, classes).tolist()
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)

@@ -68,8 +68,11 @@ def parameters_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`python train.py OVERRIDES` in a subprocess, never downloading."""
+def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 240,
+              plots: bool = False) -> subprocess.CompletedProcess:
+    """`python train.py OVERRIDES` in a subprocess, never downloading; plots off unless
+    asked for (importing matplotlib and drawing cost a second or two a process)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    command = [sys.executable, str(ROOT / "train.py"), *overrides, "backbone.allow_download=false"]
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, "backbone.allow_download=false",
+               *([] if plots else ["plots=false"])]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

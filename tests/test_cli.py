@@ -32,7 +32,7 @@ def test_the_default_recipe_reaches_90_percent_on_digits(tmp_path, caplog):
 
 
 def test_one_epoch_run_leaves_a_complete_run_directory_and_says_what_next(tmp_path):
-    result = run_train(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", "head=mlp")
+    result = run_train(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", "head=mlp", plots=True)
     assert result.returncode == 0, result.stderr
     for name in ("metrics.csv", "summary.json", "params.tsv", "train.log", "curves.png",
                  "confusion.png", "checkpoints/last.pt", "checkpoints/best.pt",
@@ -129,7 +129,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
     """SIGINT once the first epoch's checkpoint is written: exit 130 and a resumable run."""
     command = [sys.executable, str(ROOT / "train.py"), "backbone.weights=null", "data=fake",
                "data.train_size=128", "trainer.max_epochs=3", "trainer.device=cpu",
-               "backbone.allow_download=false", f"hydra.run.dir={tmp_path}/run"]
+               "backbone.allow_download=false", "plots=false", f"hydra.run.dir={tmp_path}/run"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
 """Pictures: curves.png after every epoch, confusion.png of the best epoch, summary.png."""
 
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -8,7 +9,13 @@ from PIL import Image
 import finetune.plots
 from finetune.checkpoint import read_checkpoint
 from finetune.errors import ConfigError
-from finetune.plots import plot_confusion, plot_sweep, plots_enabled, swept_keys
+from finetune.plots import (
+    BackgroundPlots,
+    plot_confusion,
+    plot_sweep,
+    plots_enabled,
+    swept_keys,
+)
 from finetune.run import run
 
 from conftest import FAST, make_config
@@ -32,7 +39,7 @@ def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_pa
     monkeypatch.setattr(finetune.plots, "plot_curves", recording_plot_curves)
     run(make_config(*FAST, "plots=true", "trainer.max_epochs=3", "freeze=[@backbone]",
                     "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"), str(tmp_path))
-    assert [epochs for epochs, _, _ in drawn] == [[1], [1, 2], [1, 2, 3]]
+    assert drawn[0][0] == [1] and drawn[-1][0] == [1, 2, 3]  # the first epoch, and the end
     assert drawn[-1][1] == [2]  # the phase is marked
     assert "unfreeze1" in drawn[-1][2]  # and its group's learning rate drawn
     width, height = png_size(tmp_path / "curves.png")
@@ -45,6 +52,27 @@ def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_pa
     assert progress["best_epoch"] == summary["best_epoch"]
     assert sum(map(sum, matrix)) == 32  # every validation image once
     assert sum(matrix[index][index] for index in range(10)) / 32 == summary["best_val_acc"]
+
+
+def test_curves_are_redrawn_after_slow_epochs_and_only_the_newest_waits_after_fast_ones():
+    drawn = []
+
+    def draw(value, path):
+        time.sleep(0.02)
+        drawn.append((path, value))
+
+    plots = BackgroundPlots()
+    plots.draw(draw, "fast", 1)  # starts at once
+    plots.draw(draw, "fast", 2)  # the first is still drawing: these wait, the newest wins
+    plots.draw(draw, "fast", 3)
+    plots.draw(draw, "slow", 1)
+    time.sleep(0.02 / BackgroundPlots.DRAWING_SHARE + 0.5)  # a slow epoch later
+    plots.draw(draw, "slow", 2)  # due: drawn now, not only at the end
+    time.sleep(0.3)
+    assert ("slow", 2) in drawn and ("fast", 3) not in drawn
+    plots.wait()
+    assert [value for path, value in drawn if path == "fast"] == [1, 3]
+    assert [value for path, value in drawn if path == "slow"] == [1, 2]
 
 
 def test_plots_off_and_plots_true_without_matplotlib(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def test_only_the_same_finished_job_is_skipped_and_failed_attempts_are_kept(tmp_
 def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     command = ["-m", *SMALL, "head=linear,mlp", "optimizer.lr=0.01,-1",
                f"hydra.sweep.dir={tmp_path}/sweep"]
-    first = run_train(*command)
+    first = run_train(*command, plots=True)
     assert first.returncode == 1, first.stderr  # 2 of 4 jobs failed, the others finished
     assert "2 of 4 jobs failed" in first.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
@@ -81,7 +81,7 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     assert (tmp_path / "sweep" / "summary.png").is_file()  # beside summary.csv (plots=auto)
     finished = {row["job"]: (tmp_path / "sweep" / row["job"] / "metrics.csv").stat().st_mtime_ns
                 for row in rows if row["status"] == "ok"}
-    second = run_train(*command)
+    second = run_train(*command, plots=True)
     assert second.returncode == 1 and second.stdout.count("skipped") == 2
     for job, mtime in finished.items():
         assert (tmp_path / "sweep" / job / "metrics.csv").stat().st_mtime_ns == mtime
