@@ -11,6 +11,7 @@ import os
 import time
 
 from finetune.errors import ConfigError
+from finetune.outputs import new_dir
 
 
 def launched_by_torchrun() -> bool:
@@ -30,8 +31,10 @@ def join(argv: list[str]) -> list[str]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
-    run_dir = [given[-1] if given else time.strftime("outputs/%Y-%m-%d/%H-%M-%S")]
-    dist.broadcast_object_list(run_dir, src=0)  # rank 0's clock decides
+    run_dir = [given[-1] if given else None]
+    if not given and dist.get_rank() == 0:  # rank 0's clock decides, and claims the folder
+        run_dir = [new_dir(time.strftime("outputs/%Y-%m-%d/%H-%M-%S"))]
+    dist.broadcast_object_list(run_dir, src=0)
     extra = [] if given else [f"hydra.run.dir={run_dir[0]}"]
     if dist.get_rank() > 0:  # no .hydra/, no log file, errors only on the console
         extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",

@@ -21,7 +21,7 @@ from finetune.data import build_data, image_transforms
 from finetune.errors import ConfigError
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
 from finetune.outputs import write_json
-from finetune.plots import plot_confusion
+from finetune.plots import draw_or_warn, plot_confusion
 from finetune.trainer import Step, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir
         write_json(result, os.path.join(run_dir, "evaluation.json"))
         write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
         if plots:
-            plot_confusion(val.confusion, net.class_names, f"{cfg.data.name} validation split",
-                           os.path.join(run_dir, "confusion.png"))
+            draw_or_warn(plot_confusion, val.confusion, net.class_names,
+                         f"{cfg.data.name} validation split", os.path.join(run_dir, "confusion.png"))
     lines = [f"{row['class']:>12}  {row['images']:6d}  {row['accuracy']:.4f}" for row in per_class]
     log.info("evaluated %s on %d images of data=%s: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s",
              cfg.checkpoint, seen, cfg.data.name, result["loss"], result["accuracy"], "class",

@@ -47,11 +47,32 @@ def build_loggers(configs: DictConfig, run_dir: str, start_step: int) -> list[Lo
     return loggers
 
 
+def check_loggers(configs: DictConfig) -> None:
+    """At start-up, before anything is built: each _target_ imports, and what it needs (its
+    class's `requires`, a module name) is installed."""
+    import importlib.util
+
+    from hydra.utils import get_class
+
+    for name, entry in configs.items():
+        try:
+            cls = get_class(entry._target_)
+        except Exception as error:
+            raise ConfigError(f"logger.{name} (_target_={entry._target_!r}) cannot be imported: "
+                              f"{error}. Give a class importable from PYTHONPATH.") from error
+        needed = getattr(cls, "requires", None)
+        if needed and importlib.util.find_spec(needed) is None:
+            raise ConfigError(f"logger={name} needs the {needed} package: pip install -e "
+                              f"'.[{needed}]' (or choose logger=csv).")
+
+
 class TensorBoardLogger:
     """Event files in <run_dir>/tensorboard/: per-step training loss, per-epoch losses,
     accuracies and each optimizer group's learning rate, and at the end the hyperparameters
     with the final metrics (the HPARAMS tab). A resumed run purges what the killed run logged
     after its checkpoint, so no step appears twice."""
+
+    requires = "tensorboard"  # the optional extra that provides it
 
     def __init__(self, run_dir: str, start_step: int = 0, log_every_n_steps: int = 10):
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from finetune.errors import ConfigError
 
 DPI = 110
+MAX_SWEEP_BARS = 40  # summary.png shows the best 40 jobs (an Optuna study may have thousands)
 log = logging.getLogger(__name__)
 logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notes
 
@@ -89,6 +90,14 @@ class BackgroundPlots:
                 log.warning("could not draw %s: %s", path, future.exception())
 
 
+def draw_or_warn(function: Callable[..., None], *args: Any) -> None:
+    """Pictures are a view of results already saved: failing to draw one fails nothing."""
+    try:
+        function(*args)
+    except Exception as error:
+        log.warning("could not draw %s: %s", args[-1], error)
+
+
 def save(figure, path: str) -> None:
     temporary = path + ".tmp"
     figure.savefig(temporary, format="png", dpi=DPI, bbox_inches="tight")
@@ -116,7 +125,9 @@ def plot_curves(history: Sequence[Any], phase_epochs: Sequence[int], best_epoch:
     if best:
         accuracy.plot([best_epoch], [best[0].val_acc], "*", color="black", markersize=14,
                       label=f"best: epoch {best_epoch}")
-    for group in dict.fromkeys(name for row in history for name in row.group_lrs):
+    groups = [name for name in dict.fromkeys(n for row in history for n in row.group_lrs)
+              if not name.endswith("/no_decay")]  # the same rate as its twin: one line
+    for group in groups:
         points = [(row.epoch, row.group_lrs[group]) for row in history if group in row.group_lrs]
         rate.plot(*zip(*points, strict=True), "o-", label=group)
     if not any(row.group_lrs for row in history):  # a checkpoint from before group_lrs
@@ -188,8 +199,9 @@ def as_number(text: str) -> float | None:
 
 def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str) -> None:
     """The optimized metric per job (best first), and against each swept key (up to 3)."""
-    done = [row for row in rows if row["status"] == "ok" and isinstance(row["value"], int | float)
-            and not math.isnan(row["value"])]
+    finished = [row for row in rows if row["status"] == "ok"
+                and isinstance(row["value"], int | float) and not math.isnan(row["value"])]
+    done = finished[:MAX_SWEEP_BARS]  # rows come best first
     settings = [job_settings(row["override_list"]) for row in done]
     keys = swept_keys(settings)[:3]  # each gets a panel; the job labels name them
     height = max(3.0, 0.3 * len(done) + 1.5)
@@ -203,8 +215,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str) -> None:
     jobs.set_yticks(range(len(done)), labels, fontsize="small")
     jobs.invert_yaxis()  # best first, at the top
     jobs.set_xlabel(metric)
-    failed = len(rows) - len(done)
-    jobs.set_title(f"{len(done)} jobs" + (f" ({failed} failed, not shown)" if failed else ""))
+    failed = len(rows) - len(finished)
+    title = (f"the best {len(done)} of {len(finished)} jobs" if len(done) < len(finished)
+             else f"{len(done)} jobs")
+    jobs.set_title(title + (f" ({failed} failed, not shown)" if failed else ""))
     jobs.grid(axis="x", alpha=0.3)
     for axes, key in zip(panels[1:], keys, strict=True):
         values = [job.get(key, "(default)") for job in settings]

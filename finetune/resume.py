@@ -86,7 +86,8 @@ def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequenc
         raise ConfigError(f"resume={run_dir!r} continues the run with its saved config; these "
                           f"overrides change it: {shown}. Only trainer.max_epochs may be "
                           "raised. Drop the other overrides, or start a new run.")
-    config = OmegaConf.create(saved)
+    # keys this version added since the run was saved (plots, logger, ...) take today's values
+    config = OmegaConf.merge(OmegaConf.create(with_new), OmegaConf.create(saved))
     epochs = with_new["trainer"]["max_epochs"] if changed else saved["trainer"]["max_epochs"]
     if epochs < saved["trainer"]["max_epochs"]:
         raise ConfigError(f"resume={run_dir!r}: trainer.max_epochs={epochs} is below the run's "

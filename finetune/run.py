@@ -3,6 +3,7 @@
 import logging
 import os
 import random
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from finetune.digest import tensors_digest
 from finetune.errors import TrainingFailed
 from finetune.features import CacheDecision, cached_features, decide
 from finetune.freeze import apply_freeze
-from finetune.loggers import RunLog, build_loggers, config_hparams
+from finetune.loggers import RunLog, build_loggers, check_loggers, config_hparams
 from finetune.model import (
     InputSpec,
     Net,
@@ -32,7 +33,7 @@ from finetune.model import (
 )
 from finetune.optim import build_optimizer, build_scheduler, group_rules
 from finetune.outputs import check_fresh_run_dir, write_json
-from finetune.plots import plot_confusion, plots_enabled
+from finetune.plots import draw_or_warn, plot_confusion, plots_enabled
 from finetune.report import (
     ParamRow,
     format_report,
@@ -182,6 +183,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     (None for a dry run). `overrides` are the command line's, kept for resuming; a resumed
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
+    check_loggers(cfg.logger)
     plots = plots_enabled(cfg.plots)
     if not plots and str(cfg.plots).lower() == "auto":
         log.info("plots: off (matplotlib is not installed: pip install -e '.[plots]')")
@@ -238,11 +240,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         return summary
 
     monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
-    run_log = None
-    if writes:
-        run_log = RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * len(train_loader)),
-                         os.path.join(run_dir, "curves.png") if plots else None,
-                         [phase.epoch for phase in setup.unfreeze.plan])
+    run_log = (start_run_log(cfg, setup, run_dir, plots, progress.epoch * len(train_loader))
+               if writes else None)
     try:
         fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
             cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch,
@@ -263,27 +262,37 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     finally:
         if run_log is not None:
             run_log.close()
+    best = progress.history[progress.best_epoch - 1]
     if plots and writes and progress.best_confusion:
-        draw_confusion(progress, setup.data.class_names, run_dir)
-    log.info("%s", closing_lines(cfg, progress, summary, run_dir))
+        draw_or_warn(plot_confusion, progress.best_confusion, setup.data.class_names,
+                     f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
+                     os.path.join(run_dir, "confusion.png"))
+    log.info("%s", closing_lines(cfg, best, summary, run_dir, overrides))
     return summary[cfg.optimized_metric]
 
 
-def draw_confusion(progress: Progress, class_names: list[str], run_dir: str) -> None:
-    best = progress.history[progress.best_epoch - 1]
-    plot_confusion(progress.best_confusion, class_names,
-                   f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
-                   os.path.join(run_dir, "confusion.png"))
+def start_run_log(cfg: DictConfig, setup: Setup, run_dir: str, plots: bool,
+                  start_step: int) -> RunLog:
+    """Rank 0's loggers and, with plots on, curves.png (marking the unfreeze phases)."""
+    return RunLog(build_loggers(cfg.logger, run_dir, start_step),
+                  os.path.join(run_dir, "curves.png") if plots else None,
+                  [phase.epoch for phase in setup.unfreeze.plan])
 
 
-def closing_lines(cfg: DictConfig, progress: Progress, summary: dict, run_dir: str) -> str:
-    """The best epoch, where everything is, and what to run next."""
-    best = progress.history[progress.best_epoch - 1]
+def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: str,
+                  overrides: Sequence[str]) -> str:
+    """The best epoch, where everything is, and what to run next (evaluating on the run's
+    own data: its data overrides come along)."""
+    here = os.path.relpath(run_dir)  # as typed from here, when the run is below here
+    run_dir = here if not here.startswith(os.pardir) else run_dir
     best_pt = os.path.join(run_dir, "checkpoints", "best.pt")
+    data = [shlex.quote(item) for item in overrides
+            if item.lstrip("+~").split("=", 1)[0].split(".")[0] == "data"]
     lines = [f"best epoch {best.epoch}: val acc {best.val_acc:.4f}, val loss {best.val_loss:.4f} "
              f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
              f"run directory: {run_dir}",
-             f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}",
+             "  evaluate:    " + " ".join(["python train.py mode=evaluate",
+                                           f"checkpoint={best_pt}", *data]),
              f"  train more:  python train.py resume={run_dir} "
              f"trainer.max_epochs={cfg.trainer.max_epochs * 2}"]
     if "tensorboard" in cfg.logger:

@@ -141,11 +141,13 @@ class SweepSummary(Callback):
         print(f"sweep of {len(rows)} jobs, best first ({os.path.join(sweep_dir, 'summary.csv')}):"
               f"\n{format_table(rows)}")
         if sweep_plots(config.plots):
-            from finetune.plots import plot_sweep
+            from finetune.plots import draw_or_warn, plot_sweep
 
-            plot_sweep(rows, config.optimized_metric, os.path.join(sweep_dir, "summary.png"))
+            draw_or_warn(plot_sweep, rows, config.optimized_metric,
+                         os.path.join(sweep_dir, "summary.png"))
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "
-                  "command again to rerun only those.", file=sys.stderr)
+                  f"command again with hydra.sweep.dir={sweep_dir} to rerun only those.",
+                  file=sys.stderr)
             sys.exit(1)

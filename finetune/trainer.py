@@ -77,7 +77,8 @@ class Totals:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.count = 0
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        self.pairs = torch.zeros(0, device=device, dtype=torch.long) if confusion else None
+        # [true * classes + predicted] counts; sized at the first batch (the head's width)
+        self.confusion_counts = torch.zeros(0, device=device, dtype=torch.long) if confusion else None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             step: int | None = None) -> None:
@@ -87,10 +88,13 @@ class Totals:
         self.loss += loss * labels.numel()
         self.correct += (predicted == labels).sum()
         self.count += labels.numel()
-        if self.pairs is not None:
+        if self.confusion_counts is not None:
             classes = logits.shape[1]
-            counts = torch.bincount(labels * classes + predicted, minlength=classes * classes)
-            self.pairs = counts if self.pairs.numel() == 0 else self.pairs + counts
+            if self.confusion_counts.numel() == 0:
+                self.confusion_counts = self.confusion_counts.new_zeros(classes * classes)
+            # index_add_, not bincount: bincount reads the largest index back (a device wait)
+            self.confusion_counts.index_add_(0, labels * classes + predicted,
+                                             torch.ones_like(labels))
         if step is not None:
             bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
             self.first_bad_step = torch.where(bad, step, self.first_bad_step)
@@ -118,10 +122,11 @@ class Totals:
     def confusion(self) -> list[list[int]]:
         """The matrix, summed over the ranks under torchrun (a rank that saw no batch, with
         fewer validation images than ranks, adds zeros)."""
-        classes = torch.tensor(math.isqrt(self.pairs.numel()), device=self.pairs.device)
-        classes = int(distributed.all_max(classes))
-        pairs = self.pairs if self.pairs.numel() else self.pairs.new_zeros(classes * classes)
-        return distributed.all_sum(pairs).view(classes, classes).tolist()
+        counts = self.confusion_counts
+        classes = int(distributed.all_max(torch.tensor(math.isqrt(counts.numel()),
+                                                       device=counts.device)))
+        counts = counts if counts.numel() else counts.new_zeros(classes * classes)
+        return distributed.all_sum(counts).view(classes, classes).tolist()
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)

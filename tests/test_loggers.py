@@ -1,6 +1,7 @@
 """Loggers: TensorBoard event files, a logger of one's own, and a bad one named."""
 
 import csv
+import importlib.util
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -95,8 +96,17 @@ def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
                           "final/last_val_loss"}
 
 
-def test_a_logger_that_cannot_be_built_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"logger\.mine \(_target_='no.such.Logger'\)"):
-        run(make_config(*FAST, "+logger.mine._target_=no.such.Logger"), str(tmp_path))
+def test_a_logger_that_cannot_be_used_is_named_at_start_up(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"logger\.mine \(_target_='no.such.Logger'\) cannot "
+                                          "be imported"):
+        run(make_config(*FAST, "dry_run=true", "+logger.mine._target_=no.such.Logger"),
+            str(tmp_path / "a"))
     with pytest.raises(ConfigError, match=r"logger\.mine=.* needs a _target_"):
         run(make_config(*FAST, "+logger.mine.every=3"), str(tmp_path / "b"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard" else find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs the tensorboard package: "
+                                          r"pip install -e '\.\[tensorboard\]'"):
+        run(make_config(*FAST, "logger=tensorboard"), str(tmp_path / "c"))
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written

@@ -11,15 +11,17 @@ import time
 
 import pytest
 import torch
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from finetune import trainer
 from finetune.checkpoint import read_checkpoint
+from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
 from finetune.resume import find_run_dir, load_last, resumed_config
 from finetune.run import run
 
-from conftest import FAST, make_config
+from conftest import CONF_DIR, FAST, make_config
 
 SETUPS = {
     "partial freeze": [],
@@ -194,3 +196,16 @@ def test_soak_twelve_runs_killed_at_random_end_bit_identical(tmp_path):
         kills += run_with_kills(SETUPS[name], run_dir, durations[name], rng)
         assert_same(twins[name], outcome(run_dir))
     assert kills >= 12  # most runs were really interrupted, some more than once
+
+
+def test_a_checkpoint_saved_before_plots_and_loggers_existed_resumes(tmp_path):
+    overrides = [*FAST, "plots=false"]
+    run(make_config(*overrides), str(tmp_path), overrides)
+    saved = load_last(str(tmp_path))
+    del saved["config"]["plots"], saved["config"]["logger"]  # as the previous version saved it
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = resumed_config(str(tmp_path), saved["config"], saved["overrides"],
+                             ["trainer.max_epochs=2"], compose_unresolved)
+    assert str(cfg.plots).lower() == "false" and cfg.logger == {}  # from the run's overrides
+    run(cfg, str(tmp_path), saved["overrides"], checkpoint=saved)
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs_completed"] == 2

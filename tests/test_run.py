@@ -1,5 +1,6 @@
 import csv
 import json
+import shlex
 
 import pytest
 import torch
@@ -51,6 +52,18 @@ def test_same_seed_same_result_on_cpu(tmp_path):
     (rows_a, model_a), (rows_b, model_b) = results
     assert rows_a == rows_b
     assert all(torch.equal(model_a[key], model_b[key]) for key in model_a)
+
+
+def test_the_closing_lines_evaluate_the_best_checkpoint_on_the_runs_own_data(tmp_path, caplog):
+    caplog.set_level("INFO")
+    accuracy = run(make_config(*FAST), str(tmp_path / "run"), FAST)
+    command = next(line.split("evaluate:")[1] for line in caplog.text.splitlines()
+                   if "evaluate:" in line)
+    arguments = shlex.split(command)[2:]
+    assert arguments[:2] == ["mode=evaluate", f"checkpoint={tmp_path}/run/checkpoints/best.pt"]
+    assert [item for item in arguments if item.startswith("data")] == [
+        item for item in FAST if item.startswith("data")]  # data=fake and its sizes
+    assert run(make_config(*arguments), str(tmp_path / "evaluated")) == accuracy
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
