@@ -100,7 +100,8 @@ def test_bad_input_exits_non_zero_with_one_clear_message(tmp_path, overrides, fr
 
 
 def test_a_run_directory_that_holds_a_run_is_left_untouched(tmp_path):
-    first = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "trainer.max_epochs=1")
+    first = run_train(f"hydra.run.dir={tmp_path}", "data=fake", "data.train_size=32",
+                      "data.val_size=16", "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     assert tmp_path / ".hydra" / "config.yaml" in before

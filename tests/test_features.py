@@ -110,7 +110,8 @@ def test_precision_is_part_of_the_key(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides", [["trainer.precision=bf16"], ["trainer.precision=16-mixed"],
                                        ["trainer.channels_last=true"]])
 def test_precision_and_memory_format_options_train(tmp_path, overrides):
-    run(make_config(*FAST, *overrides, "data.train_size=32", "data.val_size=16"), str(tmp_path))
+    run(make_config(*FAST, *overrides, "data.train_size=16", "data.val_size=8", "data.batch_size=8"),
+        str(tmp_path))
     (row,) = metrics(tmp_path)
     assert all(torch.isfinite(torch.tensor(value)) for value in row.values())
 
