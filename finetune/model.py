@@ -169,7 +169,7 @@ def resolve_torchvision_weights(cfg: DictConfig) -> Weights:
         return Weights(enum, f"torchvision {enum} ({path})")
     if auto:
         return Weights(None, f"random init: {enum} is not cached at {weights_cache_path(enum)}"
-                       " and could not be downloaded (backbone.weights=auto)")
+                       f" and could not be downloaded from {enum.url} (backbone.weights=auto)")
     raise ConfigError(
         f"backbone.weights={cfg.weights!r}: the weights file {os.path.basename(enum.url)} is not "
         f"in the torch cache ({weights_cache_path(enum)})"
