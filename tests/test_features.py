@@ -119,7 +119,7 @@ def test_precision_and_memory_format_options_train(tmp_path, overrides):
 @pytest.mark.slow
 def test_two_jobs_writing_the_same_entry_at_once_both_succeed(tmp_path):
     command = [sys.executable, str(ROOT / "train.py"), *PROBE, "backbone.allow_download=false",
-               f"trainer.cache_dir={tmp_path}/cache"]
+               "plots=false", f"trainer.cache_dir={tmp_path}/cache"]
     jobs = [subprocess.Popen([*command, f"hydra.run.dir={tmp_path}/run{i}"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     for job in jobs:
