@@ -1,5 +1,7 @@
 """Shared fixtures: composed configs, an offline torch cache, small models."""
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -26,6 +28,12 @@ def make_config(*overrides: str) -> DictConfig:
     and tests/test_plots.py and the command-line tests draw them."""
     if not any(override.startswith("plots=") for override in overrides):
         overrides = ("plots=false", *overrides)
+    return copy.deepcopy(composed(tuple(overrides)))  # a copy: tests may change theirs
+
+
+@functools.lru_cache(maxsize=256)
+def composed(overrides: tuple[str, ...]) -> DictConfig:
+    """Composing takes ~0.1 s and many tests share their overrides: once per distinct list."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 

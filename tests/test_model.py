@@ -64,7 +64,8 @@ def test_kept_classifier_feeds_its_logits_to_the_head():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_classification_model_builds_with_stage_aliases(name):
-    cfg = make_config(f"backbone.name={name}", "backbone.weights=null")
+    cfg = make_config("backbone.weights=null")  # composed once (cached), then named
+    cfg.backbone.name = name
     net, spec = build_on_meta(config=cfg)  # sizing the head ran a sample through it (eval)
     if hasattr(net.pretrained, "aux_logits"):  # googlenet / inception_v3: tuples in train mode
         net.train()
