@@ -196,13 +196,13 @@ def register_schemas() -> None:
     OmegaConf.register_new_resolver("finetune_new_dir", new_dir, use_cache=True, replace=True)
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A resolved config as dotted keys with scalar values (lists and null as JSON text)."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
+            flat.update(dotted_scalars(value, name + "."))
         elif isinstance(value, bool | int | float | str):
             flat[name] = value
         else:

@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import flatten
+from finetune.config import dotted_scalars
 
 SEARCH_GROUPS = ("experiment", "hparams_search")  # presets: what they set is shown as changed
 GROUP_ORDER = ("backbone", "head", "data", "optimizer", "scheduler", "logger", *SEARCH_GROUPS)
@@ -38,8 +38,8 @@ def config_view(choices: dict[str, Any], config: DictConfig, defaults: DictConfi
     """Two short parts: `group=option ...`, then `key: value (default: ...)` per change.
     Keys compare unresolved, so T_max: ${trainer.max_epochs} is no change of its own."""
     groups = "  ".join(f"{group}={option}" for group, option in choices.items())
-    current, default = (flatten(OmegaConf.to_container(c)) for c in (config, defaults))
-    values, default_values = (flatten(OmegaConf.to_container(c, resolve=True))
+    current, default = (dotted_scalars(OmegaConf.to_container(c)) for c in (config, defaults))
+    values, default_values = (dotted_scalars(OmegaConf.to_container(c, resolve=True))
                               for c in (config, defaults))
     changed = [f"  {key}: {shown(values[key])}" + (
         f"  (default: {shown(default_values[key])})" if key in default else "  (new)")

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import flatten
+from finetune.config import dotted_scalars
 from finetune.errors import ConfigError
 
 
@@ -106,7 +106,7 @@ def config_hparams(config: DictConfig) -> dict[str, Any]:
     """What the HPARAMS tab shows: every key of the resolved config, hydra's section aside."""
     container = OmegaConf.to_container(config, resolve=True)
     container.pop("hydra", None)
-    return flatten(container)
+    return dotted_scalars(container)
 
 
 def steps_between(logger: Logger) -> int:
