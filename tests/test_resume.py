@@ -177,8 +177,8 @@ def run_with_kills(overrides: list[str], run_dir, seconds: float, rng: random.Ra
 
 
 @pytest.mark.slow
-def test_soak_nine_runs_killed_at_random_end_bit_identical(tmp_path):
-    """9 runs over the setups, each SIGKILLed up to twice at random and resumed."""
+def test_soak_six_runs_killed_at_random_end_bit_identical(tmp_path):
+    """6 runs over the setups, each SIGKILLed up to twice at random and resumed."""
     rng = random.Random(1)
     twins, durations = {}, {}
     for name, overrides in SETUPS.items():
@@ -190,12 +190,12 @@ def test_soak_nine_runs_killed_at_random_end_bit_identical(tmp_path):
         child.join()
         durations[name], twins[name] = time.perf_counter() - started, outcome(twin)
     kills = 0
-    for index in range(9):
+    for index in range(6):
         name = list(SETUPS)[index % len(SETUPS)]
         run_dir = tmp_path / f"run-{index}"
         kills += run_with_kills(SETUPS[name], run_dir, durations[name], rng)
         assert_same(twins[name], outcome(run_dir))
-    assert kills >= 9  # most runs were really interrupted, some more than once
+    assert kills >= 6  # most runs were really interrupted, some more than once
 
 
 def test_a_checkpoint_saved_before_plots_and_loggers_existed_resumes(tmp_path):
