@@ -103,10 +103,9 @@ class TensorBoardLogger:
 
 
 def config_hparams(config: DictConfig) -> dict[str, Any]:
-    """What the HPARAMS tab shows: every key of the resolved config, hydra's section aside."""
-    container = OmegaConf.to_container(config, resolve=True)
-    container.pop("hydra", None)
-    return dotted_scalars(container)
+    """What the HPARAMS tab shows: every key of the resolved config (a run's has no hydra
+    section), lists and null as text."""
+    return dotted_scalars(OmegaConf.to_container(config, resolve=True))
 
 
 def steps_between(logger: Logger) -> int:
