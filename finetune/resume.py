@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config import dotted_scalars
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,8 @@ def load_last(run_dir: str) -> dict[str, Any]:
     return checkpoint
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        items: dict[str, Any] = {}
-        for key, value in tree.items():
-            items.update(flatten(value, f"{prefix}{key}."))
-        return items
-    return {prefix[:-1]: tree}
-
-
 def changed_keys(before: dict, after: dict) -> list[str]:
-    old, new = flatten(before), flatten(after)
+    old, new = dotted_scalars(before), dotted_scalars(after)
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
@@ -81,7 +73,7 @@ def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequenc
     changed = changed_keys(compose(list(saved_overrides)), with_new)
     refused = [key for key in changed if key not in MAY_CHANGE]
     if refused:
-        values = flatten(saved)
+        values = dotted_scalars(saved)
         shown = ", ".join(f"{key} (saved {values.get(key)!r})" for key in refused[:8])
         raise ConfigError(f"resume={run_dir!r} continues the run with its saved config; these "
                           f"overrides change it: {shown}. Only trainer.max_epochs may be "
