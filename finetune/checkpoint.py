@@ -1,220 +1,162 @@
-"""Checkpoint stage: atomic save and safe load (weights_only=True, so no code runs on load)."""
+"""The checkpoint's schema, in one place: what a checkpoint holds, capture next to restore,
+the format number, the upgrade of older formats, and the checks that treat a file as the
+untrusted input it is (finetune/trust.py has the rule for the config inside).
 
+Format 3, a dict with named keys:
+  format       3
+  run          RunRecord: the resolved config, the command-line overrides, the class names
+               and the input spec: enough to rebuild the model and use it
+  model        the Net's state dict, less what frozen.pt holds (saver.RunCheckpoints)
+  frozen_part  {file, id, names}: the frozen.pt entries `model` relies on
+  state        {part: state dict} for each stateful part of the run, restored in the
+               order captured: unfreeze (first: it adds optimizer groups), optimizer,
+               scheduler, scaler, rng, progress, feature_cache and any stateful hook
+
+Format 2 (the release before) kept the same things under flat keys; `upgrade` maps it.
+"""
+
+import logging
 import os
-import shutil
-import tempfile
-import threading
-import uuid
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.hooks import Hook
+from finetune.saver import RunCheckpoints, read_joined
 
-UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
-os.umask(UMASK)
+log = logging.getLogger(__name__)
+
+FORMAT = 3
+READABLE_FORMATS = (2, 3)
 
 
-def fsync_folder(folder: str) -> None:
-    """Make a rename in `folder` durable (a power loss could otherwise undo it)."""
-    handle = os.open(folder, os.O_RDONLY)
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunRecord:
+    """What a checkpoint says about its run (plain values, loadable with weights_only)."""
+
+    config: dict[str, Any]  # resolved, with no hydra section
+    overrides: list[str]
+    class_names: list[str]
+    input_spec: dict[str, Any]  # model.InputSpec.to_dict()
+
+
+def capture(net: nn.Module, parts: dict[str, Stateful], record: RunRecord) -> dict[str, Any]:
+    """A checkpoint of the run as it is now (the tensors as they are: saver copies them)."""
+    return {"format": FORMAT, "run": asdict(record), "model": net.state_dict(),
+            "state": {name: part.state_dict() for name, part in parts.items()}}
+
+
+def restore(checkpoint: dict[str, Any], net: nn.Module, parts: dict[str, Stateful],
+            source: str) -> None:
+    """Put a built run back where `checkpoint` (upgraded) left it. A part that does not fit
+    is an error naming it, not a traceback."""
+    states = checkpoint["state"]
+    missing = [name for name in parts if name not in states]
+    if missing:
+        raise ConfigError(f"{source}: its checkpoint has no state for {', '.join(missing)}; "
+                          "it was written by another version of this tool. Start a new run.")
+    for name, part in [("model", net), *parts.items()]:
+        try:
+            part.load_state_dict(checkpoint["model"] if name == "model" else states[name])
+        except ConfigError:
+            raise
+        except Exception as error:
+            raise ConfigError(f"{source}: its checkpoint's {name} state does not fit this run "
+                              f"({type(error).__name__}: {error}). Start a new run.") from error
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 checkpoint (flat keys, phases counted by `unfreeze_phase`) as format 3."""
+    if checkpoint.get("format") != 2:
+        return checkpoint
+    old = checkpoint
+    return {"format": FORMAT, "frozen_part": old.get("frozen_part"), "model": old["model"],
+            "run": {key: old[key] for key in ("config", "overrides", "class_names", "input_spec")},
+            "state": {"unfreeze": {"applied": old["unfreeze_phase"], "trainable": old["trainable"]},
+                      "optimizer": old["optimizer"], "scheduler": old["scheduler"],
+                      "scaler": old["scaler"], "rng": old["rng"], "progress": old["progress"],
+                      "feature_cache": {"key": old["feature_cache_key"]}}}
+
+
+def read_run_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint a run of this tool wrote, upgraded to this format, with its model state
+    whole and its shape checked; anything else is a ConfigError naming `key` and the file."""
+    checkpoint = read_joined(path, key)
+    source = f"{key}={path!r}"
+    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
+        raise ConfigError(f"{source} is not a checkpoint written by a run of this tool (it has "
+                          "no format or saved config); give a run's checkpoints/last.pt or best.pt.")
+    if checkpoint["format"] not in READABLE_FORMATS:
+        raise ConfigError(f"{source} has checkpoint format {checkpoint['format']!r}; this "
+                          f"version reads formats {', '.join(map(str, READABLE_FORMATS))}.")
     try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        checkpoint = upgrade(checkpoint)
+        record = RunRecord(**checkpoint["run"])
+        kinds = {"config": dict, "overrides": list, "class_names": list, "input_spec": dict}
+        wrong = [name for name, kind in kinds.items() if not isinstance(getattr(record, name), kind)]
+        wrong += [] if isinstance(checkpoint["model"], dict) else ["model"]
+        wrong += [] if isinstance(checkpoint["state"], dict) else ["state"]
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"{source}: a checkpoint of format {checkpoint['format']} without "
+                          f"the entry {error}; the file is damaged or not this tool's.") from error
+    if wrong or not all(isinstance(name, str) for name in record.class_names):
+        raise ConfigError(f"{source}: its entries {', '.join(wrong) or 'class_names'} are not "
+                          "what this tool writes; the file is damaged or not this tool's.")
+    return checkpoint
 
 
-def replace_durably(temporary: str, path: str) -> None:
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-def save_atomic(state: dict[str, Any], path: str) -> None:
-    """Write to a temporary file in the same folder, sync it, then rename over `path`.
-
-    A crash during the write leaves the previous file at `path` untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes 0600 files; follow the umask instead
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        os.remove(temporary)
-        raise
-    replace_durably(temporary, path)
-
-
-def link_atomic(source: str, path: str) -> None:
-    """Make `path` hold the same bytes as `source` without writing them again.
-
-    A hard link shares the file; replacing `source` later (os.replace makes a new file) leaves
-    `path` with the old content. Falls back to a synced copy where links are not supported.
-    """
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-link-{os.getpid()}")
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-    replace_durably(temporary, path)
-
-
-def detached_copy(value: Any) -> Any:
-    """The same nested state with every tensor copied to the CPU, so training can go on
-    changing it. GPU tensors go to pinned memory without waiting: the copies are queued
-    before the next training step on the same stream, and `copies_done` waits for them."""
-    if isinstance(value, torch.Tensor):
-        if value.is_cuda:
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            return host.copy_(value.detach(), non_blocking=True)
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: detached_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(detached_copy(item) for item in value)
-    return value
-
-
-def cuda_devices(value: Any) -> set[torch.device]:
-    if isinstance(value, torch.Tensor):
-        return {value.device} if value.is_cuda else set()
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return set().union(*(cuda_devices(item) for item in value))
-    return set()
-
-
-class BackgroundSaver:
-    """Writes checkpoints on a background thread while the next epoch trains.
-
-    The state is copied when `save` is called; writes happen one at a time and in order;
-    `wait` blocks until the last one is on disk and re-raises anything it raised.
-    """
-
-    def __init__(self):
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def save(self, state: dict[str, Any], path: str, link_to: str | None = None,
-             copy: bool = True) -> None:
-        """`copy=False` writes the tensors as they are: only for tensors nothing changes
-        before the next `save` or `wait`."""
-        self.wait()
-        snapshot = detached_copy(state) if copy else state
-        copies_done = []  # one event per GPU the copies came from, on that GPU's stream
-        for device in cuda_devices(state) if copy else ():
-            copies_done.append(torch.cuda.Event())
-            copies_done[-1].record(torch.cuda.current_stream(device))
-
-        def write() -> None:
-            try:
-                for event in copies_done:
-                    event.synchronize()
-                save_atomic(snapshot, path)
-                if link_to is not None:
-                    link_atomic(path, link_to)
-            except BaseException as error:  # surfaced by the next wait()
-                self.error = error
-
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-FROZEN_FILE = "frozen.pt"
-
-
-class RunCheckpoints:
-    """A run's checkpoints/ folder: last.pt every epoch, best.pt, and frozen.pt.
-
-    Tensors that training cannot change (frozen weights, the buffers of modules kept in eval
-    mode) are written once per run to frozen.pt instead of every epoch: a frozen backbone
-    would otherwise be copied and written again each time. last.pt holds everything else and
-    names the frozen.pt entries it relies on, with that file's id; `read_checkpoint` joins
-    them. best.pt is a hard link to the best epoch's last.pt, so it is never written twice.
-    """
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.saver = BackgroundSaver()  # the next epoch trains while a checkpoint is written
-        self.frozen_id: str | None = None
-        self.frozen_names: frozenset[str] = frozenset()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.folder, name)
-
-    def write_frozen(self, model_state: dict[str, torch.Tensor], unchanging: set[str]) -> None:
-        """Write frozen.pt, the `unchanging` entries of the model's state dict, while the first
-        epoch trains: no copy is needed, as nothing changes them before the first `save`
-        (unfreeze phases start at epoch 2 at the earliest)."""
-        self.frozen_id = uuid.uuid4().hex
-        tensors = {name: tensor for name, tensor in model_state.items() if name in unchanging}
-        self.saver.save({"id": self.frozen_id, "tensors": tensors}, self.path(FROZEN_FILE),
-                        copy=False)
-        self.frozen_names = frozenset(tensors)
-
-    def adopt(self, frozen_part: dict[str, Any]) -> None:
-        """Go on with the frozen.pt a resumed run's checkpoint names."""
-        self.frozen_id, self.frozen_names = frozen_part["id"], frozenset(frozen_part["names"])
-
-    def save(self, state: dict[str, Any], unchanging: set[str], best: bool) -> None:
-        """Write last.pt (and link best.pt to it) in the background, without the entries
-        frozen.pt holds and that are still `unchanging` (an unfreeze phase changes that)."""
-        in_frozen_file = self.frozen_names & unchanging
-        model = {name: tensor for name, tensor in state["model"].items()
-                 if name not in in_frozen_file}
-        state = {**state, "model": model, "frozen_part": {
-            "file": FROZEN_FILE, "id": self.frozen_id, "names": sorted(in_frozen_file)}}
-        self.saver.save(state, self.path("last.pt"), link_to=self.path("best.pt") if best else None)
-
-    def wait(self) -> None:
-        self.saver.wait()
-
-
-def read_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:
-    """A checkpoint this tool wrote, with its whole model state (frozen.pt's part joined in)."""
-    state = load_safe(path, key)
-    part = state.get("frozen_part") if isinstance(state, dict) else None
-    if not part or not part["names"]:
-        return state
-    frozen_path = os.path.join(os.path.dirname(os.path.abspath(path)), part["file"])
-    if not os.path.isfile(frozen_path):
-        raise ConfigError(f"{key}={path!r} keeps its frozen weights in {frozen_path}, which does "
-                          "not exist: keep the checkpoints/ folder's files together.")
-    frozen = load_safe(frozen_path, key)
-    missing = sorted(set(part["names"]) - set(frozen.get("tensors", {})))
-    if frozen.get("id") != part["id"] or missing:
-        raise ConfigError(f"{key}={path!r}: {frozen_path} belongs to another run (its id or "
-                          "tensors do not match); keep each run's checkpoints/ folder together.")
-    state["model"] = {**{name: frozen["tensors"][name] for name in part["names"]}, **state["model"]}
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """backbone.checkpoint: a plain state dict, or the model of a checkpoint this tool wrote
+    (nothing else in it is used), with the backbone's keys."""
+    key = "backbone.checkpoint"
+    state = read_joined(path, key)
+    if isinstance(state, dict) and "format" in state:
+        state = read_run_checkpoint(path, key)["model"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # {"model": state dict, ...}, as many training scripts save
+    if not isinstance(state, dict) or not all(
+            isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()):
+        raise ConfigError(f"{key}={path!r} holds a {type(state).__name__} that is not a state "
+                          "dict (names to tensors).")
+    if any(name.startswith("pretrained.") for name in state):
+        state = {name.removeprefix("pretrained."): value for name, value in state.items()
+                 if name.startswith("pretrained.")}
     return state
 
 
-def load_safe(path: str, key: str = "checkpoint") -> Any:
-    """Load a checkpoint without unpickling arbitrary objects; `key` names it in errors."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key}={path!r} does not exist: give the path of a .pt/.pth file.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ConfigError(f"{key}={path!r} could not be loaded safely (torch.load with "
-                          f"weights_only=True refused it): {error}") from error
+class CheckpointHook(Hook):
+    """A trainer hook that writes checkpoints/ at the end of every epoch: the sum of the
+    run's parts (`capture`), last.pt and best.pt, with frozen.pt written once per run (or,
+    resuming, the one the checkpoint names adopted)."""
+
+    def __init__(self, run_dir: str, net: nn.Module, parts: dict[str, Stateful],
+                 record: RunRecord, unchanging: Any, resumed: dict[str, Any] | None = None):
+        self.folder = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
+        self.net, self.parts, self.record = net, parts, record
+        self.unchanging = unchanging  # net -> the state entries training cannot change now
+        self.resumed = resumed is not None
+        self.resumed_frozen_part = resumed.get("frozen_part") if resumed else None
+
+    def on_fit_start(self, progress: Any) -> None:
+        if not self.resumed:
+            self.folder.write_frozen(self.net.state_dict(), self.unchanging(self.net))
+            return
+        self.folder.adopt(self.resumed_frozen_part)
+        if progress.best_epoch == progress.epoch:  # killed between last.pt and linking best.pt
+            self.folder.link_best()
+
+    def on_epoch_end(self, progress: Any, improved: bool) -> None:
+        self.folder.save(capture(self.net, self.parts, self.record), self.unchanging(self.net),
+                         best=improved)
+
+    def on_fit_end(self, progress: Any) -> None:  # also on Ctrl-C: the last one is finished
+        self.folder.wait()

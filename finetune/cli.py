@@ -118,9 +118,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         saved = None
         if cfg.resume:
             saved = load_last(cfg.resume)
-            cfg = resumed_config(cfg.resume, saved["config"], saved["overrides"], overrides,
-                                 compose_unresolved)
-            overrides = saved["overrides"]
+            cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
+            overrides = saved["run"]["overrides"]
             log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
         else:
             log.info("%s", describe_config(cfg))

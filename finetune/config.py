@@ -161,10 +161,15 @@ class Config:
     fail_fast: bool = False  # -m: the first failed job stops the sweep (else it is recorded)
     plots: str = "auto"  # auto (when matplotlib is installed) | true | false
     logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., keys}
+    # classes a checkpoint's saved config may name besides torch.nn/torch.optim ones
+    # (finetune/trust.py): [mypkg.MyLayer], [mypkg.*], or ['*'] for files you made yourself
+    trust: list[str] = field(default_factory=list)
 
 
+CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger", "experiment",
+                 "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
 CACHE_SETTINGS = ("auto", "true", "false")
-PRECISIONS = ("32", "bf16", "16-mixed")
+PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the autocast dtype
 OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_loss")
 FROZEN_MODULE_MODES = ("eval", "train")
 MODES = ("train", "evaluate", "predict")

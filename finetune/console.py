@@ -6,10 +6,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import dotted_scalars
+from finetune.config import CONFIG_GROUPS, dotted_scalars
 
 SEARCH_GROUPS = ("experiment", "hparams_search")  # presets: what they set is shown as changed
-GROUP_ORDER = ("backbone", "head", "data", "optimizer", "scheduler", "logger", *SEARCH_GROUPS)
 
 
 def app_choices(choices: dict[str, Any]) -> dict[str, Any]:
@@ -17,7 +16,7 @@ def app_choices(choices: dict[str, Any]) -> dict[str, Any]:
     order of conf/config.yaml."""
     chosen = [group for group, option in choices.items()
               if not group.startswith("hydra") and option is not None]
-    order = {group: index for index, group in enumerate(GROUP_ORDER)}
+    order = {group: index for index, group in enumerate(CONFIG_GROUPS)}
     return {group: choices[group] for group in sorted(chosen, key=lambda g: order.get(g, 99))}
 
 

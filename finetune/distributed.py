@@ -11,6 +11,7 @@ import os
 import time
 
 from finetune.errors import ConfigError
+from finetune.hooks import Hook
 from finetune.outputs import new_dir
 
 
@@ -83,6 +84,26 @@ def wrap(net, device):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class Rewrap(Hook):
+    """A trainer hook: DDP syncs the gradients of the parameters that trained when it was
+    built, so the step's wrapper is built again whenever the trainable set has changed (an
+    unfreeze phase, or the phases a resumed run re-applied)."""
+
+    def __init__(self, net, step):
+        from finetune.freeze import trainable_names
+
+        self.net, self.step, self.trainable_names = net, step, trainable_names
+        self.wrapped = trainable_names(net)  # the step was built with this set
+
+    def on_fit_start(self, progress) -> None:
+        self.on_epoch_start(progress.epoch + 1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.trainable_names(self.net) != self.wrapped:
+            self.step.rewrap()
+            self.wrapped = self.trainable_names(self.net)
 
 
 def all_sum(tensor):

@@ -17,10 +17,12 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from finetune.checkpoint import save_atomic
 from finetune.data import collate_readable, tensor_loader
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
+from finetune.files import save_atomic
+from finetune.freeze import trainable_names
+from finetune.trainer import autocast
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,23 @@ CACHE_FORMAT = 1  # bump when the file layout changes: old entries then miss
 class CacheDecision:
     enabled: bool
     reason: str  # why it is on or off, for the start-up log
-    key: str | None = None  # the entry used, once known (checkpoints record it)
+
+
+@dataclass
+class CacheEntry:
+    """The cache entry a run trains on (None: no cache). A checkpoint keeps its key; a
+    resumed run whose entry has another key says that its result may differ."""
+
+    key: str | None = None
+
+    def state_dict(self) -> dict[str, str | None]:
+        return {"key": self.key}
+
+    def load_state_dict(self, state: dict[str, str | None]) -> None:
+        if state["key"] != self.key:
+            log.warning("resume: the cached backbone outputs now have key %s, the checkpoint's "
+                        "had %s (torch, the weights or the data changed?): the result may "
+                        "differ from an uninterrupted run", self.key, state["key"])
 
 
 def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool,
@@ -42,7 +60,7 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
     if distributed:
         reasons.append("distributed training (torchrun) shards the data between processes; "
                        "the cache is not shared between them")
-    trainable = [name for name, param in net.pretrained.named_parameters() if param.requires_grad]
+    trainable = trainable_names(net.pretrained)
     if trainable:
         reasons.append(f"{len(trainable)} backbone parameters are trainable (e.g. "
                        f"pretrained.{trainable[0]})")
@@ -92,7 +110,7 @@ def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], device: torch.
 
 
 def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int,
-            device: torch.device, precision_context) -> tuple[torch.Tensor, torch.Tensor]:
+            device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's outputs for every image, in dataset order, on the CPU in float32."""
     if isinstance(dataset, TensorDataset):
         loader = tensor_loader(dataset, batch_size)
@@ -106,7 +124,7 @@ def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int
             if batch is None:  # all of it unreadable (data.bad_images=skip)
                 continue
             images, targets = batch
-            with precision_context():
+            with autocast(device, precision):
                 outputs.append(backbone(images.to(device)).float().cpu())
             labels.append(torch.as_tensor(targets))
     return torch.cat(outputs), torch.cat(labels)
@@ -133,7 +151,7 @@ def load_entry(path: str, key: str, sizes: tuple[int, int]) -> dict | None:
 
 def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerprints: tuple[str, str],
                     cache_dir: str, batch_size: int, workers: int, device: torch.device,
-                    precision: str, precision_context) -> tuple[TensorDataset, TensorDataset, str]:
+                    precision: str) -> tuple[TensorDataset, TensorDataset, str]:
     """Train and val features from the disk cache, computing and storing them on a miss;
     and the entry's key."""
     key = cache_key(backbone, fingerprints, device, precision)
@@ -143,9 +161,8 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
         log.info("feature cache: loaded %s", path)
     else:
         train_features, train_labels = compute(backbone, train, batch_size, workers, device,
-                                               precision_context)
-        val_features, val_labels = compute(backbone, val, batch_size, workers, device,
-                                           precision_context)
+                                               precision)
+        val_features, val_labels = compute(backbone, val, batch_size, workers, device, precision)
         entry = {"key": key, "train": train_features, "train_labels": train_labels,
                  "val": val_features, "val_labels": val_labels}
         if torch.isfinite(train_features).all() and torch.isfinite(val_features).all():

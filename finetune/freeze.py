@@ -33,6 +33,11 @@ def trainable_flags(names: Sequence[str], patterns: Sequence[str],
     return trainable
 
 
+def trainable_names(net: nn.Module) -> list[str]:
+    """The parameters that train now, in named_parameters() order."""
+    return [name for name, param in net.named_parameters() if param.requires_grad]
+
+
 def fully_frozen_modules(net: nn.Module) -> list[str]:
     """The outermost submodules that hold parameters, all of them frozen."""
     chosen: list[str] = []
@@ -69,7 +74,7 @@ def apply_freeze(net: nn.Module, patterns: Sequence[str], frozen_modules: str,
 def unchanging_state_names(net: nn.Module) -> set[str]:
     """State-dict entries training cannot change: frozen parameters, and the buffers of the
     modules kept in eval mode (their BatchNorm statistics stay as loaded)."""
-    names = {name for name, param in net.named_parameters() if not param.requires_grad}
+    names = {name for name, _ in net.named_parameters()} - set(trainable_names(net))
     for module_name in getattr(net, "frozen_eval_modules", []):
         names.update(f"{module_name}.{name}"
                      for name, _ in net.get_submodule(module_name).named_buffers())

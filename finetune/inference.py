@@ -9,6 +9,8 @@ download (the backbone is built from random init and the saved weights loaded ov
 import csv
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,67 +18,88 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.data import build_data, image_transforms
 from finetune.errors import ConfigError
+from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
-from finetune.outputs import write_json
 from finetune.plots import draw_or_warn, plot_confusion
 from finetune.trainer import Step, evaluate, resolve_device
+from finetune.trust import check_targets, refuse_interpolations
 
 log = logging.getLogger(__name__)
 
 NO_DOWNLOAD = Weights(enum=None, description="the checkpoint's weights")
 
 
-def load_model(path: str, device: str | torch.device = "cpu",
-               key: str = "checkpoint") -> Net:
-    """The Net a run saved in `path` (last.pt or best.pt), in eval mode, on `device`.
+@dataclass
+class LoadedModel:
+    """A trained model with what using it needs: the class of each output index, and the
+    input it expects (image size and normalization)."""
 
-    It also carries `class_names` (index -> name) and `input_spec` (the image size and
-    normalization its inputs need).
+    net: Net  # in eval mode
+    class_names: list[str]  # output index -> class name
+    input_spec: InputSpec
+    config: dict[str, Any]  # the run's resolved config
+
+    def transform(self):
+        """The preprocessing for a PIL image, as validation used it."""
+        return image_transforms(self.input_spec, augment=False)[1]
+
+
+def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkpoint",
+               trust: Sequence[str] = ()) -> LoadedModel:
+    """The model a run saved in `path` (last.pt or best.pt), in eval mode, on `device`.
+
+    The file is untrusted: its saved head may name torch.nn layers only, unless `trust`
+    allows more (finetune/trust.py); nothing is downloaded (the backbone is built from
+    random init and the saved weights loaded over it).
     """
-    checkpoint = read_checkpoint(path, key)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise ConfigError(f"{key}={path!r} is not a checkpoint written by a run of this tool "
-                          "(it has no saved config); give a run's checkpoints/last.pt or best.pt.")
-    cfg = OmegaConf.create(checkpoint["config"])
-    spec = InputSpec.from_dict(checkpoint["input_spec"])
+    checkpoint = read_run_checkpoint(path, key)
+    record, source = checkpoint["run"], f"{key}={path!r}"
+    refuse_interpolations(record["config"], source)
+    check_targets(record["config"], source, trust, sections=("head",))
+    cfg = OmegaConf.create(record["config"])
+    spec = InputSpec.from_dict(record["input_spec"], source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
-                    len(checkpoint["class_names"]), spec.image_size)
-    net.load_state_dict(checkpoint["model"])
-    net.class_names, net.input_spec = list(checkpoint["class_names"]), spec
-    return net.to(device).eval()
+                    len(record["class_names"]), spec.image_size)
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ConfigError(f"{source}: its weights do not fit the model its config describes: "
+                          f"{error}") from error
+    return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"])
 
 
 def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False) -> float:
     """mode=evaluate -> evaluation.json + per_class.csv (+ confusion.png with `plots`);
     mode=predict -> predictions.csv."""
     device = resolve_device(cfg.trainer.device)
-    net = load_model(os.path.expanduser(cfg.checkpoint), device)
+    model = load_model(os.path.expanduser(cfg.checkpoint), device, trust=cfg.trust)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.mode == "evaluate":
-        return evaluate_checkpoint(cfg, net, device, run_dir, plots)
-    return predict_folder(cfg, net, device, run_dir)
+        return evaluate_checkpoint(cfg, model, device, run_dir, plots)
+    return predict_folder(cfg, model, device, run_dir)
 
 
-def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir: str,
+def evaluate_checkpoint(cfg: DictConfig, model: LoadedModel, device: torch.device, run_dir: str,
                         plots: bool = False) -> float:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the data's validation
     split."""
-    data = build_data(cfg.data, net.input_spec, cfg.seed, pin_memory=device.type == "cuda",
+    net, class_names = model.net, model.class_names
+    data = build_data(cfg.data, model.input_spec, cfg.seed, pin_memory=device.type == "cuda",
                       shard=distributed.shard())  # under torchrun each rank a part, summed
-    if data.class_names != net.class_names:
+    if data.class_names != class_names:
         raise ConfigError(
-            f"checkpoint={cfg.checkpoint!r} was trained on {len(net.class_names)} classes "
-            f"{net.class_names[:10]}, but data={cfg.data.name} has {data.num_classes} classes "
+            f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "
+            f"{class_names[:10]}, but data={cfg.data.name} has {data.num_classes} classes "
             f"{data.class_names[:10]}; evaluate it on data with the same classes.")
     val = evaluate(net, data.val_loader, Step(net, device, cfg.trainer.precision))
     seen = sum(map(sum, val.confusion))
     if seen == 0:
         raise ConfigError(f"data={cfg.data.name}: no readable validation image to evaluate on.")
     per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
-                 for index, (name, row) in enumerate(zip(net.class_names, val.confusion,
+                 for index, (name, row) in enumerate(zip(class_names, val.confusion,
                                                          strict=True))]
     result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
               "data": cfg.data.name, "images": seen, "loss": val.loss,
@@ -85,7 +108,7 @@ def evaluate_checkpoint(cfg: DictConfig, net: Net, device: torch.device, run_dir
         write_json(result, os.path.join(run_dir, "evaluation.json"))
         write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
         if plots:
-            draw_or_warn(plot_confusion, val.confusion, net.class_names,
+            draw_or_warn(plot_confusion, val.confusion, class_names,
                          f"{cfg.data.name} validation split", os.path.join(run_dir, "confusion.png"))
     lines = [f"{row['class']:>12}  {row['images']:6d}  {row['accuracy']:.4f}" for row in per_class]
     log.info("evaluated %s on %d images of data=%s: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s",
@@ -116,7 +139,7 @@ class ImageFiles(Dataset):
             return None
 
 
-def predict_folder(cfg: DictConfig, net: Net, device: torch.device, run_dir: str) -> float:
+def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, run_dir: str) -> float:
     """predictions.csv: path, predicted class and its probability for every image."""
     from finetune.data import collate_readable
 
@@ -124,13 +147,13 @@ def predict_folder(cfg: DictConfig, net: Net, device: torch.device, run_dir: str
     if not os.path.isdir(folder):
         raise ConfigError(f"predict_input={cfg.predict_input!r} is not a folder: give a folder "
                           "of images (searched recursively).")
-    files = ImageFiles(folder, image_transforms(net.input_spec, augment=False)[1])
+    files = ImageFiles(folder, model.transform())
     if len(files) == 0:
         raise ConfigError(f"predict_input={cfg.predict_input!r} holds no image files "
                           "(.jpg, .png, ...).")
     loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=collate_readable)
-    step, rows = Step(net, device, cfg.trainer.precision), []
+    step, rows = Step(model.net, device, cfg.trainer.precision), []
     with torch.inference_mode():
         for batch in loader:
             if batch is None:  # every image of this batch was unreadable
@@ -138,7 +161,7 @@ def predict_folder(cfg: DictConfig, net: Net, device: torch.device, run_dir: str
             images, paths = batch
             probabilities = step.logits(images.to(device)).softmax(dim=1).cpu()
             best, index = probabilities.max(dim=1)
-            rows += [{"path": path, "class": net.class_names[i], "probability": float(p)}
+            rows += [{"path": path, "class": model.class_names[i], "probability": float(p)}
                      for path, i, p in zip(paths, index.tolist(), best, strict=True)]
     if not rows:
         raise ConfigError(f"predict_input={cfg.predict_input!r}: none of its {len(files)} image "
@@ -150,7 +173,7 @@ def predict_folder(cfg: DictConfig, net: Net, device: torch.device, run_dir: str
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -13,12 +13,14 @@ at the step that ends it, so every chart shares one x axis.
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import dotted_scalars
 from finetune.errors import ConfigError
+from finetune.hooks import Hook
 
 
 class Logger(Protocol):
@@ -116,34 +118,38 @@ def steps_between(logger: Logger) -> int:
 FINAL_METRICS = ("best_val_acc", "best_val_loss", "last_val_acc", "last_val_loss")
 
 
-class RunLog:
-    """Everything rank 0 records beside metrics.csv: the loggers and, with plots on,
-    curves.png redrawn after every epoch so it can be watched."""
+class RunLog(Hook):
+    """A trainer hook for everything rank 0 records beside metrics.csv: the loggers and, with
+    plots on, curves.png redrawn after every epoch so it can be watched."""
 
-    def __init__(self, loggers: list[Logger], curves_path: str | None = None,
-                 phase_epochs: list[int] = ()):
-        self.loggers, self.curves_path, self.phase_epochs = loggers, curves_path, phase_epochs
+    def __init__(self, loggers: list[Logger], steps_per_epoch: int, curves_path: str | None = None,
+                 phase_epochs: Sequence[int] = ()):
+        self.loggers, self.steps_per_epoch = loggers, steps_per_epoch
+        self.curves_path, self.phase_epochs = curves_path, list(phase_epochs)
         self.plots = None
         if curves_path is not None:
             from finetune.plots import BackgroundPlots
 
             self.plots = BackgroundPlots()
         every = [steps_between(logger) for logger in loggers if steps_between(logger) > 0]
-        self.every_n_steps = math.gcd(*every) if every else 0  # the trainer samples this often
+        self.every_n_steps = math.gcd(*every) if every else 0
 
-    def step(self, step: int, loss: float) -> None:
+    def on_train_batch_end(self, step: int, loss: Any) -> None:
+        if not self.every_n_steps or step % self.every_n_steps:
+            return  # reading the loss waits for the device: only when a logger wants it
+        value = loss.item()
         for logger in self.loggers:
             if steps_between(logger) and step % steps_between(logger) == 0:
-                logger.log_metrics({"train/loss_step": loss}, step)
+                logger.log_metrics({"train/loss_step": value}, step)
 
-    def epoch(self, progress: Any, step: int) -> None:
+    def on_epoch_end(self, progress: Any, improved: bool) -> None:
         """After each epoch (its checkpoint written): `progress` is a trainer.Progress."""
         row = progress.history[-1]
         scalars = {"epoch": row.epoch, "train/loss": row.train_loss, "train/acc": row.train_acc,
                    "val/loss": row.val_loss, "val/acc": row.val_acc, "epoch_seconds": row.seconds}
         scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
         for logger in self.loggers:
-            logger.log_metrics(scalars, step)
+            logger.log_metrics(scalars, row.epoch * self.steps_per_epoch)
         if self.plots is not None:
             from finetune.plots import plot_curves
 

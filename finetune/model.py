@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_state_dict
 from finetune.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,18 @@ class InputSpec:
                 "interpolation": self.interpolation.value}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "InputSpec":
-        return cls(**{**values, "interpolation": InterpolationMode(values["interpolation"])})
+    def from_dict(cls, values: dict[str, Any], source: str = "input_spec") -> "InputSpec":
+        """The spec a checkpoint saved, checked: a file's values, not ours until then."""
+        try:
+            spec = cls(**{**values, "interpolation": InterpolationMode(values["interpolation"])})
+            sizes = (spec.image_size, spec.resize_size)
+            channels = [float(value) for value in (*spec.mean, *spec.std)]
+            if not all(isinstance(size, int) and size >= 1 for size in sizes) or len(channels) != 6:
+                raise ValueError("sizes must be positive integers, mean and std 3 numbers each")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"{source}: its saved input spec {values!r} is not valid "
+                              f"({error}); the file is damaged or not this tool's.") from error
+        return spec
 
 
 def classification_model_names() -> list[str]:
@@ -201,20 +211,6 @@ def drop_auxiliary_classifiers(backbone: nn.Module) -> None:
         for name in ("aux1", "aux2", "AuxLogits"):
             if hasattr(backbone, name):
                 setattr(backbone, name, None)
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A backbone state dict from a plain torchvision file or a checkpoint saved by this tool."""
-    state = read_checkpoint(path, key="backbone.checkpoint")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a checkpoint written by this tool
-    if not isinstance(state, dict):
-        raise ConfigError(f"backbone.checkpoint={path!r} holds a {type(state).__name__}, "
-                          "not a state dict.")
-    if any(key.startswith("pretrained.") for key in state):
-        state = {key.removeprefix("pretrained."): value for key, value in state.items()
-                 if key.startswith("pretrained.")}
-    return state
 
 
 def load_backbone_checkpoint(backbone: nn.Module, path: str, dropped_prefix: str | None) -> None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.freeze import trainable_names
 from finetune.patterns import matching, under_any
 from finetune.stages import Aliases
 
@@ -70,7 +71,7 @@ def layer_decay_rules(lr_decay: float, aliases: Aliases) -> list[GroupRule]:
 def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[GroupRule]:
     """The rules from cfg.param_groups and cfg.lr_decay, first match wins."""
     names = [name for name, _ in net.named_parameters()]
-    trainable = {name for name, param in net.named_parameters() if param.requires_grad}
+    trainable = set(trainable_names(net))
     rules = explicit_rules(cfg.param_groups, names, trainable, aliases)
     if cfg.lr_decay is not None:
         if cfg.unfreeze:

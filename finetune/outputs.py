@@ -1,12 +1,12 @@
-"""The run directory: a fresh one per run, never one that holds results; atomic writes."""
+"""The run directory: a fresh one per run, never one that holds results."""
 
 import itertools
-import json
 import os
 
 from finetune.errors import ConfigError
 
-PREVIOUS_RUN_FILES = ("metrics.csv", "summary.json", "checkpoints")
+RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints")  # a run's results: never overwritten
+RUN_FILES = (*RESULT_FILES, "params.tsv")  # what a run writes at its top (a failed attempt's move)
 
 
 def new_dir(path: str) -> str:
@@ -33,7 +33,7 @@ def new_dir(path: str) -> str:
 
 def check_fresh_run_dir(run_dir: str) -> None:
     """Never train over another run's results."""
-    found = [name for name in PREVIOUS_RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+    found = [name for name in RESULT_FILES if os.path.exists(os.path.join(run_dir, name))]
     if found:
         raise ConfigError(f"hydra.run.dir={run_dir!r} already holds a run ({', '.join(found)}); "
                           "refusing to overwrite it. Choose another hydra.run.dir.")
@@ -51,11 +51,3 @@ def check_writable(run_dir: str, key: str = "hydra.run.dir") -> None:
     else:
         return
     raise ConfigError(f"{key}={run_dir!r} cannot be written: {problem}. Choose another {key}.")
-
-
-def write_json(data: dict, path: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)

@@ -9,13 +9,13 @@ never sees half a file.
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from finetune.errors import ConfigError
+from finetune.files import atomic_write
 
 DPI = 110
 MAX_SWEEP_BARS = 40  # summary.png shows the best 40 jobs (an Optuna study may have thousands)
@@ -99,9 +99,8 @@ def draw_or_warn(function: Callable[..., None], *args: Any) -> None:
 
 
 def save(figure, path: str) -> None:
-    temporary = path + ".tmp"
-    figure.savefig(temporary, format="png", dpi=DPI, bbox_inches="tight")
-    os.replace(temporary, path)
+    with atomic_write(path, "wb") as stream:  # a viewer never sees half a picture
+        figure.savefig(stream, format="png", dpi=DPI, bbox_inches="tight")
 
 
 def new_figure(width: float, height: float):

@@ -1,12 +1,15 @@
 """What is trained, and how: the start-up report and params.tsv (one row per parameter)."""
 
 import csv
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from finetune.freeze import trainable_names
+from finetune.hooks import Hook
 from finetune.patterns import under_any
 
 SEED_TABLE_MAX_ROWS = 60  # above this the report summarizes per module instead
@@ -100,3 +103,21 @@ def write_params_tsv(rows: Sequence[ParamRow], path: str) -> None:
             writer.writerow([row.name, "x".join(map(str, row.shape)), row.numel, row.trainable,
                              row.group, "" if row.lr is None else f"{row.lr:.6g}",
                              "" if row.weight_decay is None else f"{row.weight_decay:g}", row.mode])
+
+
+class ParamsTsv(Hook):
+    """A trainer hook that writes params_epoch<N>.tsv when epoch N starts with another
+    trainable set than the last one written (an unfreeze phase ran before it)."""
+
+    def __init__(self, run_dir: str, net: nn.Module, optimizer: torch.optim.Optimizer):
+        self.run_dir, self.net, self.optimizer = run_dir, net, optimizer
+        self.written: list[str] = []
+
+    def on_fit_start(self, progress) -> None:
+        self.written = trainable_names(self.net)  # params.tsv, or the resumed run's last one
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if trainable_names(self.net) != self.written:
+            write_params_tsv(parameter_rows(self.net, self.optimizer),
+                             os.path.join(self.run_dir, f"params_epoch{epoch}.tsv"))
+            self.written = trainable_names(self.net)

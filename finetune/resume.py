@@ -2,9 +2,8 @@
 
 `resume=<run directory>` or `resume=latest` (the newest run under outputs/ with a
 checkpoint). The run goes on with its saved config; the command line may only raise
-trainer.max_epochs. The checkpoint restores the model, optimizer, scheduler, gradient
-scaler, unfreeze phases, RNG streams and loader order, so the resumed run ends as the
-uninterrupted one would have.
+trainer.max_epochs (and say what it trusts). The checkpoint restores every part of the run
+(finetune/checkpoint.py), so the resumed run ends as the uninterrupted one would have.
 """
 
 import logging
@@ -14,14 +13,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import dotted_scalars
+from finetune.config import CONFIG_GROUPS, dotted_scalars
 from finetune.errors import ConfigError
+from finetune.trust import check_file_overrides, check_targets, refuse_interpolations
 
 log = logging.getLogger(__name__)
 
 OUTPUTS_ROOT = "outputs"  # Hydra's default hydra.run.dir is outputs/<date>/<time>
 LAST = os.path.join("checkpoints", "last.pt")
-MAY_CHANGE = {"trainer.max_epochs"}  # and only upwards
+MAY_CHANGE = {"trainer.max_epochs",  # and only upwards
+              "trust", "trainer.cache_dir"}  # taken from the command line, never from the file
 
 
 def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
@@ -46,15 +47,10 @@ def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
 
 
 def load_last(run_dir: str) -> dict[str, Any]:
-    from finetune.checkpoint import read_checkpoint
-    from finetune.trainer import CHECKPOINT_FORMAT
+    """The run's checkpoints/last.pt, upgraded to this version's format."""
+    from finetune.checkpoint import read_run_checkpoint
 
-    checkpoint = read_checkpoint(os.path.join(run_dir, LAST), key="resume")
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"resume={run_dir!r}: its checkpoint has format "
-                          f"{checkpoint.get('format')}, this version resumes format "
-                          f"{CHECKPOINT_FORMAT} only. Start the run again.")
-    return checkpoint
+    return read_run_checkpoint(os.path.join(run_dir, LAST), key="resume")
 
 
 def changed_keys(before: dict, after: dict) -> list[str]:
@@ -62,13 +58,19 @@ def changed_keys(before: dict, after: dict) -> list[str]:
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
-def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequence[str],
-                   new_overrides: Sequence[str],
+def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence[str],
                    compose: Callable[[list[str]], dict[str, Any]]) -> DictConfig:
-    """The saved config with the command line's trainer.max_epochs; any other change is an
-    error naming the keys. `compose(overrides)` gives a resolved config for overrides: the
-    saved run's overrides with and without the new ones show what the new ones change."""
+    """The saved config (checkpoint["run"]) with the command line's trainer.max_epochs; any
+    other change is an error naming the keys. `compose(overrides)` gives a config for
+    overrides: the saved run's overrides with and without the new ones show what the new
+    ones change. The saved config and overrides are a file's, so they are checked first
+    (finetune/trust.py); `trust` and `trainer.cache_dir` come from this command line only."""
+    source = f"resume={run_dir!r}"
+    saved, saved_overrides = record["config"], record["overrides"]
     new_overrides = [item for item in new_overrides if not item.lstrip("+~").startswith("resume=")]
+    check_file_overrides(saved_overrides, source, CONFIG_GROUPS)
+    refuse_interpolations(saved, source)
+    live = compose(new_overrides)  # the user's own: what may be trusted, and this machine's
     with_new = compose([*saved_overrides, *new_overrides])
     changed = changed_keys(compose(list(saved_overrides)), with_new)
     refused = [key for key in changed if key not in MAY_CHANGE]
@@ -78,8 +80,13 @@ def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequenc
         raise ConfigError(f"resume={run_dir!r} continues the run with its saved config; these "
                           f"overrides change it: {shown}. Only trainer.max_epochs may be "
                           "raised. Drop the other overrides, or start a new run.")
+    if saved.get("mode", "train") != "train":
+        raise ConfigError(f"{source}: its checkpoint saved mode={saved['mode']!r}, not a "
+                          "training run; refusing it.")
     # keys this version added since the run was saved (plots, logger, ...) take today's values
     config = OmegaConf.merge(OmegaConf.create(with_new), OmegaConf.create(saved))
+    config.trust, config.trainer.cache_dir = live["trust"], live["trainer"]["cache_dir"]
+    check_targets(OmegaConf.to_container(config), source, live["trust"])
     epochs = with_new["trainer"]["max_epochs"] if changed else saved["trainer"]["max_epochs"]
     if epochs < saved["trainer"]["max_epochs"]:
         raise ConfigError(f"resume={run_dir!r}: trainer.max_epochs={epochs} is below the run's "
@@ -87,33 +94,3 @@ def resumed_config(run_dir: str, saved: dict[str, Any], saved_overrides: Sequenc
     config.trainer.max_epochs = epochs
     config.resume = run_dir
     return config
-
-
-def restore(checkpoint: dict[str, Any], setup: Any, step: Any, loaders: list, run_dir: str):
-    """Put the built run back where `checkpoint` left it; returns (progress, checkpoints)."""
-    from finetune import distributed
-    from finetune.checkpoint import RunCheckpoints, link_atomic
-    from finetune.trainer import Progress, restore_rng
-
-    for epoch in range(2, checkpoint["epoch"] + 1):  # the phases that had started, in order
-        setup.unfreeze.start_epoch(epoch)
-    trainable = [name for name, param in setup.net.named_parameters() if param.requires_grad]
-    if trainable != checkpoint["trainable"]:
-        raise ConfigError(f"resume={run_dir!r}: the checkpoint trained other parameters than "
-                          "this build does (the code or the backbone changed?); start a new run.")
-    setup.net.load_state_dict(checkpoint["model"])
-    setup.optimizer.load_state_dict(checkpoint["optimizer"])
-    if setup.scheduler is not None:
-        setup.scheduler.load_state_dict(checkpoint["scheduler"])
-    step.scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint["rng"], loaders)
-    if checkpoint["feature_cache_key"] != setup.cache.key:
-        log.warning("resume: the cached backbone outputs now have key %s, the checkpoint's had "
-                    "%s (torch, the weights or the data changed?): the result may differ from "
-                    "an uninterrupted run", setup.cache.key, checkpoint["feature_cache_key"])
-    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
-    checkpoints.adopt(checkpoint["frozen_part"])
-    if checkpoint["progress"]["best_epoch"] == checkpoint["epoch"] and distributed.is_main():
-        # killed between writing last.pt and linking best.pt to it: link it now
-        link_atomic(checkpoints.path("last.pt"), checkpoints.path("best.pt"))
-    return Progress.from_state(checkpoint["progress"]), checkpoints

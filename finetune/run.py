@@ -1,5 +1,6 @@
 """Wires the stages in order: config -> model -> data -> freeze -> optim -> trainer."""
 
+import functools
 import logging
 import os
 import random
@@ -15,12 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from finetune import distributed
+from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
 from finetune.config import validate
 from finetune.data import Data, build_data, fingerprint, make_loader
 from finetune.digest import tensors_digest
+from finetune.distributed import Rewrap
 from finetune.errors import TrainingFailed
-from finetune.features import CacheDecision, cached_features, decide
-from finetune.freeze import apply_freeze
+from finetune.features import CacheDecision, CacheEntry, cached_features, decide
+from finetune.files import write_json
+from finetune.freeze import apply_freeze, unchanging_state_names
+from finetune.hooks import Hook
 from finetune.loggers import RunLog, build_loggers, check_loggers, config_hparams
 from finetune.model import (
     InputSpec,
@@ -32,19 +37,29 @@ from finetune.model import (
     resolve_weights,
 )
 from finetune.optim import build_optimizer, build_scheduler, group_rules
-from finetune.outputs import check_fresh_run_dir, write_json
+from finetune.outputs import check_fresh_run_dir
 from finetune.plots import draw_or_warn, plot_confusion, plots_enabled
 from finetune.report import (
     ParamRow,
+    ParamsTsv,
     format_report,
     parameter_rows,
     total_count,
     trainable_count,
     write_params_tsv,
 )
-from finetune.resume import load_last, restore
+from finetune.resume import load_last
 from finetune.stages import Aliases, resolve_aliases
-from finetune.trainer import EpochMetrics, Monitor, Progress, Step, fit, resolve_device
+from finetune.trainer import (
+    EpochMetrics,
+    MetricsCsv,
+    Monitor,
+    Progress,
+    RandomStreams,
+    Step,
+    fit,
+    resolve_device,
+)
 from finetune.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
@@ -135,35 +150,58 @@ def check_same_weights(net: Net) -> None:
              distributed.world(), digest[:16])
 
 
-def training_step(cfg: DictConfig, setup: Setup) -> tuple[Step, DataLoader, DataLoader]:
+@dataclass
+class Training:
     """What each batch runs through and the loaders feeding it: the whole Net on images, or
-    the head alone on the backbone's cached outputs."""
-    step = Step(setup.net, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
-                cfg.trainer.grad_clip)
-    train_loader, val_loader = setup.data.train_loader, setup.data.val_loader
+    the head alone on the backbone's cached outputs (`cache` names the entry)."""
+
+    step: Step
+    loaders: tuple[DataLoader, DataLoader]
+    cache: CacheEntry
+
+
+def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
+    loaders, module, cache = (setup.data.train_loader, setup.data.val_loader), setup.net, CacheEntry()
     if setup.cache.enabled:
-        train, val, setup.cache.key = cached_features(
-            setup.net.pretrained, train_loader.dataset, val_loader.dataset,
-            (fingerprint(train_loader.dataset), fingerprint(val_loader.dataset)),
-            cfg.trainer.cache_dir, cfg.data.batch_size, cfg.data.num_workers, setup.device,
-            cfg.trainer.precision, step.autocast)
+        train, val, key = cached_features(
+            setup.net.pretrained, *(loader.dataset for loader in loaders),
+            tuple(fingerprint(loader.dataset) for loader in loaders), cfg.trainer.cache_dir,
+            cfg.data.batch_size, cfg.data.num_workers, setup.device, cfg.trainer.precision)
         pin = setup.device.type == "cuda"
-        train_loader = make_loader(train, cfg.data, True, cfg.seed, pin)
-        val_loader = make_loader(val, cfg.data, False, cfg.seed, pin)
-    step.forward = trained_forward(cfg, setup)
-    return step, train_loader, val_loader
+        loaders = (make_loader(train, cfg.data, True, cfg.seed, pin),
+                   make_loader(val, cfg.data, False, cfg.seed, pin))
+        module, cache = setup.net.add_layers, CacheEntry(key)
+    step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
+                cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup))
+    return Training(step, loaders, cache)
 
 
-def trained_forward(cfg: DictConfig, setup: Setup):
-    """The head alone on cached features, else the Net; under torchrun wrapped in DDP, which
-    must be done again whenever the trainable set changes; compiled if asked."""
-    if setup.cache.enabled:
-        forward = setup.net.add_layers
-    elif distributed.active():  # after freezing: DDP syncs the gradients of what trains
-        forward = distributed.wrap(setup.net, setup.device)
-    else:
-        forward = setup.net
+def wrapped(cfg: DictConfig, setup: Setup, module: torch.nn.Module):
+    """Under torchrun the Net in DDP (the feature cache is off there); compiled if asked."""
+    forward = distributed.wrap(module, setup.device) if distributed.active() else module
     return torch.compile(forward) if cfg.trainer.compile else forward
+
+
+def stateful_parts(setup: Setup, training: Training, progress: Progress) -> dict[str, Stateful]:
+    """Everything besides the weights that a checkpoint holds, in the order it is restored:
+    the phases first (they add the optimizer groups the optimizer's state has)."""
+    parts = {"unfreeze": setup.unfreeze, "optimizer": setup.optimizer,
+             "scheduler": setup.scheduler, "scaler": training.step.scaler,
+             "rng": RandomStreams(training.loaders), "progress": progress,
+             "feature_cache": training.cache}
+    return {name: part for name, part in parts.items() if part is not None}
+
+
+def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: str,
+                   checkpoint: CheckpointHook | None, run_log: RunLog | None) -> list[Hook]:
+    """What happens around the loop, in order: phases, then what sees their result."""
+    hooks: list[Hook] = [setup.unfreeze]
+    if distributed.active():  # DDP must see the trainable set an unfreeze phase changed
+        hooks.append(Rewrap(setup.net, training.step))
+    if distributed.is_main():  # under torchrun rank 0 alone writes
+        hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer), checkpoint,
+                  MetricsCsv(os.path.join(run_dir, "metrics.csv")), run_log]
+    return hooks
 
 
 def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
@@ -191,90 +229,91 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         from finetune.inference import run_inference
 
         return run_inference(cfg, run_dir, plots)
-    started = time.perf_counter()
+    summary = RunSummary(run_dir, overrides)
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)
-    writes = distributed.is_main()  # under torchrun, rank 0 alone writes
-    if checkpoint is None and writes:
+    writes, fresh = distributed.is_main(), checkpoint is None
+    if fresh and writes:
         check_fresh_run_dir(run_dir)
     setup = build(cfg)
-    rows = setup.rows()
-    log.info("%s", report(cfg, setup, rows))
-    if checkpoint is None and writes:
+    log.info("%s", report(cfg, setup, setup.rows()))
+    if fresh and writes:
         os.makedirs(run_dir, exist_ok=True)
-        write_params_tsv(rows, os.path.join(run_dir, "params.tsv"))
+        write_params_tsv(setup.rows(), os.path.join(run_dir, "params.tsv"))
     if cfg.dry_run:
         log.info("dry run: built %s on %s for %d classes; nothing trained or saved.",
                  cfg.backbone.name, setup.device, setup.data.num_classes)
         return None
-    step, train_loader, val_loader = training_step(cfg, setup)
-    progress, checkpoints = Progress(), None
-    if checkpoint is not None:
-        progress, checkpoints = restore(checkpoint, setup, step, [train_loader, val_loader], run_dir)
-        step.forward = trained_forward(cfg, setup)  # the phases re-applied: DDP sees them
+    training = training_inputs(cfg, setup)
+    progress = Progress(monitor=Monitor.for_metric(cfg.optimized_metric))
+    parts = stateful_parts(setup, training, progress)
+    if not fresh:
+        restore(checkpoint, setup.net, parts, f"resume={run_dir!r}")
         log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
-
-    def before_epoch(epoch: int) -> None:
-        for phase in setup.unfreeze.start_epoch(epoch):
-            log.info("epoch %d: unfreeze phase %d: %s (%d tensors) join the optimizer as group %s",
-                     epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
-            if writes:
-                write_params_tsv(setup.rows(), os.path.join(run_dir, f"params_epoch{epoch}.tsv"))
-            if distributed.active():  # DDP must see the new trainable set
-                step.forward = trained_forward(cfg, setup)
-
-    saved = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides),
-             "class_names": setup.data.class_names, "input_spec": setup.spec.to_dict()}
-
-    def checkpoint_extras() -> dict:
-        return {**saved, "unfreeze_phase": setup.unfreeze.active,
-                "feature_cache_key": setup.cache.key,
-                "trainable": [name for name, param in setup.net.named_parameters()
-                              if param.requires_grad]}
-
-    def finish(status: str, error: str | None = None) -> dict:
-        summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
-                            setup.rows(), time.perf_counter() - started, overrides, error)
-        if writes:
-            write_json(summary, os.path.join(run_dir, "summary.json"))
-        return summary
-
-    monitor = Monitor("val_loss", False) if cfg.optimized_metric.endswith("loss") else Monitor()
-    run_log = (start_run_log(cfg, setup, run_dir, plots, progress.epoch * len(train_loader))
-               if writes else None)
-    try:
-        fit(setup.net, train_loader, val_loader, setup.optimizer, setup.scheduler,
-            cfg.trainer.max_epochs, step, run_dir, monitor, checkpoint_extras, before_epoch,
-            progress, checkpoints, run_log)
-        if distributed.active():
-            check_same_weights(setup.net)
-        summary = finish("ok")
-        if run_log is not None:
-            run_log.finish(config_hparams(cfg), summary, progress.epoch * len(train_loader))
-    except KeyboardInterrupt:
-        finish("interrupted")
-        log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
-                    progress.epoch, run_dir)
-        raise
-    except TrainingFailed as error:
-        finish("failed", str(error))
-        raise
-    finally:
-        if run_log is not None:
-            run_log.close()
+    record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
+                       setup.data.class_names, setup.spec.to_dict())
+    saving = CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names, checkpoint)
+    run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
+    hooks = training_hooks(cfg, setup, training, run_dir, saving, run_log)
+    result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
     best = progress.history[progress.best_epoch - 1]
     if plots and writes and progress.best_confusion:
         draw_or_warn(plot_confusion, progress.best_confusion, setup.data.class_names,
                      f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
                      os.path.join(run_dir, "confusion.png"))
-    log.info("%s", closing_lines(cfg, best, summary, run_dir, overrides))
-    return summary[cfg.optimized_metric]
+    log.info("%s", closing_lines(cfg, best, result, run_dir, overrides))
+    return result[cfg.optimized_metric]
 
 
-def start_run_log(cfg: DictConfig, setup: Setup, run_dir: str, plots: bool,
-                  start_step: int) -> RunLog:
-    """Rank 0's loggers and, with plots on, curves.png (marking the unfreeze phases)."""
-    return RunLog(build_loggers(cfg.logger, run_dir, start_step),
+class RunSummary:
+    """summary.json, written when training ends however it ends (rank 0 only)."""
+
+    def __init__(self, run_dir: str, overrides: Sequence[str]):
+        self.path, self.overrides = os.path.join(run_dir, "summary.json"), overrides
+        self.started = time.perf_counter()
+
+    def write(self, status: str, progress: Progress, setup: Setup,
+              error: str | None = None) -> dict:
+        summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
+                            setup.rows(), time.perf_counter() - self.started, self.overrides,
+                            error)
+        if distributed.is_main():
+            write_json(summary, self.path)
+        return summary
+
+
+def fit_and_summarize(cfg: DictConfig, setup: Setup, training: Training, progress: Progress,
+                      hooks: list[Hook], summary: RunSummary, run_log: RunLog | None) -> dict:
+    """Train; write summary.json however training ends (ok, interrupted, failed)."""
+    try:
+        fit(setup.net, training.step, setup.optimizer, setup.scheduler, training.loaders,
+            cfg.trainer.max_epochs, progress, hooks)
+        if distributed.active():
+            check_same_weights(setup.net)
+        result = summary.write("ok", progress, setup)
+        if run_log is not None:
+            run_log.finish(config_hparams(cfg), result,
+                           progress.epoch * len(training.loaders[0]))
+        return result
+    except KeyboardInterrupt:
+        summary.write("interrupted", progress, setup)
+        log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
+                    progress.epoch, os.path.dirname(summary.path))
+        raise
+    except TrainingFailed as error:
+        summary.write("failed", progress, setup, str(error))
+        raise
+    finally:
+        if run_log is not None:
+            run_log.close()
+
+
+def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: str, plots: bool,
+                  progress: Progress) -> RunLog:
+    """Rank 0's loggers (a resumed run's go on after its last step) and, with plots on,
+    curves.png (marking the unfreeze phases)."""
+    steps = len(training.loaders[0])
+    return RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * steps), steps,
                   os.path.join(run_dir, "curves.png") if plots else None,
                   [phase.epoch for phase in setup.unfreeze.plan])
 

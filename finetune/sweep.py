@@ -16,23 +16,38 @@ import sys
 import time
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from finetune.config import direction
 from finetune.errors import ConfigError
+from finetune.files import atomic_write
+from finetune.outputs import RUN_FILES
 
 log = logging.getLogger(__name__)
 
-RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints", "params.tsv")
 COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrides", "error"]
 
 
 def read_summary(job_dir: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(job_dir, "summary.json")) as handle:
-            return json.load(handle)
+            summary = json.load(handle)
     except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) and "status" in summary else None
+
+
+def read_overrides(path: str) -> list[str]:
+    """A job's .hydra/overrides.yaml as plain text: never resolved, so a `${...}` in the
+    file stays text (OmegaConf would resolve it: read the environment, call resolvers)."""
+    try:
+        with open(path) as handle:
+            overrides = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(item) for item in overrides] if isinstance(overrides, list) else []
 
 
 def finished_result(job_dir: str, overrides: list[str]) -> dict[str, Any] | None:
@@ -46,7 +61,7 @@ def finished_result(job_dir: str, overrides: list[str]) -> dict[str, Any] | None
 def set_aside_failed_attempt(job_dir: str) -> None:
     """A job that failed (or was killed) before runs again; keep what it wrote, moved into
     attempt-<time>/, so nothing is lost and the job directory is fresh."""
-    found = [name for name in RESULT_FILES if os.path.exists(os.path.join(job_dir, name))]
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(job_dir, name))]
     if not found:
         return
     summary = read_summary(job_dir)
@@ -61,7 +76,7 @@ def set_aside_failed_attempt(job_dir: str) -> None:
 
 def record_failure(job_dir: str, overrides: list[str], error: BaseException) -> None:
     """summary.json for a job that failed, unless the directory already has one."""
-    from finetune.outputs import write_json
+    from finetune.files import write_json
 
     if os.path.exists(os.path.join(job_dir, "summary.json")):
         return
@@ -80,17 +95,16 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
             continue
         summary = read_summary(job_dir) or {
             "status": "failed", "error": "no summary.json: the job was stopped before it ended"}
-        overrides = list(OmegaConf.load(overrides_file))  # what Hydra ran there last
+        overrides = read_overrides(overrides_file)  # what Hydra ran there last
         if summary.get("overrides", overrides) != overrides:
             summary = {"status": "failed", "error": "refused: its directory holds the result of "
-                       "another job (" + " ".join(summary["overrides"]) + "); use a new "
-                       "hydra.sweep.dir"}
+                       f"another job ({summary['overrides']}); use a new hydra.sweep.dir"}
         error = summary.get("error", "")
         rows.append({"job": name, "status": summary["status"], "metric": metric,
                      "value": summary.get(metric, ""), "best_epoch": summary.get("best_epoch", ""),
                      "seconds": summary.get("seconds", ""), "overrides": " ".join(overrides),
                      "error": error.splitlines()[0] if error else "", "override_list": overrides})
-    lower_is_better = metric.endswith("loss")
+    lower_is_better = direction(metric) == "minimize"
 
     def order(row: dict[str, Any]):
         if row["status"] != "ok" or not isinstance(row["value"], int | float) or row["value"] != row["value"]:
@@ -101,12 +115,10 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
 
 
 def write_table(rows: list[dict[str, Any]], path: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="") as handle:
+    with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

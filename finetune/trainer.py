@@ -1,13 +1,13 @@
-"""Trainer stage: the epoch loop (train pass, eval pass, metrics.csv, checkpoints)."""
+"""Trainer stage: the epoch loop (train pass, eval pass, schedule step) and its own state;
+everything else a run does each epoch is a hook (finetune/hooks.py)."""
 
 import contextlib
 import csv
 import logging
 import math
-import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,14 +19,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune import distributed
-from finetune.checkpoint import RunCheckpoints
+from finetune.config import PRECISIONS, direction
 from finetune.data import set_epoch
 from finetune.errors import ConfigError, TrainingFailed
-from finetune.freeze import unchanging_state_names
+from finetune.hooks import Hook
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 2  # 2: progress, RNG states and frozen.pt; resume refuses other formats
 
 SAMPLE_EVERY = 10  # steps between progress-bar updates (each waits for the device; none without a bar)
 
@@ -130,31 +128,45 @@ class Totals:
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)
-PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward pass runs in at `precision` (32 | bf16 | 16-mixed)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:  # full precision: not even a disabled autocast context per batch
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def unwrapped(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return module
 
 
 @dataclass
 class Step:
-    """How a batch goes through the model: which callable, on which device, at what precision.
+    """How a batch goes through the model: which module, on which device, at what precision.
 
-    `forward` is the Net, or only its head when the backbone's outputs are cached, or a
-    torch.compile'd version of either; train()/eval() always go to the whole Net.
+    `module` is the Net, or only its head when the backbone's outputs are cached; `wrap`
+    puts DDP and/or torch.compile around it (`rewrap` again when the trainable set
+    changes: DDP must see it). train()/eval() always go to the whole Net.
     """
 
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module
     device: torch.device
     precision: str = "32"  # 32 | bf16 | 16-mixed (autocast; fp16 adds a gradient scaler)
     channels_last: bool = False
     grad_clip: float | None = None  # max total gradient norm
+    wrap: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = unwrapped
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
+        self.forward = self.wrap(self.module)
+
+    def rewrap(self) -> None:
+        self.forward = self.wrap(self.module)
 
     def autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:  # full precision: not even a disabled autocast context per batch
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.scale(loss).backward()  # scale, unscale_, step and update do nothing
@@ -177,17 +189,13 @@ class Step:
             return self.forward(images).float()
 
 
-StepLog = Callable[[int, float], None]  # (global step, training loss)
-
-
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    step: Step, epoch: int, max_epochs: int, log_step: StepLog | None = None,
-                    log_every: int = 0) -> tuple[float, float]:
+                    step: Step, epoch: int, max_epochs: int,
+                    hooks: Sequence[Hook] = ()) -> tuple[float, float]:
     """One pass over the training data; a non-finite loss stops it (TrainingFailed).
 
-    The progress bar shows only on a terminal (no bar spam in CI or SLURM logs). Every
-    `log_every` steps `log_step` gets the loss; reading it waits for the device, so nothing
-    is read when neither wants it.
+    The progress bar shows only on a terminal (no bar spam in CI or SLURM logs); updating it
+    waits for the device, so it is updated every SAMPLE_EVERY steps only.
     """
     net.train()  # Net.train keeps fully frozen modules in eval mode
     totals = Totals(step.device)
@@ -208,8 +216,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         if not bar.disable and index % SAMPLE_EVERY == 0:
             bar.set_postfix({"loss": f"{loss.item():.4f}", "acc": f"{totals.running_accuracy():.3f}",
                              "lr": f"{base_lr(optimizer):.3g}"})
-        if log_step is not None and log_every and (steps_before + index + 1) % log_every == 0:
-            log_step(steps_before + index + 1, loss.item())
+        for hook in hooks:
+            hook.on_train_batch_end(steps_before + index + 1, loss)
     totals.check_finite(epoch, len(loader))
     return totals.means()
 
@@ -240,38 +248,19 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
     return group["lr"] / group.get("lr_mult", 1.0)
 
 
-def csv_row(metrics: EpochMetrics) -> list:
-    return [getattr(metrics, column) for column in METRIC_COLUMNS]
-
-
-class MetricsCsv:
-    """metrics.csv: one row per finished epoch, flushed so it can be watched.
-
-    A resumed run rewrites it from its checkpoint's history first: a row written after that
-    checkpoint is dropped and one the kill cut off is restored, so no epoch is missing or
-    doubled whichever of the two files was written last.
-    """
-
-    def __init__(self, path: str, history: list[EpochMetrics] = ()):
-        self.path = path
-        temporary = path + ".tmp"
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(METRIC_COLUMNS)
-            writer.writerows(csv_row(row) for row in history)
-        os.replace(temporary, path)
-
-    def append(self, metrics: EpochMetrics) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow(csv_row(metrics))
-
-
 @dataclass
 class Monitor:
     """Which validation metric decides the best checkpoint."""
 
     key: str = "val_acc"
     higher_is_better: bool = True
+
+    @classmethod
+    def for_metric(cls, optimized_metric: str) -> "Monitor":
+        """best_val_loss and last_val_loss watch the loss; the accuracies, the accuracy."""
+        if direction(optimized_metric) == "minimize":
+            return cls("val_loss", False)
+        return cls()
 
     def improved(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -288,25 +277,51 @@ class Progress:
     best: float | None = None
     best_epoch: int = 0
     best_confusion: list[list[int]] = field(default_factory=list)  # the best epoch's, on val
+    monitor: Monitor = field(default_factory=Monitor)  # from the config, not saved
+
+    def record(self, metrics: EpochMetrics, confusion: list[list[int]]) -> bool:
+        """Add a finished epoch; whether it is the best so far."""
+        value = getattr(metrics, self.monitor.key)
+        improved = self.monitor.improved(value, self.best)
+        if improved:
+            self.best, self.best_epoch, self.best_confusion = value, metrics.epoch, confusion
+        self.epoch = metrics.epoch
+        self.history.append(metrics)
+        return improved
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": [asdict(row) for row in self.history],
                 "best": self.best, "best_epoch": self.best_epoch,
                 "best_confusion": self.best_confusion}
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Progress":
-        return cls(state["epoch"], [EpochMetrics(**row) for row in state["history"]],
-                   state["best"], state["best_epoch"], state.get("best_confusion", []))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        self.history = [EpochMetrics(**row) for row in state["history"]]
+        self.best_confusion = state.get("best_confusion", [])
 
 
-def rng_state(loaders: list[DataLoader]) -> dict[str, Any]:
+class RandomStreams:
     """Every random stream the next epoch draws from: dropout and augmentation (torch,
     CUDA, numpy, random) and each loader's own generator (shuffling)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "numpy": numpy_rng_state(), "python": random.getstate(),
-            "loaders": [loader.generator.get_state() for loader in loaders]}
+
+    def __init__(self, loaders: Sequence[DataLoader]):
+        self.loaders = loaders
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+                "numpy": numpy_rng_state(), "python": random.getstate(),
+                "loaders": [loader.generator.get_state() for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None:  # this process's GPU (each rank's own under torchrun)
+            torch.cuda.set_rng_state(state["cuda"])
+        name, keys, position, has_gauss, cached_gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gauss))
+        random.setstate(state["python"])
+        for loader, generator_state in zip(self.loaders, state["loaders"], strict=True):
+            loader.generator.set_state(generator_state)
 
 
 def numpy_rng_state() -> tuple:
@@ -315,93 +330,75 @@ def numpy_rng_state() -> tuple:
     return name, torch.from_numpy(keys.copy()), position, has_gauss, cached_gauss
 
 
-def restore_rng(state: dict[str, Any], loaders: list[DataLoader]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:  # this process's GPU (each rank's own under torchrun)
-        torch.cuda.set_rng_state(state["cuda"])
-    name, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gauss))
-    random.setstate(state["python"])
-    for loader, generator_state in zip(loaders, state["loaders"], strict=True):
-        loader.generator.set_state(generator_state)
+class MetricsCsv(Hook):
+    """metrics.csv: one row per finished epoch, flushed so it can be watched.
 
-
-@dataclass
-class FitResult:
-    history: list[EpochMetrics]
-    best_epoch: int
-
-
-def fit(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-        optimizer: torch.optim.Optimizer, scheduler: Any, max_epochs: int, step: Step,
-        run_dir: str, monitor: Monitor, checkpoint_extras: Callable[[], dict[str, Any]],
-        before_epoch: Callable[[int], None] = lambda epoch: None,
-        progress: Progress | None = None, checkpoints: RunCheckpoints | None = None,
-        run_log: Any = None) -> FitResult:
-    """Train up to max_epochs, writing metrics.csv and checkpoints/ (RunCheckpoints) each epoch.
-
-    `before_epoch(epoch)` runs first in each epoch (gradual unfreezing hooks in there). A
-    resumed run passes the checkpoint's `progress` (with every state already restored) and
-    its `checkpoints`. A checkpoint holds everything the next epoch depends on, so a run
-    resumed from it ends bit-identical to one never stopped (on the CPU). `run_log` (a
-    loggers.RunLog, rank 0 only) gets the sampled steps and each finished epoch.
+    A resumed run rewrites it from its checkpoint's history first: a row written after that
+    checkpoint is dropped and one the kill cut off is restored, so no epoch is missing or
+    doubled whichever of the two files was written last.
     """
-    progress = progress or Progress()
-    writes = distributed.is_main()  # under torchrun, rank 0 alone writes
-    if writes:
-        metrics_csv = MetricsCsv(os.path.join(run_dir, "metrics.csv"), progress.history)
-    if checkpoints is None and writes:
-        checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
-        checkpoints.write_frozen(net.state_dict(), unchanging_state_names(net))
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_start(self, progress: Progress) -> None:
+        from finetune.files import atomic_write
+
+        with atomic_write(self.path) as handle:
+            writer = csv.writer(handle)
+            writer.writerow(METRIC_COLUMNS)
+            writer.writerows(csv_row(row) for row in progress.history)
+
+    def on_epoch_end(self, progress: Progress, improved: bool) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow(csv_row(progress.history[-1]))
+
+
+def csv_row(metrics: EpochMetrics) -> list:
+    return [getattr(metrics, column) for column in METRIC_COLUMNS]
+
+
+def fit(net: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler: Any,
+        loaders: tuple[DataLoader, DataLoader], max_epochs: int, progress: Progress,
+        hooks: Sequence[Hook] = ()) -> None:
+    """Train from the epoch after `progress.epoch` up to max_epochs, recording each epoch in
+    `progress`; the hooks do everything else (checkpoints, metrics.csv, loggers, unfreeze
+    phases), in order, at the loop's moments. On the CPU a run resumed from a checkpoint of
+    all the run's parts ends bit-identical to one never stopped."""
+    for hook in hooks:
+        hook.on_fit_start(progress)
     try:
         for epoch in range(progress.epoch + 1, max_epochs + 1):
             started = time.perf_counter()
-            set_epoch(train_loader, epoch)
-            metrics, confusion = train_and_validate(
-                net, train_loader, val_loader, optimizer, scheduler, step, epoch, max_epochs,
-                before_epoch, run_log)
-            value = getattr(metrics, monitor.key)
-            improved = monitor.improved(value, progress.best)
-            if improved:
-                progress.best, progress.best_epoch = value, epoch
-                progress.best_confusion = confusion
-            progress.epoch = epoch
-            progress.history.append(metrics)
-            metrics.seconds = time.perf_counter() - started  # as the checkpoint's history has it
-            if writes:
-                state = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
-                         "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "scaler": step.scaler.state_dict(), "metrics": asdict(metrics),
-                         "progress": progress.state_dict(), "epoch": epoch,
-                         "rng": rng_state([train_loader, val_loader]), **checkpoint_extras()}
-                checkpoints.save(state, unchanging_state_names(net), best=improved)
-                metrics.seconds = time.perf_counter() - started  # metrics.csv: the copy included
-                metrics_csv.append(metrics)
+            for hook in hooks:
+                hook.on_epoch_start(epoch)
+            metrics, confusion = train_and_validate(net, loaders, optimizer, scheduler, step,
+                                                    epoch, max_epochs, hooks)
+            metrics.seconds = time.perf_counter() - started
+            improved = progress.record(metrics, confusion)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
                      "%.1fs%s", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
                      metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds,
                      "  (best)" if improved else "")
-            if run_log is not None:
-                run_log.epoch(progress, epoch * len(train_loader))
-    finally:  # also on Ctrl-C or a failure: the last epoch's checkpoint is finished, not cut
-        if checkpoints is not None:
-            checkpoints.wait()
-    return FitResult(progress.history, progress.best_epoch)
+            for hook in hooks:
+                hook.on_epoch_end(progress, improved)
+    finally:  # also on Ctrl-C or a failure: the hooks finish what is pending
+        for hook in hooks:
+            hook.on_fit_end(progress)
 
 
-def train_and_validate(net: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+def train_and_validate(net: nn.Module, loaders: tuple[DataLoader, DataLoader],
                        optimizer: torch.optim.Optimizer, scheduler: Any, step: Step, epoch: int,
-                       max_epochs: int, before_epoch: Callable[[int], None],
-                       run_log: Any = None) -> tuple[EpochMetrics, list[list[int]]]:
+                       max_epochs: int, hooks: Sequence[Hook] = ()
+                       ) -> tuple[EpochMetrics, list[list[int]]]:
     """One epoch: train, validate, step the schedule (`seconds` is left to the caller).
     Returns the metrics and the validation confusion matrix."""
-    before_epoch(epoch)
+    train_loader, val_loader = loaders
+    set_epoch(train_loader, epoch)
     lr = base_lr(optimizer)
     group_lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-    train_loss, train_acc = train_one_epoch(
-        net, train_loader, optimizer, step, epoch, max_epochs,
-        run_log.step if run_log else None, run_log.every_n_steps if run_log else 0)
+    train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step, epoch,
+                                            max_epochs, hooks)
     val = evaluate(net, val_loader, step)
     if scheduler is not None:
         scheduler.step()

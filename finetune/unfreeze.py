@@ -5,6 +5,7 @@ group `unfreeze<N>` (lr = lr_mult x optimizer.lr under the schedule, see optim.a
 with the configured weight decay, and their modules leave eval mode.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.freeze import update_eval_modules
+from finetune.freeze import trainable_names, update_eval_modules
+from finetune.hooks import Hook
 from finetune.optim import add_groups, optimizer_groups
 from finetune.patterns import matching
 from finetune.stages import Aliases
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +42,7 @@ def plan_phases(net: nn.Module, phases: Sequence[DictConfig], aliases: Aliases,
                 max_epochs: int) -> list[Phase]:
     """Check every phase now, not at its epoch: it must unfreeze something still frozen."""
     names = [name for name, _ in net.named_parameters()]
-    trainable = {name for name, param in net.named_parameters() if param.requires_grad}
+    trainable = set(trainable_names(net))
     plan = []
     for index, phase in sorted(enumerate(phases), key=lambda item: item[1].epoch):
         key = f"unfreeze[{index}]"
@@ -60,15 +64,22 @@ def plan_phases(net: nn.Module, phases: Sequence[DictConfig], aliases: Aliases,
     return plan
 
 
-class UnfreezeSchedule:
-    """Applies the planned phases to the net, the optimizer and the scheduler."""
+class UnfreezeSchedule(Hook):
+    """A trainer hook that applies the planned phases to the net, the optimizer and the
+    scheduler at the start of their epochs. Its state: how many phases are applied, and the
+    trainable set they left (checked on restore: the code or the backbone may differ)."""
 
     def __init__(self, plan: list[Phase], net: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, optimizer_cfg: DictConfig, frozen_modules: str):
         self.plan = plan
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         self.optimizer_cfg, self.frozen_modules = optimizer_cfg, frozen_modules
-        self.active = 0  # phases applied so far (saved in checkpoints)
+        self.active = 0  # phases applied so far
+
+    def on_epoch_start(self, epoch: int) -> None:
+        for phase in self.start_epoch(epoch):
+            log.info("epoch %d: unfreeze phase %d: %s (%d tensors) join the optimizer as group %s",
+                     epoch, phase.number, ", ".join(phase.patterns), len(phase.names), phase.group)
 
     def start_epoch(self, epoch: int) -> list[Phase]:
         """Apply the phases that start at `epoch`; return them."""
@@ -76,6 +87,19 @@ class UnfreezeSchedule:
         for phase in started:
             self.apply(phase)
         return started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.active, "trainable": trainable_names(self.net)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply the phases the checkpoint had applied, in order, before the optimizer's
+        state is loaded (it has their groups)."""
+        for phase in self.plan[self.active:state["applied"]]:
+            self.apply(phase)
+        if trainable_names(self.net) != list(state["trainable"]):
+            raise ConfigError("the checkpoint trained other parameters than this build does "
+                              "(the code, the backbone or the unfreeze phases changed?); start "
+                              "a new run.")
 
     def apply(self, phase: Phase) -> None:
         params = dict(self.net.named_parameters())

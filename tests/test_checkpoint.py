@@ -4,16 +4,9 @@ import pickle
 import pytest
 import torch
 
-from finetune.checkpoint import (
-    UMASK,
-    BackgroundSaver,
-    RunCheckpoints,
-    link_atomic,
-    load_safe,
-    read_checkpoint,
-    save_atomic,
-)
 from finetune.errors import ConfigError
+from finetune.files import UMASK, link_atomic, load_safe, save_atomic
+from finetune.saver import BackgroundSaver, RunCheckpoints, read_joined
 
 
 def test_save_then_load_round_trip(tmp_path):
@@ -110,7 +103,7 @@ def test_frozen_part_is_joined_back_and_a_phase_moves_tensors_into_last(tmp_path
     checkpoints.save({"model": model, "epoch": 2}, unchanging={"frozen"}, best=False)
     checkpoints.wait()
     assert set(load_safe(str(tmp_path / "last.pt"))["model"]) == {"head", "later"}
-    last, best = read_checkpoint(str(tmp_path / "last.pt")), read_checkpoint(str(tmp_path / "best.pt"))
+    last, best = read_joined(str(tmp_path / "last.pt")), read_joined(str(tmp_path / "best.pt"))
     assert all(torch.equal(last["model"][name], model[name]) for name in model)
     assert torch.equal(best["model"]["later"], torch.ones(2)) and best["epoch"] == 1
 
@@ -123,6 +116,6 @@ def test_a_checkpoint_without_its_own_frozen_file_is_refused(tmp_path):
         checkpoints.wait()
     os.replace(tmp_path / "b" / "frozen.pt", tmp_path / "a" / "frozen.pt")
     with pytest.raises(ConfigError, match="belongs to another run"):
-        read_checkpoint(str(tmp_path / "a" / "last.pt"))
+        read_joined(str(tmp_path / "a" / "last.pt"))
     with pytest.raises(ConfigError, match="keep the checkpoints/ folder's files together"):
-        read_checkpoint(str(tmp_path / "b" / "last.pt"))
+        read_joined(str(tmp_path / "b" / "last.pt"))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import finetune
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import build, run
 
@@ -26,10 +26,14 @@ def trained(tmp_path_factory):
 
 def test_load_model_is_the_trained_net_in_eval_mode(trained, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no config files around: the checkpoint is enough
-    net = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
+    model = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
+    net = model.net
     assert not net.training and not any(module.training for module in net.modules())
-    assert net.class_names == [str(index) for index in range(10)]
-    saved = read_checkpoint(str(trained / "checkpoints" / "best.pt"))
+    assert model.class_names == [str(index) for index in range(10)]
+    assert (model.input_spec.image_size, model.config["data"]["name"]) == (32, "fake")
+    image = model.transform()(Image.new("RGB", (40, 40)))
+    assert image.shape == (3, 32, 32)
+    saved = read_run_checkpoint(str(trained / "checkpoints" / "best.pt"))
     assert all(torch.equal(value, saved["model"][name]) for name, value in net.state_dict().items())
     val = build(make_config(*FAST)).data.val_loader  # the same fake validation images
     with torch.no_grad():
@@ -53,7 +57,7 @@ def test_evaluate_mode_reports_the_runs_validation_metrics(trained, tmp_path):
     right = sum(int(row["images"]) * float(row["accuracy"]) for row in rows)
     assert right == pytest.approx(result["accuracy"] * 32)
     # the same weights on the same images: the matrix training kept for its best epoch
-    progress = read_checkpoint(str(trained / "checkpoints" / "best.pt"))["progress"]
+    progress = read_run_checkpoint(str(trained / "checkpoints" / "best.pt"))["state"]["progress"]
     assert result["confusion"] == progress["best_confusion"]
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import finetune.plots
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.plots import (
     BackgroundPlots,
@@ -47,7 +47,7 @@ def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_pa
     png_size(tmp_path / "confusion.png")
     # the matrix drawn is the best epoch's, on the validation set
     summary = json.loads((tmp_path / "summary.json").read_text())
-    progress = read_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))["progress"]
+    progress = read_run_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))["state"]["progress"]
     matrix = progress["best_confusion"]
     assert progress["best_epoch"] == summary["best_epoch"]
     assert sum(map(sum, matrix)) == 32  # every validation image once

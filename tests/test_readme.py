@@ -1,4 +1,5 @@
-"""Every `python train.py` command in the README runs (as a dry run, on test data).
+"""Every `python train.py` command in the README and the docs runs (as a dry run, on test
+data), the docs site builds without a warning, and the README stays a short front door.
 
 Commands are composed and built in-process (a subprocess costs ~5 s of imports): a sweep's
 jobs one by one; `--help`, which only Hydra's command line shows, runs as a subprocess.
@@ -7,6 +8,8 @@ jobs one by one; `--help`, which only Hydra's command line shows, runs as a subp
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,16 +27,40 @@ from conftest import CONF_DIR, FAST, ROOT, make_config, run_train
 pytestmark = pytest.mark.slow
 
 
-def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+# The files whose commands run: the README, then every docs page.
+DOCS = ["README.md", *sorted(path.relative_to(ROOT).as_posix()
+                             for path in (ROOT / "docs").rglob("*.md"))]
+
+
+def readme_commands(name: str = "README.md") -> list[str]:
+    """The `python train.py` lines of the file's bash blocks, without their comments."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / name).read_text(), re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line.startswith("python train.py")]
+
+
+def documented_commands() -> list:
+    """One case per command per file (README.md, then docs/), its id naming both."""
+    return [pytest.param(command, id=f"{name}: {command}")
+            for name in DOCS for command in readme_commands(name)]
 
 
 def test_readme_shows_the_contract_commands():
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]"' in text and "\npytest" in text
     assert "python train.py" in readme_commands()
+
+
+def test_readme_is_a_short_front_door():
+    assert (ROOT / "README.md").stat().st_size < 12_000  # the rest belongs in docs/
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """Every page in the nav, every page link and #anchor valid (mkdocs.yml's validation)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture
@@ -47,7 +74,7 @@ def photos(tmp_path):
 
 @pytest.fixture
 def saved_run(tmp_path, monkeypatch):
-    """The run the README's resume / evaluate / predict examples name, under the cwd."""
+    """The run the docs' resume / evaluate / predict examples name, under the cwd."""
     overrides = [*FAST, "backbone.allow_download=false"]
     run(make_config(*overrides), str(tmp_path / "outputs/2026-11-26/10-00-00"), overrides)
     monkeypatch.chdir(tmp_path)
@@ -74,7 +101,7 @@ def check_sweep(arguments: list[str], tmp_path: Path) -> None:
         assert run(cfg, str(tmp_path / "sweep" / str(index))) is None
 
 
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", documented_commands())
 def test_readme_command_runs(command, tmp_path, photos, request):
     arguments = [arg.replace("/data/photos", str(photos)).replace("/data/new_photos", str(photos))
                  for arg in shlex.split(command)[2:]]
@@ -87,9 +114,8 @@ def test_readme_command_runs(command, tmp_path, photos, request):
         run_dir = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir="))
         saved = load_last(run_dir)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = resumed_config(run_dir, saved["config"], saved["overrides"], arguments,
-                                 compose_unresolved)
-        run(cfg, run_dir, saved["overrides"])
+            cfg = resumed_config(run_dir, saved["run"], arguments, compose_unresolved)
+        run(cfg, run_dir, saved["run"]["overrides"])
         assert json.loads(Path(run_dir, "summary.json").read_text())["epochs_completed"] == 2
     elif any(arg.startswith("mode=") for arg in arguments):
         assert run(make_config(*arguments, "trainer.device=cpu"), str(tmp_path / "out")) > 0

@@ -15,7 +15,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from finetune import trainer
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
 from finetune.resume import find_run_dir, load_last, resumed_config
@@ -38,14 +38,14 @@ def config(*overrides: str, epochs: int = 3):
 def resumed(run_dir) -> OmegaConf:
     """What `python train.py resume=RUN_DIR` trains with."""
     saved = load_last(str(run_dir))
-    cfg = OmegaConf.create(saved["config"])
+    cfg = OmegaConf.create(saved["run"]["config"])
     cfg.resume = str(run_dir)
     return cfg
 
 
 def outcome(run_dir) -> tuple[dict, list[dict], dict]:
     """Final weights, metrics.csv without timings, summary.json without timings."""
-    weights = read_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["model"]
+    weights = read_run_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["model"]
     rows = [{key: value for key, value in row.items() if key != "seconds"}
             for row in csv.DictReader(open(run_dir / "metrics.csv"))]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -65,7 +65,7 @@ def interrupt_at(monkeypatch, epoch: int) -> None:
     original = trainer.train_and_validate
 
     def train_and_validate(*args):
-        if args[6] == epoch:
+        if args[5] == epoch:
             raise KeyboardInterrupt
         return original(*args)
 
@@ -127,23 +127,25 @@ def test_nothing_to_resume_is_named(tmp_path, value, message):
 
 
 def test_only_raising_max_epochs_is_allowed():
-    saved = {"trainer": {"max_epochs": 5}, "optimizer": {"lr": 0.1}, "resume": None}
+    saved = {"config": {"trainer": {"max_epochs": 5, "cache_dir": "c"}, "optimizer": {"lr": 0.1},
+                        "resume": None, "trust": []}, "overrides": []}
 
     def compose(overrides):
-        cfg = {"trainer": {"max_epochs": 5}, "optimizer": {"lr": 0.1}, "resume": None}
+        cfg = {"trainer": {"max_epochs": 5, "cache_dir": "c"}, "optimizer": {"lr": 0.1},
+               "resume": None, "trust": []}
         for item in overrides:
             key, value = item.split("=")
             section, name = key.split(".")
             cfg[section][name] = type(cfg[section][name])(value)
         return cfg
 
-    cfg = resumed_config("/run", saved, [], ["resume=/run", "trainer.max_epochs=8"], compose)
+    cfg = resumed_config("/run", saved, ["resume=/run", "trainer.max_epochs=8"], compose)
     assert cfg.trainer.max_epochs == 8 and cfg.resume == "/run"
-    assert resumed_config("/run", saved, [], ["optimizer.lr=0.1"], compose).trainer.max_epochs == 5
+    assert resumed_config("/run", saved, ["optimizer.lr=0.1"], compose).trainer.max_epochs == 5
     with pytest.raises(ConfigError, match=r"optimizer.lr \(saved 0.1\).*Only trainer.max_epochs"):
-        resumed_config("/run", saved, [], ["optimizer.lr=0.5"], compose)
+        resumed_config("/run", saved, ["optimizer.lr=0.5"], compose)
     with pytest.raises(ConfigError, match="trainer.max_epochs=4 is below the run's 5"):
-        resumed_config("/run", saved, [], ["trainer.max_epochs=4"], compose)
+        resumed_config("/run", saved, ["trainer.max_epochs=4"], compose)
 
 
 # --- SIGKILL at random moments -------------------------------------------------------------
@@ -202,10 +204,10 @@ def test_a_checkpoint_saved_before_plots_and_loggers_existed_resumes(tmp_path):
     overrides = [*FAST, "plots=false"]
     run(make_config(*overrides), str(tmp_path), overrides)
     saved = load_last(str(tmp_path))
-    del saved["config"]["plots"], saved["config"]["logger"]  # as the previous version saved it
+    del saved["run"]["config"]["plots"], saved["run"]["config"]["logger"]  # as saved before
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = resumed_config(str(tmp_path), saved["config"], saved["overrides"],
-                             ["trainer.max_epochs=2"], compose_unresolved)
+        cfg = resumed_config(str(tmp_path), saved["run"], ["trainer.max_epochs=2"],
+                             compose_unresolved)
     assert str(cfg.plots).lower() == "false" and cfg.logger == {}  # from the run's overrides
-    run(cfg, str(tmp_path), saved["overrides"], checkpoint=saved)
+    run(cfg, str(tmp_path), saved["run"]["overrides"], checkpoint=saved)
     assert json.loads((tmp_path / "summary.json").read_text())["epochs_completed"] == 2

@@ -5,7 +5,7 @@ import shlex
 import pytest
 import torch
 
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import run
 
@@ -26,9 +26,9 @@ def test_run_writes_every_output_and_returns_the_optimized_metric(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert summary["best_val_acc"] == max(float(row["val_acc"]) for row in rows)
     assert summary["last_val_acc"] == float(rows[-1]["val_acc"])
-    best = read_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
-    assert best["config"]["backbone"]["name"] == "resnet18"
-    assert "pretrained.layer1.0.conv1.weight" not in best["trainable"]
+    best = read_run_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
+    assert best["run"]["config"]["backbone"]["name"] == "resnet18"
+    assert "pretrained.layer1.0.conv1.weight" not in best["state"]["unfreeze"]["trainable"]
 
 
 @pytest.mark.parametrize("metric", ["last_val_acc", "best_val_loss"])
@@ -48,7 +48,7 @@ def test_same_seed_same_result_on_cpu(tmp_path):
         run(make_config(*FAST, "trainer.max_epochs=2", "seed=5"), str(tmp_path / name))
         rows = [{k: v for k, v in row.items() if k != "seconds"}
                 for row in csv.DictReader(open(tmp_path / name / "metrics.csv"))]
-        results.append((rows, read_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt"))["model"]))
+        results.append((rows, read_run_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt"))["model"]))
     (rows_a, model_a), (rows_b, model_b) = results
     assert rows_a == rows_b
     assert all(torch.equal(model_a[key], model_b[key]) for key in model_a)

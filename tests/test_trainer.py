@@ -3,10 +3,22 @@ import csv
 import pytest
 import torch
 
-from finetune.checkpoint import load_safe, read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
+from finetune.files import load_safe
 from finetune.errors import ConfigError
 from finetune.run import build
-from finetune.trainer import Monitor, Step, evaluate, fit, resolve_device, train_one_epoch
+from finetune.checkpoint import CheckpointHook, RunRecord
+from finetune.freeze import unchanging_state_names
+from finetune.trainer import (
+    MetricsCsv,
+    Monitor,
+    Progress,
+    Step,
+    evaluate,
+    fit,
+    resolve_device,
+    train_one_epoch,
+)
 
 from conftest import FAST, make_config
 
@@ -79,20 +91,31 @@ def test_forward_hooks_see_train_mode_in_training_and_eval_mode_in_validation():
     assert seen == {"frozen": [False] * 2, "trainable": [False] * 2, "head_dropout": [False] * 2}
 
 
+def fit_with_checkpoints(setup, run_dir, epochs: int = 2) -> Progress:
+    """trainer.fit with the hooks that write metrics.csv and checkpoints/, as a run has them."""
+    step, progress = Step(setup.net, setup.device), Progress()
+    loaders = (setup.data.train_loader, setup.data.val_loader)
+    parts = {"optimizer": setup.optimizer, "scheduler": setup.scheduler, "progress": progress}
+    record = RunRecord({}, [], setup.data.class_names, {})
+    hooks = [CheckpointHook(str(run_dir), setup.net, parts, record, unchanging_state_names),
+             MetricsCsv(str(run_dir / "metrics.csv"))]
+    fit(setup.net, step, setup.optimizer, setup.scheduler, loaders, epochs, progress, hooks)
+    return progress
+
+
 def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     setup = build(make_config(*FAST, "trainer.max_epochs=2"))
-    result = fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
-                 setup.scheduler, 2, Step(setup.net, setup.device), str(tmp_path), Monitor(),
-                 lambda: {"class_names": setup.data.class_names})
+    progress = fit_with_checkpoints(setup, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                              "seconds"]
     assert float(rows[0]["lr"]) == 0.05 and float(rows[1]["lr"]) < 0.05  # cosine over 2 epochs
-    last = read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
-    best = read_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
-    assert last["epoch"] == 2 and best["epoch"] == result.best_epoch
-    assert last["class_names"] == [str(i) for i in range(10)]
+    last = read_run_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    best = read_run_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
+    assert last["state"]["progress"]["epoch"] == 2
+    assert best["state"]["progress"]["epoch"] == progress.best_epoch
+    assert last["run"]["class_names"] == [str(i) for i in range(10)]
     for name, value in setup.net.state_dict().items():
         assert torch.equal(last["model"][name], value)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -100,8 +123,7 @@ def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
 
 def test_frozen_tensors_are_written_once_not_every_epoch(tmp_path):
     setup = build(make_config(*FAST, "trainer.max_epochs=2"))  # freezes @stem and @stage1
-    fit(setup.net, setup.data.train_loader, setup.data.val_loader, setup.optimizer,
-        setup.scheduler, 2, Step(setup.net, setup.device), str(tmp_path), Monitor(), dict)
+    fit_with_checkpoints(setup, tmp_path)
     last_only = load_safe(str(tmp_path / "checkpoints" / "last.pt"))["model"]
     frozen = load_safe(str(tmp_path / "checkpoints" / "frozen.pt"))["tensors"]
     frozen_params = {name for name, param in setup.net.named_parameters() if not param.requires_grad}
@@ -116,6 +138,8 @@ def test_monitor_direction():
     assert Monitor("val_acc", True).improved(0.5, 0.4)
     assert not Monitor("val_loss", False).improved(0.5, 0.4)
     assert Monitor().improved(0.0, None)
+    assert Monitor.for_metric("best_val_loss") == Monitor("val_loss", False)
+    assert Monitor.for_metric("last_val_acc") == Monitor("val_acc", True)
 
 
 def test_device_auto_is_available_and_unknown_devices_are_refused():
@@ -141,7 +165,8 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(trainer.F, "cross_entropy", failing_at_epoch_two)
     with pytest.raises(TrainingFailed, match="not finite at epoch 2, step 2 of 4"):
         run(make_config(*FAST, "trainer.max_epochs=3"), str(tmp_path))
-    assert read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))["epoch"] == 1
+    last = read_run_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    assert last["state"]["progress"]["epoch"] == 1
     summary = __import__("json").loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "epoch 2, step 2" in summary["error"]
     assert summary["epochs_completed"] == 1

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from finetune.checkpoint import read_checkpoint
+from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import build, run
 from finetune.trainer import Step, train_one_epoch
@@ -126,11 +126,11 @@ def test_checkpoint_and_run_directory_record_the_phases(tmp_path, caplog):
     run(cfg, str(tmp_path))
     assert "epoch 2: unfreeze @stage4 (15 tensors) as group unfreeze1, lr x0.5" in caplog.text
     assert "epoch 2: unfreeze phase 1: @stage4 (15 tensors) join the optimizer" in caplog.text
-    last = read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
-    assert last["unfreeze_phase"] == 1
-    assert "pretrained.layer4.0.conv1.weight" in last["trainable"]
-    assert "pretrained.layer3.0.conv1.weight" not in last["trainable"]
-    assert [g["name"] for g in last["optimizer"]["param_groups"]] == [
+    last = read_run_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    assert last["state"]["unfreeze"]["applied"] == 1
+    assert "pretrained.layer4.0.conv1.weight" in last["state"]["unfreeze"]["trainable"]
+    assert "pretrained.layer3.0.conv1.weight" not in last["state"]["unfreeze"]["trainable"]
+    assert [g["name"] for g in last["state"]["optimizer"]["param_groups"]] == [
         "default", "default/no_decay", "unfreeze1", "unfreeze1/no_decay"]
     start = {row["name"]: row for row in csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t")}
     after = {row["name"]: row for row in csv.DictReader(open(tmp_path / "params_epoch2.tsv"),

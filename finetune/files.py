@@ -1,0 +1,102 @@
+"""Files a run writes and reads: atomic writes (a reader or a crash never sees half a file)
+and safe loads (torch.load with weights_only=True, so no code in a file runs)."""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from finetune.errors import ConfigError
+
+UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (a power loss could otherwise undo it)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def replace_durably(temporary: str, path: str) -> None:
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "w", durable: bool = False) -> Iterator[IO]:
+    """Write a temporary file beside `path`, then rename it over `path`: a watcher or a
+    crash sees the old file or the new one, never half of one. Concurrent writers each
+    rename a complete file. `durable` also syncs the data and the rename to disk."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
+                                         dir=folder)
+    os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes 0600 files; follow the umask instead
+    try:
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as stream:
+            yield stream
+            stream.flush()
+            if durable:
+                os.fsync(stream.fileno())
+    except BaseException:
+        os.remove(temporary)
+        raise
+    if durable:
+        replace_durably(temporary, path)
+    else:
+        os.replace(temporary, path)
+
+
+def save_atomic(state: dict[str, Any], path: str) -> None:
+    """torch.save, durably: a crash during the write leaves the previous file untouched."""
+    import torch  # here, not at the top: the command line imports this module before torch
+
+    with atomic_write(path, "wb", durable=True) as stream:
+        torch.save(state, stream)
+
+
+def write_json(data: dict, path: str) -> None:
+    with atomic_write(path) as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+
+
+def link_atomic(source: str, path: str) -> None:
+    """Make `path` hold the same bytes as `source` without writing them again.
+
+    A hard link shares the file; replacing `source` later (os.replace makes a new file) leaves
+    `path` with the old content. Falls back to a synced copy where links are not supported.
+    """
+    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-link-{os.getpid()}")
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+    replace_durably(temporary, path)
+
+
+def load_safe(path: str, key: str = "checkpoint") -> Any:
+    """Load a .pt file without unpickling arbitrary objects; `key` names it in errors."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}={path!r} does not exist: give the path of a .pt/.pth file.")
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"{key}={path!r} could not be loaded safely (torch.load with "
+                          f"weights_only=True refused it): {error}") from error
