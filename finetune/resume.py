@@ -68,9 +68,10 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     source = f"resume={run_dir!r}"
     saved, saved_overrides = record["config"], record["overrides"]
     new_overrides = [item for item in new_overrides if not item.lstrip("+~").startswith("resume=")]
+    live = compose(new_overrides)  # the user's own: what may be trusted, and this machine's
     check_file_overrides(saved_overrides, source, CONFIG_GROUPS)
     refuse_interpolations(saved, source)
-    live = compose(new_overrides)  # the user's own: what may be trusted, and this machine's
+    check_targets(saved, source, live["trust"])
     with_new = compose([*saved_overrides, *new_overrides])
     changed = changed_keys(compose(list(saved_overrides)), with_new)
     refused = [key for key in changed if key not in MAY_CHANGE]
@@ -86,7 +87,7 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     # keys this version added since the run was saved (plots, logger, ...) take today's values
     config = OmegaConf.merge(OmegaConf.create(with_new), OmegaConf.create(saved))
     config.trust, config.trainer.cache_dir = live["trust"], live["trainer"]["cache_dir"]
-    check_targets(OmegaConf.to_container(config), source, live["trust"])
+    check_targets(OmegaConf.to_container(config), source, live["trust"])  # + what overrides added
     epochs = with_new["trainer"]["max_epochs"] if changed else saved["trainer"]["max_epochs"]
     if epochs < saved["trainer"]["max_epochs"]:
         raise ConfigError(f"resume={run_dir!r}: trainer.max_epochs={epochs} is below the run's "
