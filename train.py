@@ -1,4 +1,4 @@
-"""Hydra entry point: `python train.py key=value ...` (or `-m` for sweeps); see README."""
+"""Hydra entry point: `python train.py key=value ...` (or `-m` for sweeps); see README.md and docs/."""
 
 from finetune.cli import main
 
