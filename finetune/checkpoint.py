@@ -8,9 +8,9 @@ Format 3, a dict with named keys:
                and the input spec: enough to rebuild the model and use it
   model        the Net's state dict, less what frozen.pt holds (saver.RunCheckpoints)
   frozen_part  {file, id, names}: the frozen.pt entries `model` relies on
-  state        {part: state dict} for each stateful part of the run, restored in the
-               order captured: unfreeze (first: it adds optimizer groups), optimizer,
-               scheduler, scaler, rng, progress, feature_cache and any stateful hook
+  state        {part: state dict} for each stateful part of the run (run.stateful_parts),
+               restored in the order captured: unfreeze (first: it adds optimizer groups),
+               optimizer, scheduler, scaler, rng, progress, feature_cache
 
 Format 2 (the release before) kept the same things under flat keys; `upgrade` maps it.
 """
@@ -26,6 +26,7 @@ from torch import nn
 from finetune.errors import ConfigError
 from finetune.hooks import Hook
 from finetune.saver import RunCheckpoints, read_joined
+from finetune.trust import check_plain
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,11 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def read_run_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:
     """A checkpoint a run of this tool wrote, upgraded to this format, with its model state
     whole and its shape checked; anything else is a ConfigError naming `key` and the file."""
-    checkpoint = read_joined(path, key)
-    source = f"{key}={path!r}"
+    return checked(read_joined(path, key), f"{key}={path!r}")
+
+
+def checked(checkpoint: Any, source: str) -> dict[str, Any]:
+    """The loaded file as a checkpoint of this format, or a ConfigError naming `source`."""
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise ConfigError(f"{source} is not a checkpoint written by a run of this tool (it has "
                           "no format or saved config); give a run's checkpoints/last.pt or best.pt.")
@@ -106,11 +110,14 @@ def read_run_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:
         wrong += [] if isinstance(checkpoint["model"], dict) else ["model"]
         wrong += [] if isinstance(checkpoint["state"], dict) else ["state"]
     except (KeyError, TypeError) as error:
-        raise ConfigError(f"{source}: a checkpoint of format {checkpoint['format']} without "
-                          f"the entry {error}; the file is damaged or not this tool's.") from error
+        raise ConfigError(f"{source}: a checkpoint of format {checkpoint['format']} whose "
+                          f"entries do not fit it ({type(error).__name__}: {error}); the file is "
+                          "damaged or not this tool's.") from error
     if wrong or not all(isinstance(name, str) for name in record.class_names):
         raise ConfigError(f"{source}: its entries {', '.join(wrong) or 'class_names'} are not "
                           "what this tool writes; the file is damaged or not this tool's.")
+    check_plain(record.config, source)
+    check_plain(record.overrides, source, "overrides")
     return checkpoint
 
 
@@ -120,7 +127,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     key = "backbone.checkpoint"
     state = read_joined(path, key)
     if isinstance(state, dict) and "format" in state:
-        state = read_run_checkpoint(path, key)["model"]
+        state = checked(state, f"{key}={path!r}")["model"]
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # {"model": state dict, ...}, as many training scripts save
     if not isinstance(state, dict) or not all(

@@ -97,7 +97,7 @@ class Rewrap(Hook):
         self.net, self.step, self.trainable_names = net, step, trainable_names
         self.wrapped = trainable_names(net)  # the step was built with this set
 
-    def on_fit_start(self, progress) -> None:
+    def on_fit_start(self, progress) -> None:  # a resumed run's phases are applied by now
         self.on_epoch_start(progress.epoch + 1)
 
     def on_epoch_start(self, epoch: int) -> None:

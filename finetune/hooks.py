@@ -3,7 +3,8 @@
 A training feature (gradual unfreezing, checkpoints, loggers, plots, the DDP re-wrap, ...)
 is a `Hook` that overrides the moments it needs; fit calls every hook at each moment, in
 the order given. A hook that remembers something across epochs also has `state_dict()` /
-`load_state_dict()`, and the run's checkpoint holds it. Smaller than Lightning's Callback
+`load_state_dict()` and is one of the run's stateful parts (run.stateful_parts), so the
+checkpoint holds it. Smaller than Lightning's Callback
 on purpose: only the moments this project uses.
 """
 

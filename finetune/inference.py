@@ -58,7 +58,7 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     checkpoint = read_run_checkpoint(path, key)
     record, source = checkpoint["run"], f"{key}={path!r}"
     refuse_interpolations(record["config"], source)
-    check_targets(record["config"], source, trust, sections=("head",))
+    check_targets(record["config"], source, trust)
     cfg = OmegaConf.create(record["config"])
     spec = InputSpec.from_dict(record["input_spec"], source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,

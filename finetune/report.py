@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from finetune.files import atomic_write
 from finetune.freeze import trainable_names
 from finetune.hooks import Hook
 from finetune.patterns import under_any
@@ -96,7 +97,7 @@ def format_report(rows: Sequence[ParamRow], optimizer: torch.optim.Optimizer,
 
 
 def write_params_tsv(rows: Sequence[ParamRow], path: str) -> None:
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(TSV_COLUMNS)
         for row in rows:

@@ -34,8 +34,10 @@ def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
             raise ConfigError(f"resume=latest: no run under {os.path.abspath(outputs_root)} has "
                               f"a {LAST}; give the run directory instead: resume=PATH.")
         newest = max(runs, key=lambda run: os.path.getmtime(os.path.join(run, LAST)))
+        refuse_links(os.path.normpath(os.path.abspath(newest)), value)
         return os.path.normpath(os.path.abspath(newest))
     run_dir = os.path.abspath(os.path.expanduser(value))
+    refuse_links(run_dir, value)
     if not os.path.isdir(run_dir):
         raise ConfigError(f"resume={value!r} is not a directory: give a run directory (one "
                           "holding checkpoints/last.pt) or latest.")
@@ -44,6 +46,18 @@ def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
                           "there is nothing to resume (the run stopped before its first epoch "
                           "ended?). Start it again without resume.")
     return run_dir
+
+
+def refuse_links(run_dir: str, value: str) -> None:
+    """A resumed run writes into its directory: no file there may point elsewhere (a
+    train.log linked to a shell's start-up file, say), and neither may the directory."""
+    folders = [run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, ".hydra")]
+    links = [path for path in folders if os.path.islink(path)]
+    links += [os.path.join(folder, name) for folder in folders if os.path.isdir(folder)
+              for name in os.listdir(folder) if os.path.islink(os.path.join(folder, name))]
+    if links:
+        raise ConfigError(f"resume={value!r}: {links[0]} is a symbolic link; a run directory "
+                          "to continue must hold its own files. Refusing it.")
 
 
 def load_last(run_dir: str) -> dict[str, Any]:
@@ -72,8 +86,12 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     check_file_overrides(saved_overrides, source, CONFIG_GROUPS)
     refuse_interpolations(saved, source)
     check_targets(saved, source, live["trust"])
-    with_new = compose([*saved_overrides, *new_overrides])
-    changed = changed_keys(compose(list(saved_overrides)), with_new)
+    try:  # a file's overrides: a failure is the file's, named as such
+        with_new = compose([*saved_overrides, *new_overrides])
+        changed = changed_keys(compose(list(saved_overrides)), with_new)
+    except Exception as error:
+        raise ConfigError(f"{source}: its saved overrides {saved_overrides} do not compose "
+                          f"with this version's conf/ ({type(error).__name__}: {error}).") from error
     refused = [key for key in changed if key not in MAY_CHANGE]
     if refused:
         values = dotted_scalars(saved)
@@ -88,7 +106,8 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     config = OmegaConf.merge(OmegaConf.create(with_new), OmegaConf.create(saved))
     config.trust, config.trainer.cache_dir = live["trust"], live["trainer"]["cache_dir"]
     check_targets(OmegaConf.to_container(config), source, live["trust"])  # + what overrides added
-    epochs = with_new["trainer"]["max_epochs"] if changed else saved["trainer"]["max_epochs"]
+    epochs = (with_new["trainer"]["max_epochs"] if "trainer.max_epochs" in changed
+              else saved["trainer"]["max_epochs"])
     if epochs < saved["trainer"]["max_epochs"]:
         raise ConfigError(f"resume={run_dir!r}: trainer.max_epochs={epochs} is below the run's "
                           f"{saved['trainer']['max_epochs']}; it may only be raised.")

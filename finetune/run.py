@@ -153,11 +153,13 @@ def check_same_weights(net: Net) -> None:
 @dataclass
 class Training:
     """What each batch runs through and the loaders feeding it: the whole Net on images, or
-    the head alone on the backbone's cached outputs (`cache` names the entry)."""
+    the head alone on the backbone's cached outputs (`cache` names the entry). Under
+    torchrun, `rewrap` builds the step's DDP wrapper again when the trainable set changes."""
 
     step: Step
     loaders: tuple[DataLoader, DataLoader]
     cache: CacheEntry
+    rewrap: Rewrap | None = None
 
 
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
@@ -173,7 +175,9 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
         module, cache = setup.net.add_layers, CacheEntry(key)
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
                 cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup))
-    return Training(step, loaders, cache)
+    # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
+    rewrap = Rewrap(setup.net, step) if distributed.active() else None
+    return Training(step, loaders, cache, rewrap)
 
 
 def wrapped(cfg: DictConfig, setup: Setup, module: torch.nn.Module):
@@ -192,14 +196,17 @@ def stateful_parts(setup: Setup, training: Training, progress: Progress) -> dict
     return {name: part for name, part in parts.items() if part is not None}
 
 
-def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: str,
-                   checkpoint: CheckpointHook | None, run_log: RunLog | None) -> list[Hook]:
+def training_hooks(setup: Setup, training: Training, run_dir: str, parts: dict[str, Stateful],
+                   record: RunRecord, checkpoint: dict | None, run_log: RunLog | None
+                   ) -> list[Hook]:
     """What happens around the loop, in order: phases, then what sees their result."""
     hooks: list[Hook] = [setup.unfreeze]
-    if distributed.active():  # DDP must see the trainable set an unfreeze phase changed
-        hooks.append(Rewrap(setup.net, training.step))
+    if training.rewrap is not None:  # DDP must see the trainable set a phase changed
+        hooks.append(training.rewrap)
     if distributed.is_main():  # under torchrun rank 0 alone writes
-        hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer), checkpoint,
+        hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer),
+                  CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names,
+                                 checkpoint),
                   MetricsCsv(os.path.join(run_dir, "metrics.csv")), run_log]
     return hooks
 
@@ -229,7 +236,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         from finetune.inference import run_inference
 
         return run_inference(cfg, run_dir, plots)
-    summary = RunSummary(run_dir, overrides)
+    summary = RunSummary(run_dir, overrides)  # its clock starts here
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)
     writes, fresh = distributed.is_main(), checkpoint is None
@@ -252,9 +259,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
                        setup.data.class_names, setup.spec.to_dict())
-    saving = CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names, checkpoint)
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
-    hooks = training_hooks(cfg, setup, training, run_dir, saving, run_log)
+    hooks = training_hooks(setup, training, run_dir, parts, record, checkpoint, run_log)
     result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
     best = progress.history[progress.best_epoch - 1]
     if plots and writes and progress.best_confusion:
@@ -269,7 +275,8 @@ class RunSummary:
     """summary.json, written when training ends however it ends (rank 0 only)."""
 
     def __init__(self, run_dir: str, overrides: Sequence[str]):
-        self.path, self.overrides = os.path.join(run_dir, "summary.json"), overrides
+        self.run_dir, self.overrides = run_dir, overrides
+        self.path = os.path.join(run_dir, "summary.json")
         self.started = time.perf_counter()
 
     def write(self, status: str, progress: Progress, setup: Setup,
@@ -298,7 +305,7 @@ def fit_and_summarize(cfg: DictConfig, setup: Setup, training: Training, progres
     except KeyboardInterrupt:
         summary.write("interrupted", progress, setup)
         log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
-                    progress.epoch, os.path.dirname(summary.path))
+                    progress.epoch, shlex.quote(summary.run_dir))
         raise
     except TrainingFailed as error:
         summary.write("failed", progress, setup, str(error))
@@ -324,7 +331,8 @@ def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: s
     own data: its data overrides come along)."""
     here = os.path.relpath(run_dir)  # as typed from here, when the run is below here
     run_dir = here if not here.startswith(os.pardir) else run_dir
-    best_pt = os.path.join(run_dir, "checkpoints", "best.pt")
+    best_pt = shlex.quote(os.path.join(run_dir, "checkpoints", "best.pt"))
+    run_dir = shlex.quote(run_dir)  # a folder name may hold anything: quoted for a shell
     data = [shlex.quote(item) for item in overrides
             if item.lstrip("+~").split("=", 1)[0].split(".")[0] == "data"]
     lines = [f"best epoch {best.epoch}: val acc {best.val_acc:.4f}, val loss {best.val_loss:.4f} "

@@ -99,7 +99,7 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
         if summary.get("overrides", overrides) != overrides:
             summary = {"status": "failed", "error": "refused: its directory holds the result of "
                        f"another job ({summary['overrides']}); use a new hydra.sweep.dir"}
-        error = summary.get("error", "")
+        error = str(summary.get("error", ""))
         rows.append({"job": name, "status": summary["status"], "metric": metric,
                      "value": summary.get(metric, ""), "best_epoch": summary.get("best_epoch", ""),
                      "seconds": summary.get("seconds", ""), "overrides": " ".join(overrides),

