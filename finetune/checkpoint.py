@@ -150,14 +150,13 @@ class CheckpointHook(Hook):
         self.folder = RunCheckpoints(os.path.join(run_dir, "checkpoints"))
         self.net, self.parts, self.record = net, parts, record
         self.unchanging = unchanging  # net -> the state entries training cannot change now
-        self.resumed = resumed is not None
-        self.resumed_frozen_part = resumed.get("frozen_part") if resumed else None
+        self.resumed = resumed  # the checkpoint a resumed run goes on from, else None
 
     def on_fit_start(self, progress: Any) -> None:
-        if not self.resumed:
+        if self.resumed is None:
             self.folder.write_frozen(self.net.state_dict(), self.unchanging(self.net))
             return
-        self.folder.adopt(self.resumed_frozen_part)
+        self.folder.adopt(self.resumed.get("frozen_part"))
         if progress.best_epoch == progress.epoch:  # killed between last.pt and linking best.pt
             self.folder.link_best()
 

@@ -22,6 +22,7 @@ from finetune import distributed
 from finetune.config import PRECISIONS, direction
 from finetune.data import set_epoch
 from finetune.errors import ConfigError, TrainingFailed
+from finetune.files import atomic_write
 from finetune.hooks import Hook
 
 log = logging.getLogger(__name__)
@@ -345,8 +346,6 @@ class MetricsCsv(Hook):
         self.last_row = 0.0
 
     def on_fit_start(self, progress: Progress) -> None:
-        from finetune.files import atomic_write
-
         with atomic_write(self.path) as handle:
             writer = csv.writer(handle)
             writer.writerow(METRIC_COLUMNS)
