@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.command_line import check_command_line
 from finetune.config import register_schemas
 from finetune.distributed import join, launched_by_torchrun, leave
 from finetune.errors import ConfigError
@@ -100,9 +101,8 @@ def describe_config(cfg: DictConfig) -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from finetune.errors import TrainingFailed
-    from finetune.resume import load_last, resumed_config
-    from finetune.run import run
+    from finetune.errors import Interrupted, TrainingFailed
+    from finetune.threads import share_cores
 
     run_dir = HydraConfig.get().runtime.output_dir
     overrides = list(HydraConfig.get().overrides.task)
@@ -114,41 +114,75 @@ def hydra_main(cfg: DictConfig) -> float | None:
                      finished.get(cfg.optimized_metric))
             return finished.get(cfg.optimized_metric)
         set_aside_failed_attempt(run_dir)
+        shared = share_cores(HydraConfig.get().launcher)
+        if shared:
+            log.info("%s", shared)
     try:
-        saved = None
-        if cfg.resume:
-            saved = load_last(cfg.resume)
-            cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
-            overrides = saved["run"]["overrides"]
-            log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
-        else:
-            log.info("%s", describe_config(cfg))
-        return run(cfg, run_dir, overrides, checkpoint=saved)
+        return start(cfg, run_dir, overrides)
+    except Interrupted:
+        raise  # the run has said where it stopped and written its summary
+    except KeyboardInterrupt:
+        record_failure(run_dir, overrides, "interrupted before training started", "interrupted")
+        raise
     except Exception as error:
         expected = isinstance(error, ConfigError | TrainingFailed)
+        # summary.json says failed and why, unless the run wrote its own (or is an older
+        # run, resumed); train.log holds the error too, so a failed start is explained
+        record_failure(run_dir, overrides, error if expected else
+                       RuntimeError(f"{type(error).__name__}: {error}"))
         if in_sweep and not cfg.fail_fast:  # recorded; the other jobs go on
-            record_failure(run_dir, overrides, error if expected else
-                           RuntimeError(f"{type(error).__name__}: {error}"))
             log.error("job failed: %s", error, exc_info=not expected)
             return float("nan")  # a failed trial to Optuna
+        log_to_file(f"error: {error}", exc_info=not expected)
         if not expected:
             raise  # a bug, or the machine: Hydra shows it (HYDRA_FULL_ERROR=1 for all of it)
         exit_with(error, code=2 if isinstance(error, ConfigError) else 1)
 
 
+def start(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
+    """Say what runs, then run it: a new run's config, a resumed run's saved one, or (to
+    evaluate or predict) the checkpoint, which run_inference describes."""
+    from finetune.resume import load_last, resumed_config
+    from finetune.run import run
+
+    saved = None
+    if cfg.resume:
+        saved = load_last(cfg.resume)
+        cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
+        overrides = saved["run"]["overrides"]
+        log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
+    elif cfg.mode == "train":
+        log.info("%s", describe_config(cfg))
+    return run(cfg, run_dir, overrides, checkpoint=saved)
+
+
+def log_to_file(message: str, exc_info: bool = False) -> None:
+    """Into train.log only (Hydra's file handler): the console gets the message once, from
+    exit_with or from Hydra's own report."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None,
+                               sys.exc_info() if exc_info else None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def main() -> float | None:
     """`python train.py ...` and the `finetune` console script."""
+    from finetune.errors import Interrupted
+
     try:
         sys.argv = with_resume_dir(sys.argv)
+        check_command_line(sys.argv, CONFIG_DIR)
         if launched_by_torchrun():
             sys.argv = join(sys.argv)
     except ConfigError as error:
         exit_with(error)
     try:
         return hydra_main()
+    except Interrupted:
+        sys.exit(130)  # the run has said where it stopped and how to go on
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch's checkpoint is saved; continue with "
-              "python train.py resume=latest (or resume=<run directory>)", file=sys.stderr)
+        print("interrupted before training started: nothing to resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if launched_by_torchrun():

@@ -102,23 +102,34 @@ def image_transforms(spec: InputSpec, augment: bool):
     return training, evaluation
 
 
-def image_folders(cfg: DictConfig, spec: InputSpec):
-    """torchvision ImageFolder over ROOT/train and ROOT/val (one folder per class)."""
+def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """data=imagefolder: data.root holds the split folders. A stat or two, so it runs before
+    anything is built."""
+    if cfg.name != "imagefolder":
+        return
     if not cfg.root:
         raise ConfigError("data.root is not set: data=imagefolder needs data.root=PATH where "
                           "PATH/train/<class>/ and PATH/val/<class>/ hold the images.")
     root = os.path.expanduser(cfg.root)
-    for split in ("train", "val"):
+    for split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise ConfigError(f"data.root={cfg.root!r}: {os.path.join(root, split)} does not "
                               "exist; the root must hold train/<class>/ and val/<class>/ folders.")
-    train_transform, val_transform = image_transforms(spec, cfg.augment)
-    skip = cfg.bad_images == "skip"
+
+
+def image_folder(cfg: DictConfig, split: str, transform) -> "CheckedImageFolder":
     try:
-        train = CheckedImageFolder(os.path.join(root, "train"), train_transform, skip)
-        val = CheckedImageFolder(os.path.join(root, "val"), val_transform, skip)
+        return CheckedImageFolder(os.path.join(os.path.expanduser(cfg.root), split), transform,
+                                  skip=cfg.bad_images == "skip")
     except (FileNotFoundError, RuntimeError) as error:
         raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
+
+
+def image_folders(cfg: DictConfig, spec: InputSpec):
+    """torchvision ImageFolder over ROOT/train and ROOT/val (one folder per class)."""
+    check_data_paths(cfg)
+    train_transform, val_transform = image_transforms(spec, cfg.augment)
+    train, val = image_folder(cfg, "train", train_transform), image_folder(cfg, "val", val_transform)
     if train.classes != val.classes:
         raise ConfigError(f"data.root={cfg.root!r}: train and val have different class folders "
                           f"({train.classes} vs {val.classes}); they must match.")
@@ -264,16 +275,34 @@ def tensor_loader(dataset: TensorDataset, batch_size: int, order: Sampler | None
                       batch_size=None, generator=generator)
 
 
-def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
-               shard: Shard | None = None) -> Data:
+def builder(cfg: DictConfig):
     if cfg.name not in BUILDERS:
         raise ConfigError(f"data.name={cfg.name!r} is not valid: use one of {', '.join(BUILDERS)}.")
-    train, val, class_names = BUILDERS[cfg.name](cfg, spec)
+    return BUILDERS[cfg.name]
+
+
+def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
+               shard: Shard | None = None) -> Data:
+    train, val, class_names = builder(cfg)(cfg, spec)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
     return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=bool(cfg.get("augment", False)))
+
+
+def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
+                    shard: Shard | None = None) -> tuple[DataLoader, list[str]]:
+    """The validation split alone (mode=evaluate): an image folder's train/ is not read."""
+    if cfg.name == "imagefolder":
+        check_data_paths(cfg, splits=("val",))
+        val = image_folder(cfg, "val", image_transforms(spec, augment=False)[1])
+        class_names = val.classes
+    else:  # in memory or generated: the split needs both sides, and costs nothing to read
+        _, val, class_names = builder(cfg)(cfg, spec)
+    if len(val) == 0:
+        raise ConfigError(f"data={cfg.name}: the validation set is empty.")
+    return make_loader(val, cfg, False, seed, pin_memory, shard), class_names
 
 
 def fingerprint(dataset: Dataset) -> str:

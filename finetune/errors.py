@@ -24,3 +24,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 class TrainingFailed(Exception):
     """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, once the run has said where it stopped and how to go on."""

@@ -10,6 +10,7 @@ head and optimizer settings then loads them instead of computing them.
 import hashlib
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ class CacheEntry:
     resumed run whose entry has another key says that its result may differ."""
 
     key: str | None = None
+    path: str | None = None  # the entry's file
+    written: bool = False  # this run computed and saved it (not saved: a resumed key only)
 
     def state_dict(self) -> dict[str, str | None]:
         return {"key": self.key}
@@ -151,12 +154,12 @@ def load_entry(path: str, key: str, sizes: tuple[int, int]) -> dict | None:
 
 def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerprints: tuple[str, str],
                     cache_dir: str, batch_size: int, workers: int, device: torch.device,
-                    precision: str) -> tuple[TensorDataset, TensorDataset, str]:
+                    precision: str) -> tuple[TensorDataset, TensorDataset, CacheEntry]:
     """Train and val features from the disk cache, computing and storing them on a miss;
-    and the entry's key."""
+    and the entry."""
     key = cache_key(backbone, fingerprints, device, precision)
     path = os.path.join(os.path.expanduser(cache_dir), f"{key}.pt")
-    entry = load_entry(path, key, (len(train), len(val)))
+    entry, written = load_entry(path, key, (len(train), len(val))), False
     if entry is not None:
         log.info("feature cache: loaded %s", path)
     else:
@@ -167,9 +170,26 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
                  "val": val_features, "val_labels": val_labels}
         if torch.isfinite(train_features).all() and torch.isfinite(val_features).all():
             save_atomic(entry, path)  # concurrent writers each rename a complete file
+            written = True
             log.info("feature cache: computed %d + %d backbone outputs, saved to %s",
                      len(train), len(val), path)
         else:  # an fp16 overflow, say: nothing worth keeping
             log.warning("feature cache: the backbone's outputs are not all finite; not saved")
     return (TensorDataset(entry["train"], entry["train_labels"]),
-            TensorDataset(entry["val"], entry["val_labels"]), key)
+            TensorDataset(entry["val"], entry["val_labels"]), CacheEntry(key, path, written))
+
+
+def cache_report(entry: CacheEntry) -> str | None:
+    """Where a run that filled the cache left its entry, the folder's size, how to clear it."""
+    if not entry.written or entry.path is None or not os.path.isfile(entry.path):
+        return None
+    folder = os.path.dirname(entry.path)
+    total = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+                if name.endswith(".pt"))
+    return (f"feature cache: {entry.path} ({mib(os.path.getsize(entry.path))}); {folder} holds "
+            f"{mib(total)} in all, reused by later runs on the same data and backbone "
+            f"(rm -r {shlex.quote(folder)} clears it)")
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
 from finetune.checkpoint import read_run_checkpoint
-from finetune.data import build_data, image_transforms
+from finetune.data import image_transforms, validation_data
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
@@ -43,8 +44,36 @@ class LoadedModel:
     config: dict[str, Any]  # the run's resolved config
 
     def transform(self):
-        """The preprocessing for a PIL image, as validation used it."""
+        """The preprocessing for a PIL image, as validation used it (a torchvision
+        transform: PIL image -> normalized tensor)."""
         return image_transforms(self.input_spec, augment=False)[1]
+
+    def predict(self, images: Any, batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
+        """The predicted class names and the probabilities (a row per image, a column per
+        class, in `class_names` order) for one image or a list of them: file paths, PIL
+        images, or a tensor batch already preprocessed with `transform()`."""
+        if not isinstance(images, torch.Tensor):
+            single = isinstance(images, str | os.PathLike | Image.Image)
+            transform = self.transform()
+            images = torch.stack([transform(as_rgb(item)) for item in
+                                  ([images] if single else images)])
+        step = Step(self.net, next(self.net.parameters()).device)
+        with torch.inference_mode():
+            probabilities = torch.cat([class_probabilities(step, chunk)
+                                       for chunk in images.split(batch_size)])
+        return [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()], probabilities
+
+
+def as_rgb(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as opened:
+        return opened.convert("RGB")
+
+
+def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes, on the CPU, for a preprocessed batch."""
+    return step.logits(images.to(step.device)).softmax(dim=1).cpu()
 
 
 def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkpoint",
@@ -71,49 +100,84 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"])
 
 
-def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False) -> float:
+def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False,
+                  overrides: Sequence[str] = ()) -> float:
     """mode=evaluate -> evaluation.json + per_class.csv (+ confusion.png with `plots`);
-    mode=predict -> predictions.csv."""
+    mode=predict -> predictions.csv. `overrides` (the command line's) decide which data
+    settings are the user's rather than the checkpoint's."""
     device = resolve_device(cfg.trainer.device)
     model = load_model(os.path.expanduser(cfg.checkpoint), device, trust=cfg.trust)
+    log.info("mode=%s: checkpoint %s (backbone %s, %d classes, trained on data=%s)", cfg.mode,
+             cfg.checkpoint, model.config["backbone"]["name"], len(model.class_names),
+             model.config["data"]["name"])
     os.makedirs(run_dir, exist_ok=True)
     if cfg.mode == "evaluate":
-        return evaluate_checkpoint(cfg, model, device, run_dir, plots)
+        data = evaluation_data(cfg, model.config["data"], overrides)
+        return evaluate_checkpoint(cfg, data, model, device, run_dir, plots)
     return predict_folder(cfg, model, device, run_dir)
 
 
-def evaluate_checkpoint(cfg: DictConfig, model: LoadedModel, device: torch.device, run_dir: str,
-                        plots: bool = False) -> float:
+LOADER_KEYS = ("batch_size", "num_workers")  # this machine's, never the checkpoint's
+
+
+def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
+                    overrides: Sequence[str]) -> DictConfig:
+    """The data a checkpoint is evaluated on: what it was trained on (its root, classes,
+    split), with the command line's data.KEY=VALUE on top; a data=OPTION on the command line
+    chooses other data altogether. Loader settings are always this command's."""
+    keys = [item.lstrip("+~").split("=", 1)[0] for item in overrides]
+    if "data" in keys:
+        return cfg.data
+    data = OmegaConf.create(trained_on)
+    chosen = {key.split(".", 1)[1] for key in keys if key.startswith("data.")}
+    for key in chosen.union(LOADER_KEYS):
+        if key not in cfg.data:
+            continue
+        if key not in data and key not in LOADER_KEYS:
+            raise ConfigError(f"data.{key}: the checkpoint was trained on data={data.name}, "
+                              f"which has no key {key!r}; add the data option it belongs to "
+                              "(e.g. data=imagefolder) to evaluate on other data.")
+        data[key] = cfg.data[key]
+    return data
+
+
+def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedModel,
+                        device: torch.device, run_dir: str, plots: bool = False) -> float:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the data's validation
-    split."""
+    split (its training images are not read)."""
     net, class_names = model.net, model.class_names
-    data = build_data(cfg.data, model.input_spec, cfg.seed, pin_memory=device.type == "cuda",
-                      shard=distributed.shard())  # under torchrun each rank a part, summed
-    if data.class_names != class_names:
+    where = f" (data.root={data_cfg.root})" if data_cfg.get("root") else ""
+    log.info("evaluating on the validation split of data=%s%s", data_cfg.name, where)
+    loader, data_classes = validation_data(data_cfg, model.input_spec, cfg.seed,
+                                           pin_memory=device.type == "cuda",
+                                           shard=distributed.shard())  # under torchrun: summed
+    if data_classes != class_names:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "
-            f"{class_names[:10]}, but data={cfg.data.name} has {data.num_classes} classes "
-            f"{data.class_names[:10]}; evaluate it on data with the same classes.")
-    val = evaluate(net, data.val_loader, Step(net, device, cfg.trainer.precision))
+            f"{class_names[:10]}, but data={data_cfg.name}{where} has {len(data_classes)} "
+            f"classes {data_classes[:10]}; evaluate it on data with the same classes.")
+    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision))
     seen = sum(map(sum, val.confusion))
     if seen == 0:
-        raise ConfigError(f"data={cfg.data.name}: no readable validation image to evaluate on.")
+        raise ConfigError(f"data={data_cfg.name}{where}: no readable validation image to "
+                          "evaluate on.")
     per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
                  for index, (name, row) in enumerate(zip(class_names, val.confusion,
                                                          strict=True))]
     result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
-              "data": cfg.data.name, "images": seen, "loss": val.loss,
+              "data": OmegaConf.to_container(data_cfg), "images": seen, "loss": val.loss,
               "accuracy": val.accuracy, "per_class": per_class, "confusion": val.confusion}
+    path = os.path.join(run_dir, "evaluation.json")
     if distributed.is_main():
-        write_json(result, os.path.join(run_dir, "evaluation.json"))
+        write_json(result, path)
         write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
         if plots:
             draw_or_warn(plot_confusion, val.confusion, class_names,
-                         f"{cfg.data.name} validation split", os.path.join(run_dir, "confusion.png"))
+                         f"{data_cfg.name} validation split", os.path.join(run_dir, "confusion.png"))
     lines = [f"{row['class']:>12}  {row['images']:6d}  {row['accuracy']:.4f}" for row in per_class]
-    log.info("evaluated %s on %d images of data=%s: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s",
-             cfg.checkpoint, seen, cfg.data.name, result["loss"], result["accuracy"], "class",
-             "images", "accuracy", "\n".join(lines))
+    log.info("evaluated %s on %d images: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s\n"
+             "results: %s (and per_class.csv beside it)", cfg.checkpoint, seen, result["loss"],
+             result["accuracy"], "class", "images", "accuracy", "\n".join(lines), path)
     return result["accuracy"]
 
 
@@ -159,7 +223,7 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
             if batch is None:  # every image of this batch was unreadable
                 continue
             images, paths = batch
-            probabilities = step.logits(images.to(device)).softmax(dim=1).cpu()
+            probabilities = class_probabilities(step, images)
             best, index = probabilities.max(dim=1)
             rows += [{"path": path, "class": model.class_names[i], "probability": float(p)}
                      for path, i, p in zip(paths, index.tolist(), best, strict=True)]

@@ -306,7 +306,7 @@ def layer_class(spec: dict[str, Any], index: int) -> type:
 
 
 def layer_arguments(spec: dict[str, Any], accepted: Sequence[str], width: int, is_last: bool,
-                    num_classes: int, index: int) -> dict[str, Any]:
+                    num_classes: int | None, index: int) -> dict[str, Any]:
     """Fill in the sizes a head layer can take from its neighbours; check the given ones."""
     filled = {key: value for key, value in spec.items() if key != "_target_"}
     for key in ("in_features", "num_features", "normalized_shape"):
@@ -315,12 +315,12 @@ def layer_arguments(spec: dict[str, Any], accepted: Sequence[str], width: int, i
             if given != width:
                 raise ConfigError(f"head.layers[{index}].{key}={given} but the layer before "
                                   f"gives {width} features; leave it out to have it inferred.")
-    if is_last:
-        filled.setdefault("out_features", num_classes)
+    if is_last:  # a shape-only build (num_classes None) before the data is read: any width
+        filled.setdefault("out_features", 2 if num_classes is None else num_classes)
     return filled
 
 
-def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int,
+def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int | None,
                device: torch.device) -> nn.Sequential:
     """Net.add_layers from `_target_` specs, sizes inferred from the backbone and the data."""
     specs = [OmegaConf.to_container(spec) for spec in layer_specs]
@@ -340,13 +340,16 @@ def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int,
         layer.to(device)
         width = output_width(layer, torch.zeros(2, width, device=device), f"head.layers[{index}]")
         layers.append(layer)
-    if width != num_classes:
+    if num_classes is not None and width != num_classes:
         raise ConfigError(f"the head outputs {width} values but the data has {num_classes} "
                           "classes: end head.layers with a layer whose out_features is left out.")
     return nn.Sequential(*layers)
 
 
-def build_net(backbone: nn.Module, head_cfg: DictConfig, num_classes: int, image_size: int) -> Net:
+def build_net(backbone: nn.Module, head_cfg: DictConfig, num_classes: int | None,
+              image_size: int) -> Net:
+    """The backbone with the head on top; num_classes None: the data's count is not known
+    yet (a shape-only build on the meta device, to check patterns early)."""
     device = next(backbone.parameters()).device
     sample = torch.zeros(1, 3, image_size, image_size, device=device)
     width = output_width(backbone, sample, "the backbone")

@@ -175,3 +175,56 @@ def add_groups(optimizer: torch.optim.Optimizer, scheduler: Any,
     current = scheduler._get_closed_form_lr()  # build_scheduler checked that it has one
     for group, lr in zip(optimizer.param_groups[-len(groups):], current[-len(groups):], strict=True):
         group["lr"] = lr
+
+
+# Schedules whose rate depends on the epoch alone, not on the run's length: a resumed run
+# with a higher trainer.max_epochs goes on stepping them as a longer run would have.
+EPOCH_SCHEDULES = ("StepLR", "MultiStepLR", "ExponentialLR", "ConstantLR",
+                   "CosineAnnealingWarmRestarts")
+
+
+def how_schedule_extends(target: str | None) -> str | None:
+    """What raising trainer.max_epochs on a resumed run does to this schedule (by its
+    _target_), or None where nothing sensible can be done (so no "train more" is offered)."""
+    name = (target or "").rpartition(".")[2]
+    if not name:
+        return "the learning rate stays constant"
+    if name == "CosineAnnealingLR":
+        return ("the cosine decay is planned again, from the rate of the last finished epoch "
+                "down to eta_min over the added epochs")
+    if name in EPOCH_SCHEDULES:
+        return f"{name} goes on by epoch, as in a run planned this long"
+    return None
+
+
+def extend_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, target: str | None,
+                    done: int, max_epochs: int, pending_phases: Sequence[int]) -> str:
+    """A resumed run raised trainer.max_epochs after `done` epochs: fit the schedule to the
+    new length (its state, so the checkpoints, hold the new plan) and say how."""
+    how = how_schedule_extends(target)
+    if how is None:
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: scheduler._target_={target} plans "
+                          "the run's length, and resuming cannot stretch it sensibly. Start a "
+                          "new run with the longer trainer.max_epochs.")
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        if pending_phases:  # their groups would join the old plan's rates
+            raise ConfigError(f"trainer.max_epochs={max_epochs}: unfreeze phases at epochs "
+                              f"{list(pending_phases)} have not started yet, and the cosine "
+                              "plan cannot be redrawn around them. Resume without raising "
+                              "max_epochs first; raise it once the run has finished.")
+        replan_cosine_tail(scheduler, optimizer, max_epochs - done)
+    return how
+
+
+def replan_cosine_tail(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR,
+                       optimizer: torch.optim.Optimizer, epochs_left: int) -> None:
+    """Each group decays from the rate its last finished epoch trained at (r) on a new half
+    cosine: the k-th of n added epochs trains at eta_min + (r - eta_min)(1 + cos(pi k /
+    (n + 1))) / 2, so, as in any cosine run, the last epoch still trains above eta_min."""
+    scheduler.last_epoch -= 1  # the rates the last finished epoch trained at
+    scheduler.base_lrs = scheduler._get_closed_form_lr()
+    scheduler.T_max, scheduler.last_epoch = epochs_left + 1, 1
+    rates = scheduler._get_closed_form_lr()
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates

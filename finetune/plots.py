@@ -10,7 +10,7 @@ never sees half a file.
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -196,19 +196,48 @@ def as_number(text: str) -> float | None:
         return None
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str) -> None:
-    """The optimized metric per job (best first), and against each swept key (up to 3)."""
+def rounded(value: str) -> str:
+    """A swept value as a label: numbers to 3 significant digits (Optuna samples floats to
+    17), anything else as it is, cut at 24 characters."""
+    number = as_number(value)
+    if number is not None and not value.isdigit():
+        return f"{number:.3g}"
+    return value if len(value) <= 24 else value[:23] + "…"
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key by its last part (`optimizer.lr` -> `lr`) unless two keys share it."""
+    last = [key.rpartition(".")[2] for key in keys]
+    return {key: name if last.count(name) == 1 else key for key, name in zip(keys, last, strict=True)}
+
+
+def log_searched_keys(sweeper_params: dict[str, Any] | None) -> set[str]:
+    """The keys a search samples on a log scale: `tag(log, interval(...))` in
+    hydra.sweeper.params (Optuna)."""
+    return {key for key, value in (sweeper_params or {}).items()
+            if str(value).replace(" ", "").startswith("tag(log,")}
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str,
+               log_keys: Collection[str] = ()) -> None:
+    save(sweep_figure(rows, metric, log_keys), path)
+
+
+def sweep_figure(rows: Sequence[dict[str, Any]], metric: str, log_keys: Collection[str] = ()):
+    """The optimized metric per job (best first), and against each swept key (up to 3);
+    a key searched on a log scale, or spanning 100x, gets a log axis."""
     finished = [row for row in rows if row["status"] == "ok"
                 and isinstance(row["value"], int | float) and not math.isnan(row["value"])]
     done = finished[:MAX_SWEEP_BARS]  # rows come best first
     settings = [job_settings(row["override_list"]) for row in done]
     keys = swept_keys(settings)[:3]  # each gets a panel; the job labels name them
+    names = short_names(keys)
     height = max(3.0, 0.3 * len(done) + 1.5)
-    figure = new_figure(6 + 4 * len(keys), height)
+    figure = new_figure(7 + 4 * len(keys), height)
     panels = figure.subplots(1, 1 + len(keys), squeeze=False)[0]
     jobs = panels[0]
-    labels = [f"{row['job']}: " + (" ".join(f"{key}={job.get(key, '(default)')}" for key in keys)
-                                   or row["overrides"])[:60]
+    labels = [f"{row['job']}: " + (" ".join(f"{names[key]}={rounded(job.get(key, '(default)'))}"
+                                            for key in keys) or row["overrides"][:60])
               for row, job in zip(done, settings, strict=True)]
     jobs.barh(range(len(done)), [row["value"] for row in done], color="tab:blue")
     jobs.set_yticks(range(len(done)), labels, fontsize="small")
@@ -224,16 +253,16 @@ def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str) -> None:
         numbers = [as_number(value) for value in values]
         if all(number is not None for number in numbers):
             axes.plot(numbers, [row["value"] for row in done], "o")
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+            if key in log_keys or (min(numbers) > 0 and max(numbers) / min(numbers) >= 100):
                 axes.set_xscale("log")
         else:
             categories = list(dict.fromkeys(values))
             axes.plot([categories.index(value) for value in values],
                       [row["value"] for row in done], "o")
-            axes.set_xticks(range(len(categories)), [c[:20] for c in categories],
+            axes.set_xticks(range(len(categories)), [rounded(c) for c in categories],
                             rotation=30, ha="right")
             axes.set_xlim(-0.5, len(categories) - 0.5)
         axes.set_xlabel(key)
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
-    save(figure, path)
+    return figure

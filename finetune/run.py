@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 from finetune import distributed
 from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
 from finetune.config import validate
-from finetune.data import Data, build_data, fingerprint, make_loader
+from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
 from finetune.digest import tensors_digest
 from finetune.distributed import Rewrap
-from finetune.errors import TrainingFailed
-from finetune.features import CacheDecision, CacheEntry, cached_features, decide
+from finetune.errors import ConfigError, Interrupted, TrainingFailed
+from finetune.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
 from finetune.files import write_json
 from finetune.freeze import apply_freeze, unchanging_state_names
 from finetune.hooks import Hook
@@ -33,10 +33,17 @@ from finetune.model import (
     Weights,
     build_backbone,
     build_net,
+    check_backbone_name,
     input_spec,
     resolve_weights,
 )
-from finetune.optim import build_optimizer, build_scheduler, group_rules
+from finetune.optim import (
+    build_optimizer,
+    build_scheduler,
+    extend_schedule,
+    group_rules,
+    how_schedule_extends,
+)
 from finetune.outputs import check_fresh_run_dir
 from finetune.plots import draw_or_warn, plot_confusion, plots_enabled
 from finetune.report import (
@@ -114,6 +121,8 @@ class Setup:
 def build(cfg: DictConfig) -> Setup:
     """Validate the config and build every stage in order; train nothing, write nothing."""
     validate(cfg)
+    check_data_paths(cfg.data)  # the cheap checks first: a stat, then a model of shapes only
+    check_patterns(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     weights = resolve_weights(cfg.backbone)
@@ -141,6 +150,27 @@ def build(cfg: DictConfig) -> Setup:
                  cache)
 
 
+def check_patterns(cfg: DictConfig) -> None:
+    """Every freeze, unfreeze and param-group pattern checked against the model's names, on
+    a model built on the meta device (shapes only: milliseconds, where building it with its
+    weights and reading the data take seconds)."""
+    check_backbone_name(cfg.backbone.name)
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(cfg.backbone, Weights(None, "shapes only"))
+            size = getattr(backbone, "image_size", None)  # ViT takes one size; any other, 224
+            net = build_net(backbone, cfg.head, None, size if isinstance(size, int) else 224)
+    except ConfigError:
+        raise
+    except Exception as error:  # an operation the meta device lacks: the real build checks
+        log.debug("patterns are checked after the build: %s", error)
+        return
+    aliases = resolve_aliases(net.pretrained)
+    apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
+    group_rules(cfg, net, aliases)
+
+
 def check_same_weights(net: Net) -> None:
     """Under torchrun every rank must end with the same weights; say so, or fail."""
     digest = tensors_digest(net.state_dict().values())
@@ -165,14 +195,14 @@ class Training:
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
     loaders, module, cache = (setup.data.train_loader, setup.data.val_loader), setup.net, CacheEntry()
     if setup.cache.enabled:
-        train, val, key = cached_features(
+        train, val, cache = cached_features(
             setup.net.pretrained, *(loader.dataset for loader in loaders),
             tuple(fingerprint(loader.dataset) for loader in loaders), cfg.trainer.cache_dir,
             cfg.data.batch_size, cfg.data.num_workers, setup.device, cfg.trainer.precision)
         pin = setup.device.type == "cuda"
         loaders = (make_loader(train, cfg.data, True, cfg.seed, pin),
                    make_loader(val, cfg.data, False, cfg.seed, pin))
-        module, cache = setup.net.add_layers, CacheEntry(key)
+        module = setup.net.add_layers
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
                 cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup))
     # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
@@ -235,7 +265,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     if cfg.mode != "train":
         from finetune.inference import run_inference
 
-        return run_inference(cfg, run_dir, plots)
+        return run_inference(cfg, run_dir, plots, overrides)
     summary = RunSummary(run_dir, overrides)  # its clock starts here
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)
@@ -255,10 +285,11 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     progress = Progress(monitor=Monitor.for_metric(cfg.optimized_metric))
     parts = stateful_parts(setup, training, progress)
     if not fresh:
-        restore(checkpoint, setup.net, parts, f"resume={run_dir!r}")
-        log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
+        go_on_from(checkpoint, cfg, setup, parts, progress, run_dir)
+        if progress.epoch >= cfg.trainer.max_epochs:
+            return finished_before(cfg, setup, progress, run_dir, overrides)
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
-                       setup.data.class_names, setup.spec.to_dict())
+                       setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads())
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
     hooks = training_hooks(setup, training, run_dir, parts, record, checkpoint, run_log)
     result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
@@ -267,7 +298,39 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         draw_or_warn(plot_confusion, progress.best_confusion, setup.data.class_names,
                      f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
                      os.path.join(run_dir, "confusion.png"))
-    log.info("%s", closing_lines(cfg, best, result, run_dir, overrides))
+    log.info("%s", closing_lines(cfg, best, result, run_dir, training.cache))
+    return result[cfg.optimized_metric]
+
+
+def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str, Stateful],
+               progress: Progress, run_dir: str) -> None:
+    """Put the run back where its checkpoint left it; a raised trainer.max_epochs stretches
+    the schedule to the new length (optim.extend_schedule), said here and saved in the
+    scheduler's state."""
+    restore(checkpoint, setup.net, parts, f"resume={run_dir!r}")
+    log.info("resumed %s after epoch %d of %d", run_dir, progress.epoch, cfg.trainer.max_epochs)
+    threads = checkpoint["run"].get("torch_threads")
+    if threads is not None and threads != torch.get_num_threads():
+        log.warning("the run trained with %d torch threads and goes on with %d: on the CPU its "
+                    "results may then differ from an unbroken run's in the last decimals",
+                    threads, torch.get_num_threads())
+    saved_epochs = checkpoint["run"]["config"]["trainer"]["max_epochs"]
+    if cfg.trainer.max_epochs > saved_epochs and progress.epoch < cfg.trainer.max_epochs:
+        pending = [phase.epoch for phase in setup.unfreeze.plan if phase.epoch > progress.epoch]
+        how = extend_schedule(setup.scheduler, setup.optimizer, cfg.scheduler._target_,
+                              progress.epoch, cfg.trainer.max_epochs, pending)
+        log.info("trainer.max_epochs raised from %d to %d: %s", saved_epochs,
+                 cfg.trainer.max_epochs, how)
+
+
+def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: str,
+                    overrides: Sequence[str]) -> float:
+    """A resumed run that had already trained all its epochs: say so, write nothing."""
+    result = summarize("ok", progress.history, progress.best_epoch, str(setup.weights),
+                       setup.rows(), 0.0, overrides)
+    best = progress.history[progress.best_epoch - 1]
+    log.info("%s had already finished all its %d epochs: nothing to train, nothing written.\n%s",
+             run_dir, progress.epoch, closing_lines(cfg, best, result, run_dir, CacheEntry()))
     return result[cfg.optimized_metric]
 
 
@@ -284,6 +347,7 @@ class RunSummary:
         summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
                             setup.rows(), time.perf_counter() - self.started, self.overrides,
                             error)
+        summary["torch_threads"] = torch.get_num_threads()  # CPU results depend on it
         if distributed.is_main():
             write_json(summary, self.path)
         return summary
@@ -304,9 +368,13 @@ def fit_and_summarize(cfg: DictConfig, setup: Setup, training: Training, progres
         return result
     except KeyboardInterrupt:
         summary.write("interrupted", progress, setup)
-        log.warning("interrupted after epoch %d; continue with: python train.py resume=%s",
-                    progress.epoch, shlex.quote(summary.run_dir))
-        raise
+        if progress.epoch:  # its checkpoint is written (the hooks waited for it)
+            message = (f"interrupted after epoch {progress.epoch}; continue with: python "
+                       f"train.py resume={shlex.quote(summary.run_dir)}")
+        else:
+            message = "interrupted before the first epoch ended: no checkpoint to resume"
+        log.warning("%s", message)
+        raise Interrupted(message) from None
     except TrainingFailed as error:
         summary.write("failed", progress, setup, str(error))
         raise
@@ -326,22 +394,21 @@ def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: st
 
 
 def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: str,
-                  overrides: Sequence[str]) -> str:
-    """The best epoch, where everything is, and what to run next (evaluating on the run's
-    own data: its data overrides come along)."""
+                  cache: CacheEntry) -> str:
+    """The best epoch, where everything is, and what to run next (evaluate reads the data
+    the checkpoint was trained on unless told otherwise)."""
     here = os.path.relpath(run_dir)  # as typed from here, when the run is below here
     run_dir = here if not here.startswith(os.pardir) else run_dir
     best_pt = shlex.quote(os.path.join(run_dir, "checkpoints", "best.pt"))
     run_dir = shlex.quote(run_dir)  # a folder name may hold anything: quoted for a shell
-    data = [shlex.quote(item) for item in overrides
-            if item.lstrip("+~").split("=", 1)[0].split(".")[0] == "data"]
     lines = [f"best epoch {best.epoch}: val acc {best.val_acc:.4f}, val loss {best.val_loss:.4f} "
              f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
              f"run directory: {run_dir}",
-             "  evaluate:    " + " ".join(["python train.py mode=evaluate",
-                                           f"checkpoint={best_pt}", *data]),
-             f"  train more:  python train.py resume={run_dir} "
-             f"trainer.max_epochs={cfg.trainer.max_epochs * 2}"]
+             f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}"]
+    if how_schedule_extends(cfg.scheduler._target_) is not None:  # else it cannot go on
+        lines.append(f"  train more:  python train.py resume={run_dir} "
+                     f"trainer.max_epochs={cfg.trainer.max_epochs * 2}")
     if "tensorboard" in cfg.logger:
         lines.append(f"  curves:      tensorboard --logdir {run_dir}")
-    return "\n".join(lines)
+    cached = cache_report(cache)
+    return "\n".join([*lines, cached] if cached else lines)

@@ -74,14 +74,16 @@ def set_aside_failed_attempt(job_dir: str) -> None:
     log.info("an earlier attempt of this job failed; its files moved to %s", attempt)
 
 
-def record_failure(job_dir: str, overrides: list[str], error: BaseException) -> None:
-    """summary.json for a job that failed, unless the directory already has one."""
+def record_failure(job_dir: str, overrides: list[str], error: BaseException | str,
+                   status: str = "failed") -> None:
+    """summary.json for a run or job that stopped before it could write its own, unless
+    the directory already has one (the run's own, or a resumed run's); rank 0 only."""
     from finetune.files import write_json
 
-    if os.path.exists(os.path.join(job_dir, "summary.json")):
+    if os.path.exists(os.path.join(job_dir, "summary.json")) or os.environ.get("RANK", "0") != "0":
         return
     os.makedirs(job_dir, exist_ok=True)
-    write_json({"status": "failed", "error": str(error), "overrides": overrides},
+    write_json({"status": status, "error": str(error), "overrides": overrides},
                os.path.join(job_dir, "summary.json"))
 
 
@@ -153,10 +155,11 @@ class SweepSummary(Callback):
         print(f"sweep of {len(rows)} jobs, best first ({os.path.join(sweep_dir, 'summary.csv')}):"
               f"\n{format_table(rows)}")
         if sweep_plots(config.plots):
-            from finetune.plots import draw_or_warn, plot_sweep
+            from finetune.plots import draw_or_warn, log_searched_keys, plot_sweep
 
+            log_keys = log_searched_keys(config.hydra.sweeper.get("params"))
             draw_or_warn(plot_sweep, rows, config.optimized_metric,
-                         os.path.join(sweep_dir, "summary.png"))
+                         os.path.join(sweep_dir, "summary.png"), log_keys)
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "

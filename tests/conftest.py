@@ -43,10 +43,18 @@ FAST = ("backbone.weights=null", "data=fake", "data.train_size=64", "data.val_si
         "data.batch_size=16", "trainer.max_epochs=1", "trainer.device=cpu")
 
 
+# Seconds a subprocess may take before a test calls it hung: a guard against hangs only.
+# A run that takes 15 s alone on a quick 2-core machine takes ~90 s on one 6x slower, and
+# 5-20x that again beside another torch job; no test waits on a clock otherwise.
+HANG_SECONDS = 1800
+
+
 @pytest.fixture(autouse=True)
-def offline_torch_cache(monkeypatch, tmp_path_factory):
-    """An empty torch cache and home (so an empty feature cache) per test, and no network:
-    downloads fail as they would offline."""
+def offline_torch_cache(monkeypatch, tmp_path_factory, tmp_path):
+    """An empty torch cache and home (so an empty feature cache) per test, no network
+    (downloads fail as they would offline), and the test's tmp dir as the working directory:
+    a default run directory (outputs/...) lands there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
@@ -76,11 +84,33 @@ def parameters_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 240,
+def run_train(*overrides: str, cwd: Path | None = None, timeout: int = HANG_SECONDS,
               plots: bool = False) -> subprocess.CompletedProcess:
-    """`python train.py OVERRIDES` in a subprocess, never downloading; plots off unless
-    asked for (importing matplotlib and drawing cost a second or two a process)."""
+    """`python train.py OVERRIDES` in a subprocess (in the test's working directory, its tmp
+    dir, unless `cwd`), never downloading; plots off unless asked for (importing matplotlib
+    and drawing cost a second or two a process)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     command = [sys.executable, str(ROOT / "train.py"), *overrides, "backbone.allow_download=false",
                *([] if plots else ["plots=false"])]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checkout_outputs() -> set[Path]:
+    """What runs write by default, in the checkout (outputs/, multirun/)."""
+    return {path for folder in ("outputs", "multirun") for path in (ROOT / folder).rglob("*")}
+
+
+def pytest_sessionstart(session):
+    session.config.stash[OUTPUTS_BEFORE] = checkout_outputs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only under their tmp dirs: a new file or folder in the checkout fails
+    the session, naming it."""
+    added = sorted(checkout_outputs() - session.config.stash.get(OUTPUTS_BEFORE, set()))
+    if added:
+        print(f"\nFAILED: the tests wrote into the checkout: {[str(p) for p in added[:5]]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+OUTPUTS_BEFORE = pytest.StashKey[set]()

@@ -85,7 +85,8 @@ def trained(tmp_path_factory):
 def test_a_checkpoint_holds_named_parts_and_no_write_only_keys(trained):
     saved = load_safe(str(trained / "checkpoints" / "last.pt"))
     assert set(saved) == {"format", "run", "model", "frozen_part", "state"}
-    assert set(saved["run"]) == {"config", "overrides", "class_names", "input_spec"}
+    assert set(saved["run"]) == {"config", "overrides", "class_names", "input_spec", "torch_threads"}
+    assert saved["run"]["torch_threads"] == torch.get_num_threads()
     assert set(saved["state"]) == {"unfreeze", "optimizer", "scheduler", "scaler", "rng",
                                    "progress", "feature_cache"}
 

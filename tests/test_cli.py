@@ -12,7 +12,7 @@ from PIL import Image
 
 from finetune.run import run
 
-from conftest import ROOT, make_config, run_train
+from conftest import HANG_SECONDS, ROOT, make_config, run_train
 from test_freeze import SEED_NAMES
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,9 @@ def test_the_default_run_learns_leaves_a_complete_run_directory_and_says_what_ne
     assert out.count("epoch 4/4") == 1 and f"best epoch {summary['best_epoch']}: val acc" in out
     assert "\r" not in result.stderr and "it/s" not in result.stderr  # not a terminal: no bar
     evaluate = next(line for line in out.splitlines() if "mode=evaluate" in line)
-    assert f"python train.py mode=evaluate checkpoint={tmp_path}/checkpoints/best.pt" in evaluate
-    assert f"python train.py resume={tmp_path} trainer.max_epochs=8" in out
+    # the run directory is the working directory here: paths as the user would type them
+    assert "python train.py mode=evaluate checkpoint=./checkpoints/best.pt" in evaluate
+    assert "python train.py resume=. trainer.max_epochs=8" in out
 
 
 def test_seed_experiment_dry_run_prints_the_seed_table(tmp_path, caplog):
@@ -78,18 +79,23 @@ def test_image_folder_run_with_a_frozen_resnet50(tmp_path):
 # One case per path an error takes to the user (Hydra's own checks, finetune's, the command
 # line before Hydra); every message, and every other bad input, is tested in-process too.
 @pytest.mark.parametrize("overrides, fragments", [
-    (["backbone=resnet99"], ["backbone/resnet99", "resnet18"]),  # Hydra: group option
-    (["backbone.nmae=x"], ["nmae"]),  # Hydra: schema
+    (["backbone=resnet99"], ["backbone=resnet99 is not an option", "resnet18"]),  # group option
+    (["backbone.nmae=x"], ["no key backbone.nmae", "Did you mean backbone.name"]),  # schema
     (["backbone.name=resnt18"], ["backbone.name='resnt18'", "resnet18"]),  # finetune checks
     (["resume=/no/such/run"], ["resume='/no/such/run' is not a directory"]),  # before Hydra
 ])
-def test_bad_input_exits_non_zero_with_one_clear_message(tmp_path, overrides, fragments):
+def test_bad_input_exits_2_with_one_clear_message_and_no_unexplained_run_directory(
+        tmp_path, overrides, fragments):
     result = run_train(*overrides, f"hydra.run.dir={tmp_path}/run")
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
-    assert not (tmp_path / "run" / "metrics.csv").exists()
+    assert result.stderr.count("error:") == 1
+    if (tmp_path / "run").exists():  # refused once the run had started: it says why
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+        assert fragments[0] in (tmp_path / "run" / "train.log").read_text()
+        assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
 def test_a_run_directory_that_holds_a_run_is_left_untouched(tmp_path):
@@ -126,13 +132,15 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
                "backbone.allow_download=false", "plots=false", f"hydra.run.dir={tmp_path}/run"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_SECONDS
     while not last.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=HANG_SECONDS)
     assert process.returncode == 130, stderr
-    assert "resume=" in stderr and "Traceback" not in stderr
+    said = stdout + stderr  # one line says where it stopped and how to go on
+    assert said.count("interrupted") == 1 and "continue with: python train.py resume=" in said
+    assert "Traceback" not in said
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 1 <= summary["epochs_completed"] < 3
     saved_config = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()

@@ -15,7 +15,7 @@ from finetune.outputs import new_dir
 from finetune.run import build
 from finetune.trainer import Step, train_one_epoch
 
-from conftest import CONF_DIR, FAST, ROOT, make_config
+from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config
 
 
 def composed(*overrides: str, hydra: bool = False):
@@ -60,7 +60,7 @@ def test_the_progress_bar_shows_loss_accuracy_and_learning_rate_on_a_terminal(mo
 
 def test_help_lists_groups_options_main_keys_and_examples_that_compose():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     for group in sorted(path for path in CONF_DIR.iterdir() if path.is_dir() and path.name != "hydra"):

@@ -9,7 +9,7 @@ import pytest
 
 from finetune.run import run
 
-from conftest import ROOT, make_config
+from conftest import HANG_SECONDS, ROOT, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_torchrun_two_processes_share_one_run_and_agree(tmp_path):
                "trainer.max_epochs=2", "freeze=[@backbone]",  # frozen, then a phase: re-wrapped
                "unfreeze=[{epoch: 2, patterns: [@stage-1]}]", "backbone.allow_download=false",
                "logger=tensorboard"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     assert len(runs) == 1  # one directory, whatever each rank's clock said

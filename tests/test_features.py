@@ -10,7 +10,7 @@ from finetune import digest
 from finetune.errors import ConfigError
 from finetune.run import build, run
 
-from conftest import FAST, ROOT, make_config
+from conftest import FAST, HANG_SECONDS, ROOT, make_config
 
 PROBE = (*FAST, "freeze=[@backbone]", "trainer.max_epochs=3")
 
@@ -72,9 +72,14 @@ def test_a_second_run_and_other_heads_reuse_the_features(tmp_path, caplog, monke
     caplog.set_level("INFO")
     run(make_config(*PROBE), str(tmp_path / "first"))
     assert "feature cache: computed" in caplog.text and len(cache_files(home)) == 1
+    (entry,) = cache_files(home)  # said once at the end: where, how big, how to clear it
+    size = f"{entry.stat().st_size / 2**20:.1f} MiB"
+    assert f"feature cache: {entry} ({size}); {entry.parent} holds {size} in all" in caplog.text
+    assert f"(rm -r {entry.parent} clears it)" in caplog.text
     caplog.clear()
     run(make_config(*PROBE, "head=mlp", "optimizer=adamw"), str(tmp_path / "second"))
     assert "feature cache: loaded" in caplog.text and "feature cache: computed" not in caplog.text
+    assert "clears it" not in caplog.text  # it wrote nothing there
     caplog.clear()
     run(make_config(*PROBE, "seed=1"), str(tmp_path / "other_weights"))  # another random init
     assert "feature cache: computed" in caplog.text and len(cache_files(home)) == 2
@@ -123,7 +128,7 @@ def test_two_jobs_writing_the_same_entry_at_once_both_succeed(tmp_path):
     jobs = [subprocess.Popen([*command, f"hydra.run.dir={tmp_path}/run{i}"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     for job in jobs:
-        _, stderr = job.communicate(timeout=240)
+        _, stderr = job.communicate(timeout=HANG_SECONDS)
         assert job.returncode == 0, stderr
     assert metrics(tmp_path / "run0") == metrics(tmp_path / "run1")
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1

@@ -43,6 +43,44 @@ def test_load_model_is_the_trained_net_in_eval_mode(trained, monkeypatch, tmp_pa
     assert float(sum(losses)) / 32 == pytest.approx(float(best_row["val_loss"]), rel=1e-5)
 
 
+def test_load_model_predicts_paths_and_images_in_one_call(trained, tmp_path):
+    model = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
+    images = [Image.new("RGB", (40, 30), (index * 60, 90, 0)) for index in range(3)]
+    images[2].save(tmp_path / "two.png")
+    labels, probabilities = model.predict([images[0], images[1], tmp_path / "two.png"])
+    assert probabilities.shape == (3, 10)
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(3))
+    with torch.no_grad():  # by hand: the checkpoint's preprocessing, the net, a softmax
+        expected = model.net(torch.stack([model.transform()(image) for image in images])).softmax(1)
+    assert torch.allclose(probabilities, expected, atol=1e-6)
+    assert labels == [model.class_names[index] for index in expected.argmax(1).tolist()]
+    one_label, one = model.predict(str(tmp_path / "two.png"))  # one path: one row
+    assert one_label == labels[2:] and torch.allclose(one, probabilities[2:])
+
+
+def test_evaluate_reads_only_the_validation_images_of_the_trained_data(tmp_path, caplog):
+    """mode=evaluate with a checkpoint alone: the run's own image folder and size; a broken
+    file in train/ is not read, so not warned about."""
+    for split in ("train", "val"):
+        for label in ("ants", "bees"):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for index in range(2):
+                Image.new("RGB", (40, 30), (index * 90, 0, 0)).save(
+                    tmp_path / "photos" / split / label / f"{index}.png")
+    overrides = ["backbone.weights=null", "trainer.max_epochs=1", "trainer.device=cpu",
+                 "data=imagefolder", f"data.root={tmp_path}/photos", "data.image_size=48"]
+    run(make_config(*overrides), str(tmp_path / "run"), overrides)
+    (tmp_path / "photos" / "train" / "ants" / "broken.png").write_bytes(b"not a png")
+    caplog.set_level("INFO")
+    arguments = ["mode=evaluate", f"checkpoint={tmp_path}/run/checkpoints/best.pt"]
+    run(make_config(*arguments), str(tmp_path / "evaluated"), arguments)  # default data: digits
+    result = json.loads((tmp_path / "evaluated" / "evaluation.json").read_text())
+    assert result["data"]["root"] == f"{tmp_path}/photos" and result["images"] == 4
+    assert "broken.png" not in caplog.text
+    assert "trained on data=imagefolder" in caplog.text and "data=digits" not in caplog.text
+    assert f"results: {tmp_path}/evaluated/evaluation.json" in caplog.text
+
+
 def test_evaluate_mode_reports_the_runs_validation_metrics(trained, tmp_path):
     cfg = make_config(*FAST, "mode=evaluate", f"checkpoint={trained}/checkpoints/best.pt")
     accuracy = run(cfg, str(tmp_path))
@@ -62,10 +100,10 @@ def test_evaluate_mode_reports_the_runs_validation_metrics(trained, tmp_path):
 
 
 def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):
-    cfg = make_config(*FAST, "mode=evaluate", f"checkpoint={trained}/checkpoints/last.pt",
-                      "data.num_classes=5")
+    overrides = ["mode=evaluate", f"checkpoint={trained}/checkpoints/last.pt",
+                 "data.num_classes=5"]  # the command line's data key wins over the saved one
     with pytest.raises(ConfigError, match="trained on 10 classes.*has 5 classes"):
-        run(cfg, str(tmp_path))
+        run(make_config(*FAST, *overrides), str(tmp_path), overrides)
 
 
 def test_predict_writes_one_row_per_readable_image(trained, tmp_path, caplog):

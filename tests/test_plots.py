@@ -11,9 +11,11 @@ from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.plots import (
     BackgroundPlots,
+    log_searched_keys,
     plot_confusion,
     plot_sweep,
     plots_enabled,
+    sweep_figure,
     swept_keys,
 )
 from finetune.run import run
@@ -105,3 +107,23 @@ def test_a_sweep_picture_names_only_the_swept_keys(tmp_path):
     plot_sweep(rows, "best_val_acc", str(tmp_path / "summary.png"))
     width, _ = png_size(tmp_path / "summary.png")
     assert width > 1200  # the per-job bars and one panel per swept key (lr, freeze)
+
+
+def test_a_search_picture_rounds_values_and_puts_log_searched_keys_on_log_axes():
+    """An Optuna search: floats sampled to 17 digits, lr and weight decay searched on a log
+    scale (even when the sampled values happen to span less than 100x)."""
+    def row(job, lr, decay, value):
+        overrides = [f"optimizer.lr={lr}", f"optimizer.weight_decay={decay}", "freeze=[]"]
+        return {"job": job, "status": "ok", "value": value, "overrides": " ".join(overrides),
+                "override_list": overrides}
+
+    rows = [row("0", 0.012345678901234, 2.3456789e-05, 0.9), row("1", 0.0456789, 5.5e-05, 0.8)]
+    params = {"optimizer.lr": "tag(log, interval(1e-4, 1e-1))",
+              "optimizer.weight_decay": "tag(log, interval(1e-6, 1e-2))",
+              "freeze": 'choice("[]", "[pretrained]")'}
+    figure = sweep_figure(rows, "best_val_acc", log_searched_keys(params))
+    jobs, lr, decay = figure.axes[:3]
+    assert [label.get_text() for label in jobs.get_yticklabels()] == [
+        "0: lr=0.0123 weight_decay=2.35e-05", "1: lr=0.0457 weight_decay=5.5e-05"]
+    assert lr.get_xscale() == decay.get_xscale() == "log"
+    assert log_searched_keys(params) == {"optimizer.lr", "optimizer.weight_decay"}

@@ -22,7 +22,7 @@ from finetune.cli import compose_unresolved, with_resume_dir
 from finetune.resume import load_last, resumed_config
 from finetune.run import run
 
-from conftest import CONF_DIR, FAST, ROOT, make_config, run_train
+from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_docs_site_builds_strictly(tmp_path):
     """Every page in the nav, every page link and #anchor valid (mkdocs.yml's validation)."""
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -97,11 +98,74 @@ def test_a_row_written_after_the_last_checkpoint_is_not_doubled(tmp_path, monkey
     assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
 
 
-def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, caplog):
     run(config(epochs=2), str(tmp_path))
-    before = outcome(tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    caplog.set_level("INFO")
     run(resumed(tmp_path), str(tmp_path))
-    assert_same(before, outcome(tmp_path))
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    assert "had already finished all its 2 epochs: nothing to train" in caplog.text
+    assert "train more:  python train.py resume=. trainer.max_epochs=4" in caplog.text  # the cwd
+
+
+def started(run_dir, *overrides: str, epochs: int) -> None:
+    """`python train.py OVERRIDES` into RUN_DIR: the overrides saved as the command line's."""
+    overrides = [*FAST, f"trainer.max_epochs={epochs}", *overrides]
+    run(make_config(*overrides), str(run_dir), overrides)
+
+
+def raised(run_dir, max_epochs: int):
+    """What `python train.py resume=RUN_DIR trainer.max_epochs=N` trains with."""
+    saved = load_last(str(run_dir))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return resumed_config(str(run_dir), saved["run"], [f"trainer.max_epochs={max_epochs}"],
+                              compose_unresolved)
+
+
+def learning_rates(run_dir) -> list[float]:
+    return [float(row["lr"]) for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+def test_more_epochs_on_a_cosine_run_decay_on_from_the_last_rate(tmp_path, monkeypatch):
+    """The printed "train more" command: the cosine tail is planned again from epoch 3's
+    rate over the 3 added epochs (before, epoch 4 trained at lr 0 and the rate climbed back),
+    and that plan is in the checkpoint: an extended run stopped and resumed ends the same."""
+    for name in ("extended", "stopped"):
+        started(tmp_path / name, epochs=3)
+    run(raised(tmp_path / "extended", 6), str(tmp_path / "extended"))
+    rates = learning_rates(tmp_path / "extended")
+    third = 0.05 * (1 + math.cos(math.pi * 2 / 3)) / 2  # what epoch 3 of 3 trained at
+    assert rates[:3] == pytest.approx([0.05, 0.0375, third])
+    assert rates[3:] == pytest.approx([third * (1 + math.cos(math.pi * k / 4)) / 2
+                                       for k in (1, 2, 3)])  # decaying, the last above 0
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(raised(tmp_path / "stopped", 6), str(tmp_path / "stopped"))
+    monkeypatch.undo()
+    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))  # the saved 6 epochs
+    assert_same(outcome(tmp_path / "extended"), outcome(tmp_path / "stopped"))
+
+
+def test_more_epochs_on_a_step_run_go_on_as_a_longer_run_would(tmp_path):
+    step = ("scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
+    started(tmp_path / "long", *step, epochs=5)
+    started(tmp_path / "extended", *step, epochs=3)
+    run(raised(tmp_path / "extended", 5), str(tmp_path / "extended"))
+    assert learning_rates(tmp_path / "extended") == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
+    long, extended = outcome(tmp_path / "long"), outcome(tmp_path / "extended")
+    assert_same(long[:2] + (None,), extended[:2] + (None,))  # weights and every metric
+
+
+def test_a_schedule_planned_for_the_run_length_is_not_stretched(tmp_path, caplog):
+    linear = ("scheduler=none", "+scheduler._target_=torch.optim.lr_scheduler.PolynomialLR",
+              "+scheduler.total_iters=2")
+    caplog.set_level("INFO")
+    started(tmp_path, *linear, epochs=2)
+    assert "train more" not in caplog.text  # no hint for what cannot be done
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match="PolynomialLR plans the run's length"):
+        run(raised(tmp_path, 4), str(tmp_path))
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 def test_latest_is_the_newest_run_with_a_checkpoint(tmp_path):

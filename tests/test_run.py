@@ -5,6 +5,7 @@ import shlex
 import pytest
 import torch
 
+from finetune import run as run_module
 from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import run
@@ -55,15 +56,18 @@ def test_same_seed_same_result_on_cpu(tmp_path):
 
 
 def test_the_closing_lines_evaluate_the_best_checkpoint_on_the_runs_own_data(tmp_path, caplog):
+    """The printed command alone evaluates on the data the run trained on (data=fake with
+    its sizes, not the default digits): the checkpoint's data settings are the default."""
     caplog.set_level("INFO")
     accuracy = run(make_config(*FAST), str(tmp_path / "run"), FAST)
     command = next(line.split("evaluate:")[1] for line in caplog.text.splitlines()
                    if "evaluate:" in line)
     arguments = shlex.split(command)[2:]
-    assert arguments[:2] == ["mode=evaluate", f"checkpoint={tmp_path}/run/checkpoints/best.pt"]
-    assert [item for item in arguments if item.startswith("data")] == [
-        item for item in FAST if item.startswith("data")]  # data=fake and its sizes
-    assert run(make_config(*arguments), str(tmp_path / "evaluated")) == accuracy
+    assert arguments == ["mode=evaluate", "checkpoint=run/checkpoints/best.pt"]  # from the cwd
+    assert run(make_config(*arguments), str(tmp_path / "evaluated"), arguments) == accuracy
+    evaluation = json.loads((tmp_path / "evaluated" / "evaluation.json").read_text())
+    assert evaluation["data"]["name"] == "fake" and evaluation["images"] == 32
+    assert f"results: {tmp_path / 'evaluated' / 'evaluation.json'}" in caplog.text
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
@@ -78,3 +82,27 @@ def test_config_error_happens_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError):
         run(make_config(*FAST, "freeze=[pretrained.nothing]"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_cheap_checks_come_before_the_model_and_the_data_are_built(tmp_path, monkeypatch):
+    """A wrong data.root is a stat, a bad pattern a model of shapes only (the meta device):
+    both are reported before any weights are built or images read."""
+    def built(*args, **kwargs):
+        raise AssertionError("built before the cheap checks")
+
+    monkeypatch.setattr(run_module, "resolve_weights", built)
+    monkeypatch.setattr(run_module, "build_data", built)
+    with pytest.raises(ConfigError, match="freeze\\[1\\]='pretrained.layr4' matches no parameter"):
+        run(make_config(*FAST, "freeze=[pretrained.conv1,pretrained.layr4]"), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="param_groups\\[0\\].patterns\\[0\\]='nothing'"):
+        run(make_config(*FAST, "param_groups=[{patterns: [nothing]}]"), str(tmp_path / "b"))
+    monkeypatch.setattr(run_module, "build_backbone", built)
+    with pytest.raises(ConfigError, match="data.root='/no/photos'.*does not exist"):
+        run(make_config(*FAST[:1], "data=imagefolder", "data.root=/no/photos"), str(tmp_path / "c"))
+
+
+def test_summary_and_checkpoint_record_the_torch_thread_count(tmp_path):
+    run(make_config(*FAST), str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    saved = read_run_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    assert summary["torch_threads"] == saved["run"]["torch_threads"] == torch.get_num_threads()
