@@ -35,6 +35,7 @@ def metrics_rows(run_dir) -> list[dict[str, float]]:
             for row in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
+@pytest.mark.slow
 def test_a_format2_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(format2_run):
     raw = load_safe(str(format2_run / "checkpoints" / "last.pt"))
     assert raw["format"] == 2 and raw["unfreeze_phase"] == 1  # the fixture is the old layout

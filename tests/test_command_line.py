@@ -28,6 +28,7 @@ def refused(*arguments: str) -> str:
     (["optimizer.lr=fast"], ["optimizer.lr=fast", "could not be converted to Float"]),
     (["freeze=[a"], ["freeze=[a"]),  # Hydra's grammar, its own words
 ])
+@pytest.mark.slow
 def test_a_bad_override_is_named_with_what_was_meant(arguments, fragments):
     message = refused(*arguments)
     for fragment in fragments:

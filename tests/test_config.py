@@ -27,6 +27,7 @@ def test_default_config_has_every_section():
 
 
 @pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.slow
 def test_every_shipped_group_option_composes_and_validates(group):
     options = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
     assert options, f"no options in conf/{group}"
@@ -76,6 +77,7 @@ def test_key_of_another_option_is_refused():
 
 @pytest.mark.parametrize("override", ["optimizer.lr=fast", "trainer.max_epochs=ten",
                                       "dry_run=maybe", "freeze=pretrained"])
+@pytest.mark.slow
 def test_wrong_type_fails_at_composition(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         make_config(override)
@@ -112,6 +114,7 @@ def test_head_layer_without_target_is_refused():
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0"),
     (["mode=serve"], "mode='serve'"),
 ])
+@pytest.mark.slow
 def test_values_out_of_range_are_named(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(make_config(*overrides))

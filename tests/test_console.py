@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -58,6 +59,7 @@ def test_the_progress_bar_shows_loss_accuracy_and_learning_rate_on_a_terminal(mo
             assert shown == ""  # not a terminal (CI, SLURM logs): no bar at all
 
 
+@pytest.mark.slow
 def test_help_lists_groups_options_main_keys_and_examples_that_compose():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
                             capture_output=True, text=True, timeout=HANG_SECONDS)

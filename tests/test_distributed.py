@@ -13,8 +13,8 @@ from conftest import HANG_SECONDS, ROOT, make_config
 
 pytestmark = pytest.mark.slow
 
-DATA = ["backbone.weights=null", "data=fake", "data.train_size=64", "data.val_size=30",
-        "trainer.device=cpu"]
+DATA = ["backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
+        "data.train_size=64", "data.val_size=30", "trainer.device=cpu"]
 
 
 def test_torchrun_two_processes_share_one_run_and_agree(tmp_path):

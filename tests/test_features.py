@@ -27,7 +27,7 @@ def cache_files(home):
 @pytest.mark.parametrize("overrides, reason", [
     ([], "backbone parameters are trainable"),
     (["freeze=[@backbone]", "frozen_modules=train"], "runs in train mode"),
-    (["freeze=[@backbone]", "trainer.max_epochs=3", "unfreeze=[{epoch: 2, patterns: [@stage4]}]"],
+    (["freeze=[@backbone]", "trainer.max_epochs=3", "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],
      "unfreeze phases"),
 ])
 def test_auto_is_off_with_the_reason_when_caching_would_change_results(overrides, reason):
@@ -56,6 +56,7 @@ def test_auto_is_on_for_a_frozen_backbone_and_false_turns_it_off():
     assert not setup.cache.enabled and "trainer.cache_features=false" in setup.cache.reason
 
 
+@pytest.mark.slow
 def test_results_with_the_cache_equal_those_without(tmp_path):
     run(make_config(*PROBE, "head=mlp", "trainer.cache_features=false"), str(tmp_path / "off"))
     run(make_config(*PROBE, "head=mlp", "trainer.cache_features=true"), str(tmp_path / "on"))
@@ -66,6 +67,7 @@ def test_results_with_the_cache_equal_those_without(tmp_path):
             assert row_on[key] == pytest.approx(row_off[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_second_run_and_other_heads_reuse_the_features(tmp_path, caplog, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -86,6 +88,7 @@ def test_a_second_run_and_other_heads_reuse_the_features(tmp_path, caplog, monke
 
 
 @pytest.mark.parametrize("damage", ["truncate", "other_key"])
+@pytest.mark.slow
 def test_a_corrupt_or_stale_entry_is_rebuilt_never_used(tmp_path, caplog, monkeypatch, damage):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -114,6 +117,7 @@ def test_precision_is_part_of_the_key(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [["trainer.precision=bf16"], ["trainer.precision=16-mixed"],
                                        ["trainer.channels_last=true"]])
+@pytest.mark.slow
 def test_precision_and_memory_format_options_train(tmp_path, overrides):
     run(make_config(*FAST, *overrides, "data.train_size=16", "data.val_size=8", "data.batch_size=8"),
         str(tmp_path))

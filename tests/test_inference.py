@@ -24,6 +24,7 @@ def trained(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_load_model_is_the_trained_net_in_eval_mode(trained, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no config files around: the checkpoint is enough
     model = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
@@ -58,6 +59,7 @@ def test_load_model_predicts_paths_and_images_in_one_call(trained, tmp_path):
     assert one_label == labels[2:] and torch.allclose(one, probabilities[2:])
 
 
+@pytest.mark.slow
 def test_evaluate_reads_only_the_validation_images_of_the_trained_data(tmp_path, caplog):
     """mode=evaluate with a checkpoint alone: the run's own image folder and size; a broken
     file in train/ is not read, so not warned about."""

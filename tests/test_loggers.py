@@ -91,7 +91,7 @@ def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
     epochs = [call[2]["epoch"] for call in calls if call[0] == "metrics" and "epoch" in call[2]]
     assert epochs == [1, 2]
     _, params, final = next(call for call in calls if call[0] == "hparams")
-    assert params["optimizer.lr"] == 0.05 and params["backbone.name"] == "resnet18"
+    assert params["optimizer.lr"] == 0.05 and params["backbone.name"] == "squeezenet1_1"
     assert set(final) == {"final/best_val_acc", "final/best_val_loss", "final/last_val_acc",
                           "final/last_val_loss"}
 

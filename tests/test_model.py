@@ -35,6 +35,7 @@ def build_on_meta(*overrides, num_classes=10, config=None):
 
 
 @pytest.mark.parametrize("name, width", SHIPPED_WIDTHS.items())
+@pytest.mark.slow
 def test_head_input_size_is_inferred_for_shipped_backbones(name, width):
     net, spec = build_on_meta(f"backbone={name}", "head=mlp")
     first, last = net.add_layers[0], net.add_layers[-1]
@@ -45,6 +46,7 @@ def test_head_input_size_is_inferred_for_shipped_backbones(name, width):
 
 
 @pytest.mark.parametrize("name", SHIPPED_WIDTHS)
+@pytest.mark.slow
 def test_each_shipped_backbone_has_a_default_freeze_list_that_fits_it(name):
     cfg = make_config(f"backbone={name}", "backbone.weights=null")
     net, _ = build_on_meta(config=cfg)
@@ -150,6 +152,7 @@ def place_in_torch_cache(enum, seed=1):
 
 
 @pytest.mark.parametrize("weights", ["auto", "DEFAULT", "IMAGENET1K_V1"])
+@pytest.mark.slow
 def test_cached_torchvision_weights_are_loaded(weights):
     state = place_in_torch_cache(torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     cfg = make_config(f"backbone.weights={weights}", "backbone.keep_classifier=true")
@@ -204,6 +207,7 @@ def test_checkpoint_saved_by_this_tool_is_loaded(tmp_path):
         assert torch.equal(value, net.pretrained.state_dict()[name])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     path = save_checkpoint_file(tmp_path, torchvision.models.alexnet().state_dict())
     cfg = make_config("backbone.weights=null", f"backbone.checkpoint={path}")

@@ -4,7 +4,9 @@ import torch
 from finetune.errors import ConfigError
 from finetune.run import build
 
-from conftest import FAST, make_config
+from conftest import FAST, RESNET, make_config
+
+FAST = (*FAST, RESNET)  # these tests name resnet18's parameters, stages and BatchNorm layers
 
 
 def optimizer_params(optimizer):
@@ -97,6 +99,7 @@ def test_param_group_pattern_matching_nothing_is_an_error():
         build(make_config(*FAST, "param_groups=[{patterns: [@stage4, layer9]}]"))
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_never_in_the_optimizer_even_if_a_group_names_them():
     setup = build(make_config(*FAST, "freeze=[@stem,@stage1,@stage2,@stage3]",
                               "param_groups=[{name: bb, patterns: [@backbone], lr_mult: 0.1}]"))

@@ -29,6 +29,7 @@ def png_size(path) -> tuple[int, int]:
         return image.size
 
 
+@pytest.mark.slow
 def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_path, monkeypatch):
     drawn = []
     real_plot_curves = finetune.plots.plot_curves
@@ -56,6 +57,7 @@ def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_pa
     assert sum(matrix[index][index] for index in range(10)) / 32 == summary["best_val_acc"]
 
 
+@pytest.mark.slow
 def test_curves_are_redrawn_after_slow_epochs_and_only_the_newest_waits_after_fast_ones():
     drawn = []
 
@@ -77,6 +79,7 @@ def test_curves_are_redrawn_after_slow_epochs_and_only_the_newest_waits_after_fa
     assert [value for path, value in drawn if path == "slow"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_plots_off_and_plots_true_without_matplotlib(tmp_path, monkeypatch):
     run(make_config(*FAST, "plots=false"), str(tmp_path / "off"))
     assert not list((tmp_path / "off").glob("*.png"))
@@ -87,6 +90,7 @@ def test_plots_off_and_plots_true_without_matplotlib(tmp_path, monkeypatch):
     assert not (tmp_path / "true").exists()  # said before anything is written
 
 
+@pytest.mark.slow
 def test_a_confusion_matrix_of_many_long_class_names_stays_readable(tmp_path):
     names = [f"a rather long class name {index}" for index in range(40)]
     matrix = [[5 if row == column else 0 for column in range(40)] for row in range(40)]

@@ -74,6 +74,7 @@ def interrupt_at(monkeypatch, epoch: int) -> None:
 
 
 @pytest.mark.parametrize("overrides", SETUPS.values(), ids=SETUPS.keys())
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, overrides):
     run(config(*overrides), str(tmp_path / "twin"))
     interrupt_at(monkeypatch, 3)
@@ -86,6 +87,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, ov
     assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
 
 
+@pytest.mark.slow
 def test_a_row_written_after_the_last_checkpoint_is_not_doubled(tmp_path, monkeypatch):
     run(config(), str(tmp_path / "twin"))
     interrupt_at(monkeypatch, 3)
@@ -126,6 +128,7 @@ def learning_rates(run_dir) -> list[float]:
     return [float(row["lr"]) for row in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
+@pytest.mark.slow
 def test_more_epochs_on_a_cosine_run_decay_on_from_the_last_rate(tmp_path, monkeypatch):
     """The printed "train more" command: the cosine tail is planned again from epoch 3's
     rate over the 3 added epochs (before, epoch 4 trained at lr 0 and the rate climbed back),
@@ -146,6 +149,7 @@ def test_more_epochs_on_a_cosine_run_decay_on_from_the_last_rate(tmp_path, monke
     assert_same(outcome(tmp_path / "extended"), outcome(tmp_path / "stopped"))
 
 
+@pytest.mark.slow
 def test_more_epochs_on_a_step_run_go_on_as_a_longer_run_would(tmp_path):
     step = ("scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
     started(tmp_path / "long", *step, epochs=5)
@@ -156,6 +160,7 @@ def test_more_epochs_on_a_step_run_go_on_as_a_longer_run_would(tmp_path):
     assert_same(long[:2] + (None,), extended[:2] + (None,))  # weights and every metric
 
 
+@pytest.mark.slow
 def test_a_schedule_planned_for_the_run_length_is_not_stretched(tmp_path, caplog):
     linear = ("scheduler=none", "+scheduler._target_=torch.optim.lr_scheduler.PolynomialLR",
               "+scheduler.total_iters=2")
@@ -264,6 +269,7 @@ def test_soak_six_runs_killed_at_random_end_bit_identical(tmp_path):
     assert kills >= 6  # most runs were really interrupted, some more than once
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_before_plots_and_loggers_existed_resumes(tmp_path):
     overrides = [*FAST, "plots=false"]
     run(make_config(*overrides), str(tmp_path), overrides)

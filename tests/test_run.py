@@ -10,7 +10,7 @@ from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import run
 
-from conftest import FAST, make_config
+from conftest import FAST, RESNET, make_config
 
 
 def test_run_writes_every_output_and_returns_the_optimized_metric(tmp_path):
@@ -28,8 +28,8 @@ def test_run_writes_every_output_and_returns_the_optimized_metric(tmp_path):
     assert summary["best_val_acc"] == max(float(row["val_acc"]) for row in rows)
     assert summary["last_val_acc"] == float(rows[-1]["val_acc"])
     best = read_run_checkpoint(str(tmp_path / "checkpoints" / "best.pt"))
-    assert best["run"]["config"]["backbone"]["name"] == "resnet18"
-    assert "pretrained.layer1.0.conv1.weight" not in best["state"]["unfreeze"]["trainable"]
+    assert best["run"]["config"]["backbone"]["name"] == "squeezenet1_1"
+    assert "pretrained.features.0.weight" not in best["state"]["unfreeze"]["trainable"]  # @stem
 
 
 @pytest.mark.parametrize("metric", ["last_val_acc", "best_val_loss"])
@@ -43,6 +43,7 @@ def test_dry_run_trains_and_saves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["params.tsv"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_on_cpu(tmp_path):
     results = []
     for name in ("a", "b"):
@@ -84,6 +85,7 @@ def test_config_error_happens_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cheap_checks_come_before_the_model_and_the_data_are_built(tmp_path, monkeypatch):
     """A wrong data.root is a stat, a bad pattern a model of shapes only (the meta device):
     both are reported before any weights are built or images read."""
@@ -93,7 +95,8 @@ def test_cheap_checks_come_before_the_model_and_the_data_are_built(tmp_path, mon
     monkeypatch.setattr(run_module, "resolve_weights", built)
     monkeypatch.setattr(run_module, "build_data", built)
     with pytest.raises(ConfigError, match="freeze\\[1\\]='pretrained.layr4' matches no parameter"):
-        run(make_config(*FAST, "freeze=[pretrained.conv1,pretrained.layr4]"), str(tmp_path / "a"))
+        run(make_config(*FAST, RESNET, "freeze=[pretrained.conv1,pretrained.layr4]"),
+            str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="param_groups\\[0\\].patterns\\[0\\]='nothing'"):
         run(make_config(*FAST, "param_groups=[{patterns: [nothing]}]"), str(tmp_path / "b"))
     monkeypatch.setattr(run_module, "build_backbone", built)

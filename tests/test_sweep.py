@@ -12,8 +12,8 @@ from finetune.sweep import finished_result, job_rows, record_failure, set_aside_
 
 from conftest import CONF_DIR, run_train
 
-SMALL = ["backbone.weights=null", "data=fake", "data.train_size=32", "data.val_size=16",
-         "trainer.max_epochs=1", "trainer.device=cpu"]
+SMALL = ["backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
+         "data.train_size=32", "data.val_size=16", "trainer.max_epochs=1", "trainer.device=cpu"]
 
 
 def make_job(sweep, name, overrides, summary=None):

@@ -19,7 +19,9 @@ from finetune.trainer import (
     train_one_epoch,
 )
 
-from conftest import FAST, make_config
+from conftest import FAST, RESNET, make_config
+
+FAST = (*FAST, RESNET)  # these tests name resnet18's parameters, stages and BatchNorm layers
 
 FROZEN = "freeze=[pretrained.conv1,pretrained.bn1,pretrained.layer1]"
 
@@ -102,6 +104,7 @@ def fit_with_checkpoints(setup, run_dir, epochs: int = 2) -> Progress:
     return progress
 
 
+@pytest.mark.slow
 def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     setup = build(make_config(*FAST, "trainer.max_epochs=2"))
     progress = fit_with_checkpoints(setup, tmp_path)
@@ -120,6 +123,7 @@ def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_frozen_tensors_are_written_once_not_every_epoch(tmp_path):
     setup = build(make_config(*FAST, "trainer.max_epochs=2"))  # freezes @stem and @stage1
     fit_with_checkpoints(setup, tmp_path)
@@ -148,6 +152,7 @@ def test_device_auto_is_available_and_unknown_devices_are_refused():
         resolve_device("gpu0")
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     from finetune import trainer
     from finetune.errors import TrainingFailed

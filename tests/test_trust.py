@@ -140,6 +140,7 @@ def test_the_payloads_fire_when_trusted(trained, tmp_path):
 
 
 @pytest.mark.parametrize("entry, case", PAIRS)
+@pytest.mark.slow
 def test_a_crafted_saved_config_runs_nothing(trained, tmp_path, entry, case):
     marker = tmp_path / "code_ran"
     change = with_marker(marker)[case]
@@ -157,6 +158,7 @@ def test_a_crafted_saved_config_runs_nothing(trained, tmp_path, entry, case):
         assert "trust=[" in message or "not a class path" in message
 
 
+@pytest.mark.slow
 def test_a_file_override_that_reaches_past_conf_is_refused(trained, tmp_path):
     marker = tmp_path / "code_ran"
     (tmp_path / "evil.yaml").write_text(f"_target_: {TOUCH}\npath: {marker}\n")
@@ -230,6 +232,7 @@ def own_layer_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_users_own_classes_need_trust_when_read_from_a_file(own_layer_run, tmp_path):
     best = str(own_layer_run / "checkpoints" / "best.pt")
     with pytest.raises(ConfigError, match=rf"head.layers\[0\]._target_='{DOUBLED}'.*trust="):
@@ -240,6 +243,7 @@ def test_the_users_own_classes_need_trust_when_read_from_a_file(own_layer_run, t
     assert run(evaluated, str(tmp_path / "evaluated")) >= 0
 
 
+@pytest.mark.slow
 def test_resume_takes_trust_from_the_command_line_never_from_the_file(own_layer_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(own_layer_run, run_dir)

@@ -9,7 +9,9 @@ from finetune.errors import ConfigError
 from finetune.run import build, run
 from finetune.trainer import Step, train_one_epoch
 
-from conftest import FAST, make_config
+from conftest import FAST, RESNET, make_config
+
+FAST = (*FAST, RESNET)  # these tests name resnet18's parameters, stages and BatchNorm layers
 
 PHASE = "unfreeze=[{epoch: 3, patterns: [@stage4], lr_mult: 0.5}]"
 # epoch 4 checks that the scheduler keeps driving the group added at epoch 3
@@ -35,6 +37,7 @@ def drive(setup, epochs, each_epoch=lambda epoch: None):
             setup.scheduler.step()
 
 
+@pytest.mark.slow
 def test_phase_parameters_stay_bit_identical_until_their_epoch_then_train():
     setup = build(make_config(*FAST, *FROZEN_BACKBONE, "optimizer.weight_decay=0.1"))
     layer3, layer4 = setup.net.pretrained.layer3, setup.net.pretrained.layer4
@@ -51,6 +54,7 @@ def test_phase_parameters_stay_bit_identical_until_their_epoch_then_train():
     ("cosine", lambda epoch: 0.05 * (1 + math.cos(math.pi * (epoch - 1) / 4)) / 2),
     ("step", lambda epoch: 0.05 * 0.1 ** (epoch - 1)),
 ])
+@pytest.mark.slow
 def test_every_group_learning_rate_follows_the_config_epoch_by_epoch(scheduler, expected):
     setup = build(make_config(*FAST, *FROZEN_BACKBONE, f"scheduler={scheduler}",
                               "scheduler.step_size=1" if scheduler == "step" else "seed=0",
@@ -71,6 +75,7 @@ def test_every_group_learning_rate_follows_the_config_epoch_by_epoch(scheduler, 
             assert "unfreeze1" not in lrs
 
 
+@pytest.mark.slow
 def test_optimizer_holds_exactly_the_trainable_set_after_each_phase():
     setup = build(make_config(*FAST, "freeze=[@backbone]", "trainer.max_epochs=4",
                               "unfreeze=[{epoch: 2, patterns: [@stage4]},"
@@ -114,11 +119,13 @@ def test_unfrozen_modules_leave_eval_mode():
     (["freeze=[@backbone]", "unfreeze=[{epoch: 1, patterns: [@stage4]}]"], r"unfreeze\[0\].epoch=1"),
     (["freeze=[@backbone]", "unfreeze=[{epoch: 9, patterns: [@stage4]}]"], r"unfreeze\[0\].epoch=9"),
 ])
+@pytest.mark.slow
 def test_bad_phases_fail_at_start_up(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build(make_config(*FAST, "trainer.max_epochs=4", *overrides))
 
 
+@pytest.mark.slow
 def test_checkpoint_and_run_directory_record_the_phases(tmp_path, caplog):
     caplog.set_level("INFO")
     cfg = make_config(*FAST, "freeze=[@backbone]", "trainer.max_epochs=2",
