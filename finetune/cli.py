@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.command_line import check_command_line
 from finetune.config import register_schemas
 from finetune.distributed import join, launched_by_torchrun, leave
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, Interrupted, TrainingFailed
 from finetune.outputs import check_fresh_run_dir, check_writable
 from finetune.resume import find_run_dir
 from finetune.sweep import finished_result, record_failure, set_aside_failed_attempt
@@ -101,7 +101,6 @@ def describe_config(cfg: DictConfig) -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from finetune.errors import Interrupted, TrainingFailed
     from finetune.threads import share_cores
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -168,8 +167,6 @@ def log_to_file(message: str, exc_info: bool = False) -> None:
 
 def main() -> float | None:
     """`python train.py ...` and the `finetune` console script."""
-    from finetune.errors import Interrupted
-
     try:
         sys.argv = with_resume_dir(sys.argv)
         check_command_line(sys.argv, CONFIG_DIR)
@@ -182,7 +179,7 @@ def main() -> float | None:
     except Interrupted:
         sys.exit(130)  # the run has said where it stopped and how to go on
     except KeyboardInterrupt:
-        print("interrupted before training started: nothing to resume", file=sys.stderr)
+        print("interrupted before training started: nothing new was saved", file=sys.stderr)
         sys.exit(130)
     finally:
         if launched_by_torchrun():

@@ -19,34 +19,34 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_default_run_learns_leaves_a_complete_run_directory_and_says_what_next(tmp_path):
-    """`python train.py`, cut to 4 of its 10 epochs: it learns the digits (0.96 here; the
-    README's 10-epoch figure comes from benchmarks/presets.py), shows and leaves what a user
-    looks at, and its directory is then never trained over."""
-    result = run_train(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=4", plots=True)
+    """`python train.py`, cut to 2 of its 10 epochs: it learns the digits (0.62 here, chance
+    is 0.1; the README's 10-epoch figure comes from benchmarks/presets.py), shows and leaves
+    what a user looks at, and its directory is then never trained over."""
+    result = run_train(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=2", plots=True)
     assert result.returncode == 0, result.stderr
     for name in ("metrics.csv", "summary.json", "params.tsv", "train.log", "curves.png",
                  "confusion.png", "checkpoints/last.pt", "checkpoints/best.pt",
                  ".hydra/config.yaml"):
         assert (tmp_path / name).is_file(), name
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["epochs_completed"] == 4 and summary["best_val_acc"] >= 0.90
+    assert summary["epochs_completed"] == 2 and summary["best_val_acc"] >= 0.3  # 3x chance
     assert 0 < summary["trainable_params"] < summary["total_params"]  # part of it is frozen
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    assert [row["epoch"] for row in rows] == ["1", "2"]
     params = list(csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t"))
     assert params[0] == {"name": "pretrained.conv1.weight", "shape": "64x3x7x7", "numel": "9408",
                          "trainable": "False", "group": "-", "lr": "", "weight_decay": "",
                          "mode": "eval"}
     out = result.stdout
     assert out.startswith("config: backbone=resnet18  head=linear  data=digits  optimizer=sgd")
-    assert "  trainer.max_epochs: 4  (default: 10)" in out
+    assert "  trainer.max_epochs: 2  (default: 10)" in out
     assert "random init" in out and "parameters (freeze=" in out and "feature cache: off" in out
-    assert out.count("epoch 4/4") == 1 and f"best epoch {summary['best_epoch']}: val acc" in out
+    assert out.count("epoch 2/2") == 1 and f"best epoch {summary['best_epoch']}: val acc" in out
     assert "\r" not in result.stderr and "it/s" not in result.stderr  # not a terminal: no bar
     evaluate = next(line for line in out.splitlines() if "mode=evaluate" in line)
     # the run directory is the working directory here: paths as the user would type them
     assert "python train.py mode=evaluate checkpoint=./checkpoints/best.pt" in evaluate
-    assert "python train.py resume=. trainer.max_epochs=8" in out
+    assert "python train.py resume=. trainer.max_epochs=4" in out
     # a finished run's directory is never trained over, by another config or a bad one
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     for overrides in (["optimizer=adamw"], ["freeze=[nothing]"]):

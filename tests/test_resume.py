@@ -130,32 +130,31 @@ def learning_rates(run_dir) -> list[float]:
 
 @pytest.mark.slow
 def test_more_epochs_on_a_cosine_run_decay_on_from_the_last_rate(tmp_path, monkeypatch):
-    """The printed "train more" command: the cosine tail is planned again from epoch 3's
-    rate over the 3 added epochs (before, epoch 4 trained at lr 0 and the rate climbed back),
+    """The printed "train more" command: the cosine tail is planned again from epoch 2's
+    rate over the 2 added epochs (before, epoch 3 trained at lr 0 and the rate climbed back),
     and that plan is in the checkpoint: an extended run stopped and resumed ends the same."""
     for name in ("extended", "stopped"):
-        started(tmp_path / name, epochs=3)
-    run(raised(tmp_path / "extended", 6), str(tmp_path / "extended"))
+        started(tmp_path / name, epochs=2)
+    run(raised(tmp_path / "extended", 4), str(tmp_path / "extended"))
     rates = learning_rates(tmp_path / "extended")
-    third = 0.05 * (1 + math.cos(math.pi * 2 / 3)) / 2  # what epoch 3 of 3 trained at
-    assert rates[:3] == pytest.approx([0.05, 0.0375, third])
-    assert rates[3:] == pytest.approx([third * (1 + math.cos(math.pi * k / 4)) / 2
-                                       for k in (1, 2, 3)])  # decaying, the last above 0
-    interrupt_at(monkeypatch, 5)
+    assert rates[:2] == pytest.approx([0.05, 0.025])  # cosine over 2 epochs
+    assert rates[2:] == pytest.approx([0.025 * (1 + math.cos(math.pi * k / 3)) / 2
+                                       for k in (1, 2)])  # decaying, the last above 0
+    interrupt_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        run(raised(tmp_path / "stopped", 6), str(tmp_path / "stopped"))
+        run(raised(tmp_path / "stopped", 4), str(tmp_path / "stopped"))
     monkeypatch.undo()
-    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))  # the saved 6 epochs
+    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))  # the saved 4 epochs
     assert_same(outcome(tmp_path / "extended"), outcome(tmp_path / "stopped"))
 
 
 @pytest.mark.slow
 def test_more_epochs_on_a_step_run_go_on_as_a_longer_run_would(tmp_path):
-    step = ("scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
-    started(tmp_path / "long", *step, epochs=5)
-    started(tmp_path / "extended", *step, epochs=3)
-    run(raised(tmp_path / "extended", 5), str(tmp_path / "extended"))
-    assert learning_rates(tmp_path / "extended") == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
+    step = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5")
+    started(tmp_path / "long", *step, epochs=3)
+    started(tmp_path / "extended", *step, epochs=2)
+    run(raised(tmp_path / "extended", 3), str(tmp_path / "extended"))
+    assert learning_rates(tmp_path / "extended") == pytest.approx([0.05, 0.025, 0.0125])
     long, extended = outcome(tmp_path / "long"), outcome(tmp_path / "extended")
     assert_same(long[:2] + (None,), extended[:2] + (None,))  # weights and every metric
 
