@@ -27,6 +27,8 @@ def check_command_line(argv: list[str], config_dir: str) -> None:
     args, _ = get_args_parser().parse_known_args(argv[1:])
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
+    if args.config_name or args.config_path or args.config_dir:
+        return  # another primary config or search path: Hydra checks that one itself
     parser = OverridesParser.create()
     for override in args.overrides:  # one at a time, to name the one that does not parse
         try:

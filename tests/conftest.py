@@ -21,6 +21,11 @@ CONF_DIR = ROOT / "conf"
 
 register_schemas()
 
+# One torch thread, in this process and in the runs it starts: the tests' tensors are tiny,
+# so a second thread adds only its hand-offs (and fights the other process where two run).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 
 def make_config(*overrides: str) -> DictConfig:
     """The config `python train.py OVERRIDES` would run with (without the hydra section),

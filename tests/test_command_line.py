@@ -42,6 +42,7 @@ def test_a_bad_override_is_named_with_what_was_meant(arguments, fragments):
     ["+extra=1", "hparams_search=optuna", "-m"],
     ["--help"],
     ["--cfg", "job", "seed=1"],
+    ["--config-dir", "/my/conf", "mykey=1"],  # the user's own configs: Hydra checks them
 ])
 def test_good_command_lines_pass(arguments):
     check_command_line(["train.py", *arguments], str(CONF_DIR))
