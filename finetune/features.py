@@ -42,8 +42,8 @@ class CacheEntry:
     resumed run whose entry has another key says that its result may differ."""
 
     key: str | None = None
-    path: str | None = None  # the entry's file
-    written: bool = False  # this run computed and saved it (not saved: a resumed key only)
+    path: str | None = None  # the entry's file (this process's; a checkpoint keeps the key)
+    written: bool = False  # this run computed and saved it
 
     def state_dict(self) -> dict[str, str | None]:
         return {"key": self.key}
