@@ -41,9 +41,24 @@ def check_command_line(argv: list[str], config_dir: str) -> None:
     overrides = [line for line in map(as_composable, parsed) if line is not None]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
-            compose(config_name="config", overrides=overrides)
+            config = compose(config_name="config", overrides=overrides)
         except Exception as error:
             raise ConfigError(diagnose(parsed, error, config_dir)) from None
+    for override in parsed:
+        if override.type == OverrideType.DEL and not is_hydras(override):
+            check_deletable(override, config)
+
+
+def check_deletable(override: Override, config: DictConfig) -> None:
+    """`~key` may drop an entry of a free-form section (`~logger.tensorboard`), not a
+    setting of the schema, which every run reads (Hydra lets `~seed` through)."""
+    parent = override.key_or_group.rpartition(".")[0]
+    node = OmegaConf.select(config, parent) if parent else config
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict:
+        key = override.key_or_group
+        raise ConfigError(f"{override.input_line}: {key} is a setting every run reads; it "
+                          f"cannot be deleted. Give it a value instead ({key}=...); "
+                          "python train.py --cfg job shows its current one.")
 
 
 def is_hydras(override: Override) -> bool:

@@ -27,6 +27,7 @@ def refused(*arguments: str) -> str:
                              "backbone=resnet18", "alexnet, convnext_tiny"]),
     (["optimizer.lr=fast"], ["optimizer.lr=fast", "could not be converted to Float"]),
     (["freeze=[a"], ["freeze=[a"]),  # Hydra's grammar, its own words
+    (["~seed"], ["~seed: seed is a setting every run reads; it cannot be deleted"]),
 ])
 @pytest.mark.slow
 def test_a_bad_override_is_named_with_what_was_meant(arguments, fragments):
@@ -43,6 +44,7 @@ def test_a_bad_override_is_named_with_what_was_meant(arguments, fragments):
     ["--help"],
     ["--cfg", "job", "seed=1"],
     ["--config-dir", "/my/conf", "mykey=1"],  # the user's own configs: Hydra checks them
+    ["logger=tensorboard", "~logger.tensorboard"],  # an entry of a free-form section
 ])
 def test_good_command_lines_pass(arguments):
     check_command_line(["train.py", *arguments], str(CONF_DIR))
