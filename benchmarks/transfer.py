@@ -6,8 +6,12 @@ Status (2026-12-02): this source task does NOT transfer yet, so no strategy advi
 drawn from it. The linear probe on the pretrained backbone lost to the probe on a random
 one: 0.872 vs 0.961 best val acc (720 target images, 10 epochs), and 0.649 vs 0.855 with
 45 target images (data.val_fraction=0.95, 30 epochs). A resnet18 trained on five digit
-classes keeps little in its last features beyond those classes; issue 14 needs a richer
-source (many procedurally generated classes, say) before the table means anything.
+classes keeps little in its last features beyond those classes. A richer source tried by
+hand, the digits 0-4 in 4 rotations (20 classes, a bare loop, 8 epochs, 0.96 train acc),
+narrowed the gap but did not close it: 0.828 vs 0.859 with 45 target images at the best
+probe rate of 0.1, 0.01, 0.001. Random conv features already separate digits well; issue
+14 needs a source and target where they do not (textures, or shapes under clutter)
+before this table means anything.
 
 No ImageNet weights can be downloaded here, so every figure that compares strategies needs
 a backbone that has learned something else first. This script makes one:
