@@ -109,3 +109,13 @@ def test_summary_and_checkpoint_record_the_torch_thread_count(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     saved = read_run_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
     assert summary["torch_threads"] == saved["run"]["torch_threads"] == torch.get_num_threads()
+
+
+@pytest.mark.slow
+def test_a_backbone_the_meta_device_cannot_build_is_checked_after_its_real_build(tmp_path):
+    """regnet computes its widths from tensors, which the meta device cannot read back: the
+    early check steps aside, the run builds, and a bad pattern is still named."""
+    regnet = (*FAST, "backbone.name=regnet_x_400mf")
+    assert run(make_config(*regnet, "dry_run=true"), str(tmp_path / "dry")) is None
+    with pytest.raises(ConfigError, match="freeze\\[0\\]='pretrained.nothing' matches no parameter"):
+        run(make_config(*regnet, "freeze=[pretrained.nothing]"), str(tmp_path / "bad"))
