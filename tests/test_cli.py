@@ -119,10 +119,11 @@ def test_an_output_directory_that_cannot_be_written_is_named(tmp_path):
 
 
 def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
-    """SIGINT once the first epoch's checkpoint is written: exit 130 and a resumable run."""
+    """SIGINT once the first epoch's checkpoint is written: exit 130 and a resumable run.
+    (512 images an epoch: the two epochs left take far longer than noticing the file.)"""
     command = [sys.executable, str(ROOT / "train.py"), "backbone.weights=null",
                "backbone.name=squeezenet1_1", "data=fake",
-               "data.train_size=128", "trainer.max_epochs=3", "trainer.device=cpu",
+               "data.train_size=512", "trainer.max_epochs=3", "trainer.device=cpu",
                "backbone.allow_download=false", "plots=false", f"hydra.run.dir={tmp_path}/run"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
