@@ -65,10 +65,10 @@ class LoadedModel:
 
 
 def as_rgb(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+    """A PIL image as RGB; a path read as training read its images."""
+    from torchvision.datasets.folder import default_loader
+
+    return image.convert("RGB") if isinstance(image, Image.Image) else default_loader(str(image))
 
 
 def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
