@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from finetune.sweep import finished_result, job_rows, record_failure, set_aside_failed_attempt
 
-from conftest import CONF_DIR, run_train
+from conftest import CONF_DIR, run_cli
 
 SMALL = ["backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
          "data.train_size=32", "data.val_size=16", "trainer.max_epochs=1", "trainer.device=cpu"]
@@ -63,7 +63,7 @@ def test_only_the_same_finished_job_is_skipped_and_failed_attempts_are_kept(tmp_
 def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     command = ["-m", *SMALL, "head=linear,mlp", "optimizer.lr=0.01,-1",
                f"hydra.sweep.dir={tmp_path}/sweep"]
-    first = run_train(*command, plots=True)
+    first = run_cli(*command, plots=True)
     assert first.returncode == 1, first.stderr  # 2 of 4 jobs failed, the others finished
     assert "2 of 4 jobs failed" in first.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
@@ -81,7 +81,7 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     assert (tmp_path / "sweep" / "summary.png").is_file()  # beside summary.csv (plots=auto)
     finished = {row["job"]: (tmp_path / "sweep" / row["job"] / "metrics.csv").stat().st_mtime_ns
                 for row in rows if row["status"] == "ok"}
-    second = run_train(*command, plots=True)
+    second = run_cli(*command, plots=True)
     assert second.returncode == 1 and second.stdout.count("skipped") == 2
     for job, mtime in finished.items():
         assert (tmp_path / "sweep" / job / "metrics.csv").stat().st_mtime_ns == mtime
@@ -90,7 +90,7 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
 
 @pytest.mark.slow
 def test_an_optuna_search_ends_with_its_best_value_first_in_summary_csv(tmp_path):
-    result = run_train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *SMALL,
+    result = run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *SMALL,
                        f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     best = OmegaConf.load(tmp_path / "optimization_results.yaml").best_value
@@ -122,7 +122,7 @@ def test_optuna_direction_follows_the_optimized_metric():
 
 @pytest.mark.slow
 def test_fail_fast_stops_the_sweep_at_the_first_failed_job(tmp_path):
-    result = run_train("-m", *SMALL, "optimizer.lr=-1,0.01", "fail_fast=true",
+    result = run_cli("-m", *SMALL, "optimizer.lr=-1,0.01", "fail_fast=true",
                        f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 2 and "optimizer.lr=-1.0 is not valid" in result.stderr
     assert not (tmp_path / "1").exists()  # the second job never started

@@ -22,7 +22,7 @@ from finetune.resume import find_run_dir, load_last, resumed_config
 from finetune.run import build, run
 from finetune.trust import check_targets, targets, trusted
 
-from conftest import CONF_DIR, FAST, make_config, run_train
+from conftest import CONF_DIR, FAST, make_config, run_cli
 
 
 class Doubled(nn.Module):
@@ -277,8 +277,8 @@ def test_the_shipped_classes_pass_without_trust():
 def test_resume_of_a_crafted_run_on_the_command_line_exits_with_the_reason(trained, tmp_path):
     marker = tmp_path / "code_ran"
     run_dir = crafted(trained, tmp_path, with_marker(marker)["class as optimizer"],
-                      [*FAST, "backbone.allow_download=false", "plots=false"])  # as run_train's
-    result = run_train(f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path)
+                      [*FAST, "backbone.allow_download=false", "plots=false"])  # as run_cli's
+    result = run_cli(f"resume={run_dir}", "trainer.max_epochs=2")
     assert result.returncode == 2, result.stderr
     assert f"optimizer._target_='{TOUCH}'" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
