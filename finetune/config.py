@@ -11,6 +11,7 @@ This module imports no torch, so `python train.py --help` stays quick.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,9 @@ class DigitsDataConfig(DataConfig):
 class ImageFolderDataConfig(DataConfig):
     name: str = "imagefolder"
     root: str | None = None  # holds train/<class>/* and val/<class>/*
-    augment: bool = False  # random resized crop + horizontal flip for training
+    # training images only: none | flip | light (random resized crop + flip) | randaugment |
+    # trivialaugment | autoaugment (the last three: light, then that torchvision policy)
+    augment: str = "none"
     bad_images: str = "skip"  # skip (one warning naming each file) | fail (an error naming them)
     use_weights_transform: bool = True  # with pretrained weights, use their preprocessing
 
@@ -111,6 +114,13 @@ class StepSchedulerConfig(SchedulerConfig):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int | None = None  # epochs without improvement before stopping; null: off
+    monitor: str = "val_loss"  # val_loss | val_acc
+    min_delta: float = 0.0  # a change smaller than this is not an improvement
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 10
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
@@ -120,6 +130,17 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False  # wrap the trained module with torch.compile
     grad_clip: float | None = None  # clip the gradients' total norm to this; null: no clipping
+    accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class LossConfig:
+    """The training loss (cross-entropy); the validation loss stays plain cross-entropy, so
+    runs with different settings compare."""
+
+    label_smoothing: float = 0.0  # in [0, 1): the share of each target spread over all classes
+    class_weights: Any = "none"  # none | balanced (inverse class frequency) | [w0, w1, ...]
 
 
 @dataclass
@@ -146,6 +167,7 @@ class Config:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -175,6 +197,8 @@ FROZEN_MODULE_MODES = ("eval", "train")
 MODES = ("train", "evaluate", "predict")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
+AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
+EARLY_STOPPING_MONITORS = ("val_loss", "val_acc")
 
 SCHEMAS = {
     (None, "config_schema"): Config,
@@ -220,6 +244,19 @@ def direction(metric: str) -> str:
     return "minimize" if metric.endswith("loss") else "maximize"
 
 
+def augment_policy(value: Any) -> str:
+    """data.augment's policy; true and false are the settings of older runs (a boolean)."""
+    return {"true": "light", "false": "none"}.get(str(value).lower(), str(value))
+
+
+def valid_class_weights(value: Any) -> bool:
+    if isinstance(value, str):
+        return value in ("none", "balanced")
+    return (isinstance(value, Sequence) and len(value) > 0
+            and all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0
+                    for w in value))
+
+
 def validate(cfg: DictConfig) -> None:
     """Check what types cannot express; raise one ConfigError listing every problem."""
     problems = []
@@ -249,8 +286,23 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.grad_clip is None or cfg.trainer.grad_clip > 0, "trainer.grad_clip",
           cfg.trainer.grad_clip, "use a positive number, or null for no clipping")
     if cfg.data.name == "imagefolder":
+        check(augment_policy(cfg.data.augment) in AUGMENT_POLICIES, "data.augment",
+              cfg.data.augment, "use " + ", ".join(AUGMENT_POLICIES))
         check(cfg.data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", cfg.data.bad_images,
               "use skip (leave them out, with one warning naming each) or fail")
+    check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+          cfg.trainer.accumulate_grad_batches, "use 1 (a step every batch) or more")
+    stopping = cfg.trainer.early_stopping
+    check(stopping.patience is None or stopping.patience >= 1, "trainer.early_stopping.patience",
+          stopping.patience, "use 1 or more epochs, or null (off)")
+    check(stopping.monitor in EARLY_STOPPING_MONITORS, "trainer.early_stopping.monitor",
+          stopping.monitor, "use val_loss or val_acc")
+    check(stopping.min_delta >= 0, "trainer.early_stopping.min_delta", stopping.min_delta,
+          "use 0 or more")
+    check(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing,
+          "use a number in [0, 1), e.g. 0.1")
+    check(valid_class_weights(cfg.loss.class_weights), "loss.class_weights",
+          cfg.loss.class_weights, "use none, balanced, or a list of one weight >= 0 per class")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")

@@ -22,7 +22,9 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
+from torchvision.transforms import v2
 
+from finetune.config import augment_policy
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 from finetune.model import InputSpec
@@ -89,17 +91,30 @@ def digits_tensors(cfg: DictConfig, spec: InputSpec):
     return split(train_index), split(val_index), class_names
 
 
-def image_transforms(spec: InputSpec, augment: bool):
+def image_transforms(spec: InputSpec, augment: str = "none"):
+    """(training, evaluation) transforms; `augment` (data.augment) changes training only."""
     to_tensor = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
     evaluation = transforms.Compose([
         transforms.Resize(spec.resize_size, interpolation=spec.interpolation),
         transforms.CenterCrop(spec.image_size), *to_tensor])
-    if not augment:
+    policy = augment_policy(augment)
+    if policy == "none":
         return evaluation, evaluation
-    training = transforms.Compose([
-        transforms.RandomResizedCrop(spec.image_size, interpolation=spec.interpolation),
-        transforms.RandomHorizontalFlip(), *to_tensor])
+    if policy == "flip":
+        crop = [v2.Resize(spec.resize_size, interpolation=spec.interpolation),
+                v2.CenterCrop(spec.image_size)]
+    else:
+        crop = [v2.RandomResizedCrop(spec.image_size, interpolation=spec.interpolation)]
+    training = v2.Compose([*crop, v2.RandomHorizontalFlip(), *POLICIES.get(policy, []),
+                           v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(spec.mean, spec.std)])
     return training, evaluation
+
+
+# data.augment's policies on top of a random resized crop and a flip (on PIL images, before
+# the tensor conversion, as torchvision's reference recipes apply them)
+POLICIES = {"randaugment": [v2.RandAugment()], "trivialaugment": [v2.TrivialAugmentWide()],
+            "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]}
 
 
 def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
@@ -288,7 +303,7 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
     return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
-                random_augmentation=bool(cfg.get("augment", False)))
+                random_augmentation=augment_policy(cfg.get("augment", "none")) != "none")
 
 
 def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
@@ -296,7 +311,7 @@ def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: boo
     """The validation split alone (mode=evaluate): an image folder's train/ is not read."""
     if cfg.name == "imagefolder":
         check_data_paths(cfg, splits=("val",))
-        val = image_folder(cfg, "val", image_transforms(spec, augment=False)[1])
+        val = image_folder(cfg, "val", image_transforms(spec)[1])
         class_names = val.classes
     else:  # in memory or generated: the split needs both sides, and costs nothing to read
         _, val, class_names = builder(cfg)(cfg, spec)

@@ -73,7 +73,7 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
     if has_phases:
         reasons.append("unfreeze phases make backbone parameters trainable during the run")
     if random_train_transform:
-        reasons.append("the training images are randomly augmented (data.augment=true)")
+        reasons.append("the training images are randomly augmented (data.augment is not none)")
     return reasons
 
 

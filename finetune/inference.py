@@ -46,7 +46,7 @@ class LoadedModel:
     def transform(self):
         """The preprocessing for a PIL image, as validation used it (a torchvision
         transform: PIL image -> normalized tensor)."""
-        return image_transforms(self.input_spec, augment=False)[1]
+        return image_transforms(self.input_spec)[1]
 
     def predict(self, images: Any, batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
         """The predicted class names and the probabilities (a row per image, a column per

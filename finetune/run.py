@@ -27,6 +27,7 @@ from finetune.files import write_json
 from finetune.freeze import apply_freeze, unchanging_state_names
 from finetune.hooks import Hook
 from finetune.loggers import RunLog, build_loggers, check_loggers, config_hparams
+from finetune.loss import build_criterion
 from finetune.model import (
     InputSpec,
     Net,
@@ -57,6 +58,7 @@ from finetune.report import (
 )
 from finetune.resume import load_last
 from finetune.stages import Aliases, resolve_aliases
+from finetune.stopping import early_stopping
 from finetune.trainer import (
     EpochMetrics,
     MetricsCsv,
@@ -80,12 +82,14 @@ def seed_everything(seed: int) -> None:
 
 def summarize(status: str, history: list[EpochMetrics], best_epoch: int, weights: str,
               rows: list[ParamRow], seconds: float, overrides: Sequence[str] = (),
-              error: str | None = None) -> dict:
+              error: str | None = None, stop_reason: str | None = None) -> dict:
     """summary.json: the status, the best and last metrics so far, the run's size and the
     command-line overrides it ran with."""
     summary: dict[str, Any] = {"status": status, "overrides": list(overrides)}
     if error is not None:
         summary["error"] = error
+    if stop_reason is not None:  # ended before max_epochs (early stopping)
+        summary["stop_reason"] = stop_reason
     if history:
         summary.update({
             "best_val_acc": max(epoch.val_acc for epoch in history),
@@ -113,6 +117,7 @@ class Setup:
     scheduler: Any
     unfreeze: UnfreezeSchedule
     cache: CacheDecision
+    criterion: torch.nn.Module  # the training loss (cfg.loss)
 
     def rows(self) -> list[ParamRow]:
         return parameter_rows(self.net, self.optimizer)
@@ -146,8 +151,9 @@ def build(cfg: DictConfig) -> Setup:
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
                    bool(plan), distributed.active())
+    criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
-                 cache)
+                 cache, criterion)
 
 
 def check_patterns(cfg: DictConfig) -> None:
@@ -203,7 +209,8 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
                    make_loader(val, cfg.data, False, cfg.seed, pin))
         module = setup.net.add_layers
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
-                cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup))
+                cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup),
+                criterion=setup.criterion, accumulate=cfg.trainer.accumulate_grad_batches)
     # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
     rewrap = Rewrap(setup.net, step) if distributed.active() else None
     return Training(step, loaders, cache, rewrap)
@@ -225,13 +232,17 @@ def stateful_parts(setup: Setup, training: Training, progress: Progress) -> dict
     return {name: part for name, part in parts.items() if part is not None}
 
 
-def training_hooks(setup: Setup, training: Training, run_dir: str, parts: dict[str, Stateful],
-                   record: RunRecord, checkpoint: dict | None, run_log: RunLog | None
-                   ) -> list[Hook]:
-    """What happens around the loop, in order: phases, then what sees their result."""
+def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: str,
+                   parts: dict[str, Stateful], record: RunRecord, checkpoint: dict | None,
+                   run_log: RunLog | None) -> list[Hook]:
+    """What happens around the loop, in order: phases, then what sees their result (early
+    stopping before the checkpoint, so the checkpoint holds its decision)."""
     hooks: list[Hook] = [setup.unfreeze]
     if training.rewrap is not None:  # DDP must see the trainable set a phase changed
         hooks.append(training.rewrap)
+    stopping = early_stopping(cfg.trainer.early_stopping)
+    if stopping is not None:
+        hooks.append(stopping)
     if distributed.is_main():  # under torchrun rank 0 alone writes
         hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer),
                   CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names,
@@ -285,12 +296,12 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     parts = stateful_parts(setup, training, progress)
     if not fresh:
         go_on_from(checkpoint, cfg, setup, parts, progress, run_dir)
-        if progress.epoch >= cfg.trainer.max_epochs:
+        if progress.epoch >= cfg.trainer.max_epochs or progress.stop_reason:
             return finished_before(cfg, setup, progress, run_dir, overrides)
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
                        setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads())
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
-    hooks = training_hooks(setup, training, run_dir, parts, record, checkpoint, run_log)
+    hooks = training_hooks(cfg, setup, training, run_dir, parts, record, checkpoint, run_log)
     result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
     best = progress.history[progress.best_epoch - 1]
     if plots and writes and progress.best_confusion:
@@ -326,10 +337,12 @@ def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: 
                     overrides: Sequence[str]) -> float:
     """A resumed run that had already trained all its epochs: say so, write nothing."""
     result = summarize("ok", progress.history, progress.best_epoch, str(setup.weights),
-                       setup.rows(), 0.0, overrides)
+                       setup.rows(), 0.0, overrides, stop_reason=progress.stop_reason)
     best = progress.history[progress.best_epoch - 1]
-    log.info("%s had already finished all its %d epochs: nothing to train, nothing written.\n%s",
-             run_dir, progress.epoch, closing_lines(cfg, best, result, run_dir, CacheEntry()))
+    how = (f"stopped after epoch {progress.epoch} ({progress.stop_reason})" if progress.stop_reason
+           else f"finished all its {progress.epoch} epochs")
+    log.info("%s had already %s: nothing to train, nothing written.\n%s", run_dir, how,
+             closing_lines(cfg, best, result, run_dir, CacheEntry()))
     return result[cfg.optimized_metric]
 
 
@@ -345,7 +358,7 @@ class RunSummary:
               error: str | None = None) -> dict:
         summary = summarize(status, progress.history, progress.best_epoch, str(setup.weights),
                             setup.rows(), time.perf_counter() - self.started, self.overrides,
-                            error)
+                            error, progress.stop_reason)
         summary["torch_threads"] = torch.get_num_threads()  # CPU results depend on it
         if distributed.is_main():
             write_json(summary, self.path)
@@ -363,7 +376,7 @@ def fit_and_summarize(cfg: DictConfig, setup: Setup, training: Training, progres
         result = summary.write("ok", progress, setup)
         if run_log is not None:
             run_log.finish(config_hparams(cfg), result,
-                           progress.epoch * len(training.loaders[0]))
+                           progress.epoch * training.step.steps_per_epoch(len(training.loaders[0])))
         return result
     except KeyboardInterrupt:
         summary.write("interrupted", progress, setup)
@@ -386,7 +399,7 @@ def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: st
                   progress: Progress) -> RunLog:
     """Rank 0's loggers (a resumed run's go on after its last step) and, with plots on,
     curves.png (marking the unfreeze phases)."""
-    steps = len(training.loaders[0])
+    steps = training.step.steps_per_epoch(len(training.loaders[0]))
     return RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * steps), steps,
                   os.path.join(run_dir, "curves.png") if plots else None,
                   [phase.epoch for phase in setup.unfreeze.plan])
@@ -404,7 +417,7 @@ def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: s
              f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
              f"run directory: {run_dir}",
              f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}"]
-    if how_schedule_extends(cfg.scheduler._target_) is not None:  # else it cannot go on
+    if how_schedule_extends(cfg.scheduler._target_) is not None and "stop_reason" not in summary:
         lines.append(f"  train more:  python train.py resume={run_dir} "
                      f"trainer.max_epochs={cfg.trainer.max_epochs * 2}")
     if "tensorboard" in cfg.logger:

@@ -158,6 +158,8 @@ class Step:
     channels_last: bool = False
     grad_clip: float | None = None  # max total gradient norm
     wrap: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = unwrapped
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # training
+    accumulate: int = 1  # batches per optimizer step (trainer.accumulate_grad_batches)
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
@@ -169,15 +171,30 @@ class Step:
     def autocast(self):
         return autocast(self.device, self.precision)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        self.scaler.scale(loss).backward()  # scale, unscale_, step and update do nothing
-        if self.grad_clip is not None:      # more than plain PyTorch when fp16 is off
+    def backward(self, loss: torch.Tensor) -> None:
+        # scale, unscale_, step and update do nothing more than plain PyTorch when fp16 is off
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(
                 [param for group in optimizer.param_groups for param in group["params"]],
                 self.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def steps_per_epoch(self, batches: int) -> int:
+        return math.ceil(batches / self.accumulate)
+
+    def share(self, index: int, batches: int) -> tuple[int, bool]:
+        """Batch `index` of `batches` in its accumulation group: the group's size (its loss
+        is divided by it, so the step sees the group's mean, a short last group included)
+        and whether the batch ends the group (the optimizer steps after it)."""
+        start = index - index % self.accumulate
+        size = min(self.accumulate, batches - start)
+        return size, index == start + size - 1
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor):
         images = images.to(self.device, non_blocking=True)
@@ -202,23 +219,29 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     totals = Totals(step.device)
     bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False,
                disable=None if distributed.is_main() else True, dynamic_ncols=True)
-    steps_before = (epoch - 1) * len(loader)
+    steps_before = (epoch - 1) * step.steps_per_epoch(len(loader))
+    optimizer.zero_grad(set_to_none=True)
+    pending = False  # gradients added since the last optimizer step
     for index, batch in enumerate(bar):
-        if batch is None:  # every image of it was unreadable (data.bad_images=skip)
-            continue
-        images, labels = step.to_device(*batch)
-        logits = step.logits(images)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        step.backward_and_step(loss, optimizer)
-        totals.add(loss, logits, labels, index)
-        if index % CHECK_EVERY == CHECK_EVERY - 1:
-            totals.check_finite(epoch, len(loader))
-        if not bar.disable and index % SAMPLE_EVERY == 0:
-            bar.set_postfix({"loss": f"{loss.item():.4f}", "acc": f"{totals.running_accuracy():.3f}",
-                             "lr": f"{base_lr(optimizer):.3g}"})
-        for hook in hooks:
-            hook.on_train_batch_end(steps_before + index + 1, loss)
+        group_size, ends_group = step.share(index, len(loader))
+        if batch is not None:  # None: every image of it was unreadable (data.bad_images=skip)
+            images, labels = step.to_device(*batch)
+            logits = step.logits(images)
+            loss = step.criterion(logits, labels)
+            step.backward(loss / group_size)
+            pending = True
+            totals.add(loss, logits, labels, index)
+            if index % CHECK_EVERY == CHECK_EVERY - 1:
+                totals.check_finite(epoch, len(loader))
+            if not bar.disable and index % SAMPLE_EVERY == 0:
+                bar.set_postfix({"loss": f"{loss.item():.4f}",
+                                 "acc": f"{totals.running_accuracy():.3f}",
+                                 "lr": f"{base_lr(optimizer):.3g}"})
+        if ends_group and pending:
+            step.optimizer_step(optimizer)
+            pending = False
+            for hook in hooks:
+                hook.on_train_batch_end(steps_before + index // step.accumulate + 1, loss)
     totals.check_finite(epoch, len(loader))
     return totals.means()
 
@@ -278,6 +301,7 @@ class Progress:
     best: float | None = None
     best_epoch: int = 0
     best_confusion: list[list[int]] = field(default_factory=list)  # the best epoch's, on val
+    stop_reason: str | None = None  # why training ended before max_epochs (early stopping)
     monitor: Monitor = field(default_factory=Monitor)  # from the config, not saved
 
     def record(self, metrics: EpochMetrics, confusion: list[list[int]]) -> bool:
@@ -293,12 +317,13 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": [asdict(row) for row in self.history],
                 "best": self.best, "best_epoch": self.best_epoch,
-                "best_confusion": self.best_confusion}
+                "best_confusion": self.best_confusion, "stop_reason": self.stop_reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
         self.history = [EpochMetrics(**row) for row in state["history"]]
         self.best_confusion = state.get("best_confusion", [])
+        self.stop_reason = state.get("stop_reason")
 
 
 class RandomStreams:
@@ -388,6 +413,8 @@ def fit(net: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler:
                      "  (best)" if improved else "")
             for hook in hooks:
                 hook.on_epoch_end(progress, improved)
+            if progress.stop_reason:  # a hook ended training (early stopping)
+                break
     finally:  # also on Ctrl-C or a failure: the hooks finish what is pending
         for hook in hooks:
             hook.on_fit_end(progress)

@@ -113,6 +113,13 @@ def test_head_layer_without_target_is_refused():
     (["data.batch_size=0"], "data.batch_size=0"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0"),
     (["mode=serve"], "mode='serve'"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
+    (["trainer.early_stopping.patience=0"], "trainer.early_stopping.patience=0"),
+    (["trainer.early_stopping.monitor=acc"], "trainer.early_stopping.monitor='acc'"),
+    (["loss.label_smoothing=1"], "loss.label_smoothing=1.0"),
+    (["loss.class_weights=[1,-2]"], "loss.class_weights=[1, -2]"),
+    (["loss.class_weights=even"], "loss.class_weights='even'"),
+    (["data=imagefolder", "data.augment=strong"], "data.augment='strong'"),
 ])
 @pytest.mark.slow
 def test_values_out_of_range_are_named(overrides, key):

@@ -182,7 +182,8 @@ def test_grad_clip_bounds_the_update():
     before = [param.detach().clone() for param in net.parameters()]
     step = Step(net, torch.device("cpu"), grad_clip=0.5)
     loss = 1000 * net(torch.randn(8, 4)).pow(2).mean()  # a gradient norm far above 0.5
-    step.backward_and_step(loss, optimizer)
+    step.backward(loss)
+    step.optimizer_step(optimizer)
     moved = torch.cat([(param - old).flatten() for param, old in zip(net.parameters(), before,
                                                                      strict=True)])
     assert moved.norm().item() == pytest.approx(0.5, rel=1e-4)

@@ -1,0 +1,192 @@
+"""Training recipes: class weights, label smoothing, gradient accumulation, early stopping
+and augmentation policies (docs/recipes.md)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_resume import interrupt_at, resumed
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms import InterpolationMode
+
+from finetune import trainer
+from finetune.checkpoint import read_run_checkpoint
+from finetune.data import image_transforms
+from finetune.errors import ConfigError
+from finetune.hooks import Hook
+from finetune.loss import class_weights, dataset_labels
+from finetune.model import InputSpec
+from finetune.run import build, run
+from finetune.stopping import EarlyStopping
+from finetune.trainer import EpochMetrics, Step, train_one_epoch
+
+from conftest import FAST, make_config
+
+
+def test_balanced_class_weights_follow_the_label_counts():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # 6 images: 3, 1 and 2 of the three classes
+    weights = class_weights("balanced", labels, ["a", "b", "c"])
+    assert weights.tolist() == pytest.approx([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2)])
+    with pytest.raises(ConfigError, match="no image of class c"):
+        class_weights("balanced", torch.tensor([0, 1]), ["a", "b", "c"])
+    with pytest.raises(ConfigError, match="2 weights for 3 classes"):
+        class_weights([1, 2], labels, ["a", "b", "c"])
+    assert class_weights("none", labels, ["a", "b", "c"]) is None
+
+
+def test_a_run_weighs_its_loss_by_the_training_labels_and_smooths_it():
+    setup = build(make_config(*FAST, "loss.class_weights=balanced", "loss.label_smoothing=0.1"))
+    dataset = setup.data.train_loader.dataset
+    counts = torch.bincount(torch.tensor([dataset[i][1] for i in range(len(dataset))]),
+                            minlength=10).double()  # counted image by image, as a check
+    assert torch.equal(dataset_labels(dataset), torch.tensor([dataset[i][1] for i in range(len(dataset))]))
+    expected = counts.sum() / (10 * counts)
+    assert setup.criterion.weight.double().tolist() == pytest.approx(expected.tolist())
+    logits, labels = torch.randn(5, 10), torch.tensor([0, 3, 3, 9, 1])
+    # smoothed targets by hand: 0.9 on the label plus 0.01 on every class, class-weighted
+    targets = 0.9 * F.one_hot(labels, 10).double() + 0.1 / 10
+    weight = setup.criterion.weight.double()
+    per_image = -(targets * weight * F.log_softmax(logits.double(), dim=1)).sum(dim=1)
+    by_hand = per_image.sum() / weight[labels].sum()
+    assert setup.criterion(logits, labels).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+class StepCounter(Hook):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, step, loss):
+        self.steps.append(step)
+
+
+def linear_epoch(batch_size: int, accumulate: int, images, labels) -> tuple[torch.Tensor, list]:
+    """One epoch of a BatchNorm-free linear model, plain SGD; its weights and step numbers."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+    counter = StepCounter()
+    train_one_epoch(net, loader, optimizer, Step(net, torch.device("cpu"), accumulate=accumulate),
+                    1, 1, [counter])
+    return torch.cat([param.detach().flatten() for param in net.parameters()]), counter.steps
+
+
+def test_accumulating_two_batches_steps_as_one_batch_twice_the_size():
+    torch.manual_seed(1)
+    images, labels = torch.randn(24, 8), torch.randint(0, 3, (24,))
+    weights, steps = linear_epoch(4, 2, images, labels)  # 6 batches of 4: 3 steps
+    expected, expected_steps = linear_epoch(8, 1, images, labels)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    assert steps == expected_steps == [1, 2, 3]
+    # 5 batches of 4 (the last of 4 too: 20 images), N=2: a last group of one batch, whose
+    # step uses that batch's mean gradient, as batches of 8, 8, 4 do
+    weights, steps = linear_epoch(4, 2, images[:20], labels[:20])
+    expected, _ = linear_epoch(8, 1, images[:20], labels[:20])
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    assert steps == [1, 2, 3]
+
+
+def test_the_step_count_of_an_accumulating_run():
+    step = Step(torch.nn.Linear(1, 1), torch.device("cpu"), accumulate=3)
+    assert step.steps_per_epoch(7) == 3
+    assert [step.share(index, 7) for index in range(7)] == [
+        (3, False), (3, False), (3, True), (3, False), (3, False), (3, True), (1, True)]
+
+
+def rows(*losses: float) -> list[EpochMetrics]:
+    return [EpochMetrics(epoch, 0, 0, loss, 1 - loss, 0, 0) for epoch, loss in enumerate(losses, 1)]
+
+
+def test_early_stopping_counts_epochs_since_the_last_improvement_beyond_min_delta():
+    stopping = EarlyStopping(patience=2, monitor="val_loss", min_delta=0.05)
+    assert stopping.waited(rows(1.0, 0.9, 0.88, 0.87)) == (2, 0.9, 2)  # 0.02 and 0.03: too small
+    assert stopping.waited(rows(1.0, 0.9, 0.8)) == (0, 0.8, 3)
+    by_accuracy = EarlyStopping(patience=2, monitor="val_acc")
+    assert by_accuracy.waited(rows(0.5, 0.2, 0.3)) == (1, pytest.approx(0.8), 2)
+
+
+def scripted_val_losses(monkeypatch, losses: list[float]) -> None:
+    """Validation reports these losses, epoch by epoch (training is real)."""
+    evaluate = trainer.evaluate
+    calls = iter(losses)
+
+    def scripted(*args):
+        result = evaluate(*args)
+        result.loss = next(calls)
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+
+
+LOSSES = [1.0, 0.9, 0.95, 0.92, 0.91, 0.5, 0.4, 0.3]  # best at 2, then 3 epochs without
+STOPPING = (*FAST, "trainer.max_epochs=8", "trainer.early_stopping.patience=3",
+            "optimized_metric=best_val_loss")
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_at_the_right_epoch_and_a_resume_goes_on_counting(
+        tmp_path, monkeypatch, caplog):
+    scripted_val_losses(monkeypatch, LOSSES)
+    run(make_config(*STOPPING), str(tmp_path / "twin"))
+    summary = json.loads((tmp_path / "twin" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 5 and summary["status"] == "ok"
+    assert summary["stop_reason"] == ("early stopping: val_loss has not improved by more than 0 "
+                                      "for 3 epochs (best 0.9000 at epoch 2)")
+    # stopped at epoch 4 and resumed: it still stops after epoch 5, as the unbroken run
+    monkeypatch.undo()
+    scripted_val_losses(monkeypatch, LOSSES)
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(*STOPPING), str(tmp_path / "stopped"))
+    monkeypatch.undo()
+    scripted_val_losses(monkeypatch, LOSSES[3:])
+    run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))
+    again = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert again["epochs_completed"] == 5 and again["stop_reason"] == summary["stop_reason"]
+    saved = read_run_checkpoint(str(tmp_path / "stopped" / "checkpoints" / "last.pt"))
+    assert saved["state"]["progress"]["stop_reason"] == summary["stop_reason"]
+    # a stopped run is finished: resuming it, even with more epochs, trains nothing
+    before = {path: path.read_bytes() for path in (tmp_path / "stopped").rglob("*") if path.is_file()}
+    caplog.set_level("INFO")
+    cfg = resumed(tmp_path / "stopped")
+    cfg.trainer.max_epochs = 12
+    run(cfg, str(tmp_path / "stopped"))
+    assert "had already stopped after epoch 5 (early stopping" in caplog.text
+    assert "train more" not in caplog.text
+    after = {path: path.read_bytes() for path in (tmp_path / "stopped").rglob("*") if path.is_file()}
+    assert after == before
+
+
+SPEC = InputSpec(image_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                 interpolation=InterpolationMode.BILINEAR)
+
+
+@pytest.mark.parametrize("policy", ["flip", "light", "randaugment", "trivialaugment",
+                                    "autoaugment", "true"])
+def test_an_augmentation_policy_changes_training_images_only(policy):
+    image = Image.frombytes("RGB", (40, 32), bytes(range(256)) * 15)
+    training, evaluation = image_transforms(SPEC, policy)
+    plain, _ = image_transforms(SPEC, "none")
+    assert torch.equal(evaluation(image), plain(image))  # validation images never change
+    outputs = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        outputs.append(training(image))
+    assert all(output.shape == (3, 24, 24) and output.dtype == torch.float32 for output in outputs)
+    assert any(not torch.equal(outputs[0], output) for output in outputs[1:])
+    # the same scale as the evaluation images: a flip of them, for the flip policy
+    if policy == "flip":
+        same = [torch.allclose(output, plain(image), atol=1e-5) for output in outputs]
+        flipped = [torch.allclose(output, plain(image).flip(-1), atol=1e-5) for output in outputs]
+        assert all(a or b for a, b in zip(same, flipped, strict=True)) and any(same) and any(flipped)
+    assert not math.isnan(float(torch.stack(outputs).mean()))
+
+
+def test_no_policy_is_the_evaluation_transform():
+    training, evaluation = image_transforms(SPEC, "none")
+    assert training is evaluation
+    training, evaluation = image_transforms(SPEC, "false")  # an older run's data.augment=false
+    assert training is evaluation
