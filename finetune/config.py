@@ -192,7 +192,8 @@ CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger",
                  "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
 CACHE_SETTINGS = ("auto", "true", "false")
 PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the autocast dtype
-OPTIMIZED_METRICS = ("best_val_acc", "last_val_acc", "best_val_loss", "last_val_loss")
+EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
+OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
 MODES = ("train", "evaluate", "predict")
 BAD_IMAGE_POLICIES = ("skip", "fail")

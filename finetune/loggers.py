@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import dotted_scalars
+from finetune.config import OPTIMIZED_METRICS, dotted_scalars
 from finetune.errors import ConfigError
 from finetune.hooks import Hook
 
@@ -115,7 +115,7 @@ def steps_between(logger: Logger) -> int:
     return getattr(logger, "log_every_n_steps", 0) or 0
 
 
-FINAL_METRICS = ("best_val_acc", "best_val_loss", "last_val_acc", "last_val_loss")
+FINAL_METRICS = OPTIMIZED_METRICS
 
 
 class RunLog(Hook):
@@ -146,7 +146,9 @@ class RunLog(Hook):
         """After each epoch (its checkpoint written): `progress` is a trainer.Progress."""
         row = progress.history[-1]
         scalars = {"epoch": row.epoch, "train/loss": row.train_loss, "train/acc": row.train_acc,
-                   "val/loss": row.val_loss, "val/acc": row.val_acc, "epoch_seconds": row.seconds}
+                   "val/loss": row.val_loss, "val/acc": row.val_acc,
+                   "val/balanced_acc": row.val_balanced_acc, "val/macro_f1": row.val_macro_f1,
+                   "epoch_seconds": row.seconds}
         scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
         for logger in self.loggers:
             logger.log_metrics(scalars, row.epoch * self.steps_per_epoch)
@@ -158,7 +160,8 @@ class RunLog(Hook):
 
     def finish(self, hparams: dict[str, Any], summary: dict[str, Any], step: int) -> None:
         """The hyperparameters with the run's final metrics (a finished run only)."""
-        final = {f"final/{key}": summary[key] for key in FINAL_METRICS if key in summary}
+        final = {f"final/{key}": summary[key] for key in FINAL_METRICS
+                 if summary.get(key) is not None}
         for logger in self.loggers:
             logger.log_metrics(final, step)
             logger.log_hparams(hparams, final)

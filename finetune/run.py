@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import math
 import os
 import random
 import shlex
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from finetune import distributed
 from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
-from finetune.config import validate
+from finetune.config import EPOCH_SCORES, validate
 from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
 from finetune.digest import tensors_digest
 from finetune.distributed import Rewrap
@@ -91,12 +92,13 @@ def summarize(status: str, history: list[EpochMetrics], best_epoch: int, weights
     if stop_reason is not None:  # ended before max_epochs (early stopping)
         summary["stop_reason"] = stop_reason
     if history:
-        summary.update({
-            "best_val_acc": max(epoch.val_acc for epoch in history),
-            "best_val_loss": min(epoch.val_loss for epoch in history),
-            "best_epoch": best_epoch,
-            "last_val_acc": history[-1].val_acc,
-            "last_val_loss": history[-1].val_loss})
+        for score in EPOCH_SCORES:  # the best of each (the lowest loss), and the last; null
+            values = [getattr(epoch, score) for epoch in history]  # where not recorded
+            finite = [value for value in values if not math.isnan(value)]
+            best = min if score.endswith("loss") else max
+            summary[f"best_{score}"] = best(finite) if finite else None
+            summary[f"last_{score}"] = None if math.isnan(values[-1]) else values[-1]
+        summary["best_epoch"] = best_epoch
     summary.update({"epochs_completed": len(history), "weights": weights,
                     "trainable_params": trainable_count(rows), "total_params": total_count(rows),
                     "seconds": round(seconds, 2)})

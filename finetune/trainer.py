@@ -40,9 +40,29 @@ class EpochMetrics:
     lr: float
     seconds: float
     group_lrs: dict[str, float] = field(default_factory=dict)  # each optimizer group's rate
+    # from the validation confusion matrix: the mean recall over classes, and the mean F1
+    # (NaN in an older run's epochs, which did not record them)
+    val_balanced_acc: float = math.nan
+    val_macro_f1: float = math.nan
 
 
 METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__ if name != "group_lrs"]
+
+
+def confusion_scores(confusion: list[list[int]]) -> tuple[float, float]:
+    """Balanced accuracy and macro F1 from a confusion matrix (rows: true class), as
+    scikit-learn's balanced_accuracy_score and f1_score(average="macro") compute them:
+    recall over the classes that have images, F1 over those that have images or predictions
+    (a class never right scores 0)."""
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    if counts.numel() == 0:
+        return math.nan, math.nan
+    right, actual, predicted = counts.diagonal(), counts.sum(dim=1), counts.sum(dim=0)
+    present = actual > 0
+    balanced = (right[present] / actual[present]).mean().item() if present.any() else math.nan
+    seen = present | (predicted > 0)
+    f1 = torch.where(actual + predicted > 0, 2 * right / (actual + predicted).clamp(min=1), 0.0)
+    return balanced, f1[seen].mean().item() if seen.any() else math.nan
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,10 +301,9 @@ class Monitor:
 
     @classmethod
     def for_metric(cls, optimized_metric: str) -> "Monitor":
-        """best_val_loss and last_val_loss watch the loss; the accuracies, the accuracy."""
-        if direction(optimized_metric) == "minimize":
-            return cls("val_loss", False)
-        return cls()
+        """The epoch metric behind best_X / last_X: X, lower is better for a loss."""
+        key = optimized_metric.split("_", 1)[1]  # best_val_loss -> val_loss
+        return cls(key, direction(optimized_metric) == "maximize")
 
     def improved(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -435,5 +454,7 @@ def train_and_validate(net: nn.Module, loaders: tuple[DataLoader, DataLoader],
     val = evaluate(net, val_loader, step)
     if scheduler is not None:
         scheduler.step()
+    balanced, macro_f1 = confusion_scores(val.confusion)
     return EpochMetrics(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seconds=0.0,
-                        group_lrs=group_lrs), val.confusion
+                        group_lrs=group_lrs, val_balanced_acc=balanced,
+                        val_macro_f1=macro_f1), val.confusion

@@ -92,8 +92,8 @@ def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
     assert epochs == [1, 2]
     _, params, final = next(call for call in calls if call[0] == "hparams")
     assert params["optimizer.lr"] == 0.05 and params["backbone.name"] == "squeezenet1_1"
-    assert set(final) == {"final/best_val_acc", "final/best_val_loss", "final/last_val_acc",
-                          "final/last_val_loss"}
+    assert set(final) == {f"final/{which}_val_{score}" for which in ("best", "last")
+                          for score in ("acc", "loss", "balanced_acc", "macro_f1")}
 
 
 def test_a_logger_that_cannot_be_used_is_named_at_start_up(tmp_path, monkeypatch):

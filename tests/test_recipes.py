@@ -21,7 +21,7 @@ from finetune.loss import class_weights, dataset_labels
 from finetune.model import InputSpec
 from finetune.run import build, run
 from finetune.stopping import EarlyStopping
-from finetune.trainer import EpochMetrics, Step, train_one_epoch
+from finetune.trainer import EpochMetrics, Monitor, Step, confusion_scores, train_one_epoch
 
 from conftest import FAST, make_config
 
@@ -35,6 +35,26 @@ def test_balanced_class_weights_follow_the_label_counts():
     with pytest.raises(ConfigError, match="2 weights for 3 classes"):
         class_weights([1, 2], labels, ["a", "b", "c"])
     assert class_weights("none", labels, ["a", "b", "c"]) is None
+
+
+def test_balanced_accuracy_and_macro_f1_match_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+
+    generator = torch.Generator().manual_seed(0)
+    for classes in (2, 5):
+        truth = torch.randint(0, classes, (60,), generator=generator)
+        truth[truth == classes - 1] = 0  # the last class has no image, only predictions
+        predicted = torch.randint(0, classes, (60,), generator=generator)
+        confusion = confusion_matrix(truth, predicted, labels=list(range(classes))).tolist()
+        balanced, macro_f1 = confusion_scores(confusion)
+        assert balanced == pytest.approx(balanced_accuracy_score(truth, predicted))
+        assert macro_f1 == pytest.approx(f1_score(truth, predicted, average="macro"))
+
+
+def test_the_best_checkpoint_follows_the_optimized_metric():
+    assert Monitor.for_metric("best_val_macro_f1") == Monitor("val_macro_f1", True)
+    assert Monitor.for_metric("last_val_loss") == Monitor("val_loss", False)
+    assert Monitor.for_metric("best_val_balanced_acc") == Monitor("val_balanced_acc", True)
 
 
 def test_a_run_weighs_its_loss_by_the_training_labels_and_smooths_it():
