@@ -131,6 +131,7 @@ class TrainerConfig:
     compile: bool = False  # wrap the trained module with torch.compile
     grad_clip: float | None = None  # clip the gradients' total norm to this; null: no clipping
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
+    ema_decay: float | None = None  # e.g. 0.999: validate and save an EMA of the weights
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -293,6 +294,8 @@ def validate(cfg: DictConfig) -> None:
               "use skip (leave them out, with one warning naming each) or fail")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
           cfg.trainer.accumulate_grad_batches, "use 1 (a step every batch) or more")
+    check(cfg.trainer.ema_decay is None or 0 < cfg.trainer.ema_decay < 1, "trainer.ema_decay",
+          cfg.trainer.ema_decay, "use a number in (0, 1), e.g. 0.999, or null (off)")
     stopping = cfg.trainer.early_stopping
     check(stopping.patience is None or stopping.patience >= 1, "trainer.early_stopping.patience",
           stopping.patience, "use 1 or more epochs, or null (off)")

@@ -22,6 +22,12 @@ class Hook:
         """After optimizer step `step` (global, 1-based); `loss` is the step's loss tensor, on the
         device: reading it waits for the device, so read it only when needed."""
 
+    def on_validation_start(self) -> None:
+        """After an epoch's training, before its validation pass."""
+
+    def on_validation_end(self) -> None:
+        """After the validation pass, before the schedule steps."""
+
     def on_epoch_end(self, progress: Any, improved: bool) -> None:
         """After an epoch's training, validation and schedule step; `progress` has its row."""
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from finetune import distributed
 from finetune.checkpoint import read_run_checkpoint
 from finetune.data import image_transforms, validation_data
+from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
@@ -93,7 +94,7 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
                     len(record["class_names"]), spec.image_size)
     try:
-        net.load_state_dict(checkpoint["model"])
+        net.load_state_dict(inference_weights(checkpoint, source))
     except RuntimeError as error:
         raise ConfigError(f"{source}: its weights do not fit the model its config describes: "
                           f"{error}") from error

@@ -22,6 +22,7 @@ from finetune.config import EPOCH_SCORES, validate
 from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
 from finetune.digest import tensors_digest
 from finetune.distributed import Rewrap
+from finetune.ema import WeightAverage
 from finetune.errors import Interrupted, TrainingFailed
 from finetune.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
 from finetune.files import write_json
@@ -197,6 +198,7 @@ class Training:
     loaders: tuple[DataLoader, DataLoader]
     cache: CacheEntry
     rewrap: Rewrap | None = None
+    average: WeightAverage | None = None  # trainer.ema_decay
 
 
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
@@ -215,7 +217,9 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
                 criterion=setup.criterion, accumulate=cfg.trainer.accumulate_grad_batches)
     # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
     rewrap = Rewrap(setup.net, step) if distributed.active() else None
-    return Training(step, loaders, cache, rewrap)
+    average = (WeightAverage(setup.net, cfg.trainer.ema_decay, unchanging_state_names)
+               if cfg.trainer.ema_decay is not None else None)
+    return Training(step, loaders, cache, rewrap, average)
 
 
 def wrapped(cfg: DictConfig, setup: Setup, module: torch.nn.Module):
@@ -230,7 +234,7 @@ def stateful_parts(setup: Setup, training: Training, progress: Progress) -> dict
     parts = {"unfreeze": setup.unfreeze, "optimizer": setup.optimizer,
              "scheduler": setup.scheduler, "scaler": training.step.scaler,
              "rng": RandomStreams(training.loaders), "progress": progress,
-             "feature_cache": training.cache}
+             "feature_cache": training.cache, "ema": training.average}
     return {name: part for name, part in parts.items() if part is not None}
 
 
@@ -242,6 +246,8 @@ def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: s
     hooks: list[Hook] = [setup.unfreeze]
     if training.rewrap is not None:  # DDP must see the trainable set a phase changed
         hooks.append(training.rewrap)
+    if training.average is not None:  # validation sees the average
+        hooks.append(training.average)
     stopping = early_stopping(cfg.trainer.early_stopping)
     if stopping is not None:
         hooks.append(stopping)

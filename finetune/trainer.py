@@ -451,7 +451,11 @@ def train_and_validate(net: nn.Module, loaders: tuple[DataLoader, DataLoader],
     group_lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
     train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, step, epoch,
                                             max_epochs, hooks)
+    for hook in hooks:
+        hook.on_validation_start()
     val = evaluate(net, val_loader, step)
+    for hook in hooks:
+        hook.on_validation_end()
     if scheduler is not None:
         scheduler.step()
     balanced, macro_f1 = confusion_scores(val.confusion)

@@ -1,6 +1,7 @@
 """Training recipes: class weights, label smoothing, gradient accumulation, early stopping
 and augmentation policies (docs/recipes.md)."""
 
+import csv
 import json
 import math
 
@@ -15,8 +16,10 @@ from torchvision.transforms import InterpolationMode
 from finetune import trainer
 from finetune.checkpoint import read_run_checkpoint
 from finetune.data import image_transforms
+from finetune.ema import WeightAverage
 from finetune.errors import ConfigError
 from finetune.hooks import Hook
+from finetune.inference import load_model
 from finetune.loss import class_weights, dataset_labels
 from finetune.model import InputSpec
 from finetune.run import build, run
@@ -114,6 +117,55 @@ def test_the_step_count_of_an_accumulating_run():
     assert step.steps_per_epoch(7) == 3
     assert [step.share(index, 7) for index in range(7)] == [
         (3, False), (3, False), (3, True), (3, False), (3, False), (3, True), (1, True)]
+
+
+class WeightRecorder(Hook):
+    def __init__(self, net):
+        self.net, self.weights = net, []
+
+    def on_train_batch_end(self, step, loss):
+        self.weights.append(self.net.weight.detach().clone())
+
+
+def test_the_weight_average_is_the_ema_of_the_weights_after_each_step():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 3)
+    loader = DataLoader(TensorDataset(torch.randn(12, 8), torch.randint(0, 3, (12,))), batch_size=4)
+    recorder, average = WeightRecorder(net), WeightAverage(net, 0.75, lambda net: set())
+    train_one_epoch(net, loader, torch.optim.SGD(net.parameters(), lr=0.5),
+                    Step(net, torch.device("cpu")), 1, 1, [recorder, average])
+    first, *rest = recorder.weights  # AveragedModel starts at the first step's weights
+    by_hand = first
+    for weights in rest:
+        by_hand = 0.75 * by_hand + 0.25 * weights
+    torch.testing.assert_close(average.average.module.weight, by_hand)
+    assert not torch.allclose(by_hand, net.weight)  # the raw weights train on
+    # its state leaves out what cannot change, and a fresh average takes it back exactly
+    state = average.state_dict()
+    assert set(state["weights"]) == {"weight", "bias"} and int(state["n_averaged"]) == 3
+    other = WeightAverage(net, 0.75, lambda net: {"bias"})
+    assert set(other.state_dict()["weights"]) == {"weight"}
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.average.module.weight, by_hand)
+
+
+@pytest.mark.slow
+def test_validation_best_pt_and_evaluate_use_the_average(tmp_path):
+    run(make_config(*FAST, "trainer.max_epochs=2", "trainer.ema_decay=0.9"), str(tmp_path / "run"))
+    last = read_run_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    ema = last["state"]["ema"]["weights"]
+    assert any(not torch.equal(ema[name], last["model"][name]) for name in ema)
+    best = read_run_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    loaded = load_model(str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    for name, value in loaded.net.state_dict().items():
+        expected = best["state"]["ema"]["weights"].get(name, best["model"][name])
+        assert torch.equal(value, expected), name
+    accuracy = run(make_config(*FAST, "mode=evaluate",
+                               f"checkpoint={tmp_path}/run/checkpoints/last.pt"), str(tmp_path / "eval"))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert accuracy == float(rows[-1]["val_acc"])  # the epoch's validation saw the average
+    loss = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["loss"]
+    assert loss == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
 
 
 def rows(*losses: float) -> list[EpochMetrics]:
