@@ -44,6 +44,10 @@ class DataConfig:
     image_size: int = 32
     batch_size: int = 64
     num_workers: int = 0
+    # training batches mixed in pairs (torchvision.transforms.v2): 0 is off; with both on,
+    # each batch takes one of the two at random
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) for the mixing weight, e.g. 0.2
+    cutmix_alpha: float = 0.0  # CutMix's, e.g. 1.0
 
 
 @dataclass
@@ -307,6 +311,8 @@ def validate(cfg: DictConfig) -> None:
           "use a number in [0, 1), e.g. 0.1")
     check(valid_class_weights(cfg.loss.class_weights), "loss.class_weights",
           cfg.loss.class_weights, "use none, balanced, or a list of one weight >= 0 per class")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")

@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class Data:
     val_loader: DataLoader
     class_names: list[str]
     random_augmentation: bool = False  # training images differ from epoch to epoch
+    mix: Callable | None = None  # MixUp/CutMix on training batches: (images, labels) -> soft
 
     @property
     def num_classes(self) -> int:
@@ -115,6 +117,17 @@ def image_transforms(spec: InputSpec, augment: str = "none"):
 # the tensor conversion, as torchvision's reference recipes apply them)
 POLICIES = {"randaugment": [v2.RandAugment()], "trivialaugment": [v2.TrivialAugmentWide()],
             "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]}
+
+
+def batch_mixing(mixup_alpha: float, cutmix_alpha: float, classes: int) -> Callable | None:
+    """MixUp and/or CutMix (one of the two per batch when both are on), or None. They draw
+    from torch's generator, which checkpoints save, so a resumed run mixes as an unbroken
+    one; the targets they return are class probabilities, each row summing to 1."""
+    chosen = [mix(alpha=alpha, num_classes=classes) for mix, alpha in
+              ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
 
 
 def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
@@ -301,9 +314,11 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
     train, val, class_names = builder(cfg)(cfg, spec)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
+    mix = batch_mixing(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
     return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
-                random_augmentation=augment_policy(cfg.get("augment", "none")) != "none")
+                random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
+                or mix is not None, mix=mix)
 
 
 def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,

@@ -73,7 +73,8 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
     if has_phases:
         reasons.append("unfreeze phases make backbone parameters trainable during the run")
     if random_train_transform:
-        reasons.append("the training images are randomly augmented (data.augment is not none)")
+        reasons.append("the training images are randomly augmented (data.augment, or "
+                       "MixUp/CutMix: data.mixup_alpha, data.cutmix_alpha)")
     return reasons
 
 

@@ -214,7 +214,8 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
         module = setup.net.add_layers
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
                 cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup),
-                criterion=setup.criterion, accumulate=cfg.trainer.accumulate_grad_batches)
+                criterion=setup.criterion, accumulate=cfg.trainer.accumulate_grad_batches,
+                mix=setup.data.mix)
     # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
     rewrap = Rewrap(setup.net, step) if distributed.active() else None
     average = (WeightAverage(setup.net, cfg.trainer.ema_decay, unchanging_state_names)

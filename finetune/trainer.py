@@ -179,6 +179,7 @@ class Step:
     grad_clip: float | None = None  # max total gradient norm
     wrap: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = unwrapped
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # training
+    mix: Callable | None = None  # MixUp/CutMix: (images, labels) -> (mixed, class probabilities)
     accumulate: int = 1  # batches per optimizer step (trainer.accumulate_grad_batches)
 
     def __post_init__(self):
@@ -246,8 +247,11 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         group_size, ends_group = step.share(index, len(loader))
         if batch is not None:  # None: every image of it was unreadable (data.bad_images=skip)
             images, labels = step.to_device(*batch)
+            targets = labels
+            if step.mix is not None:
+                images, targets = step.mix(images, labels)
             logits = step.logits(images)
-            loss = step.criterion(logits, labels)
+            loss = step.criterion(logits, targets)
             step.backward(loss / group_size)
             pending = True
             totals.add(loss, logits, labels, index)
@@ -263,7 +267,9 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
             for hook in hooks:
                 hook.on_train_batch_end(steps_before + index // step.accumulate + 1, loss)
     totals.check_finite(epoch, len(loader))
-    return totals.means()
+    loss, accuracy = totals.means()
+    # a mixed image has two labels: no accuracy is claimed for it
+    return loss, math.nan if step.mix is not None else accuracy
 
 
 @dataclass

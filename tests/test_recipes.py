@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 
 from finetune import trainer
 from finetune.checkpoint import read_run_checkpoint
-from finetune.data import image_transforms
+from finetune.data import batch_mixing, image_transforms
 from finetune.ema import WeightAverage
 from finetune.errors import ConfigError
 from finetune.hooks import Hook
@@ -166,6 +166,27 @@ def test_validation_best_pt_and_evaluate_use_the_average(tmp_path):
     assert accuracy == float(rows[-1]["val_acc"])  # the epoch's validation saw the average
     loss = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["loss"]
     assert loss == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixed_targets_are_class_probabilities_that_sum_to_one(mixup, cutmix):
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    mixed, targets = batch_mixing(mixup, cutmix, 4)(images, labels)
+    assert mixed.shape == images.shape and targets.shape == (8, 4)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+    # each image is its own label's and its neighbour's (the batch rolled by one), no other
+    for row, label in zip(targets, labels, strict=True):
+        assert set(row.nonzero().flatten().tolist()) <= {int(label), int(label - 1) % 4}
+    assert batch_mixing(0.0, 0.0, 4) is None
+
+
+def test_a_mixed_run_claims_no_training_accuracy_and_computes_no_features(tmp_path, caplog):
+    caplog.set_level("INFO")
+    run(make_config(*FAST, "freeze=[@backbone]", "data.mixup_alpha=0.2"), str(tmp_path))
+    (row,) = csv.DictReader(open(tmp_path / "metrics.csv"))
+    assert row["train_acc"] == "nan" and 0 <= float(row["val_acc"]) <= 1
+    assert "feature cache: off: the training images are randomly augmented" in caplog.text
 
 
 def rows(*losses: float) -> list[EpochMetrics]:

@@ -28,9 +28,10 @@ SETUPS = {
     "partial freeze": [],
     "probe, cached features, dropout head": ["freeze=[pretrained]", "head=mlp"],
     "gradual unfreezing": ["freeze=[@backbone]", "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],
-    "recipes: accumulation, early stopping, EMA, smoothing, class weights": [
+    "recipes: accumulation, early stopping, EMA, MixUp/CutMix, smoothing, class weights": [
         "trainer.accumulate_grad_batches=3", "trainer.early_stopping.patience=5",
-        "trainer.ema_decay=0.9", "loss.label_smoothing=0.1", "loss.class_weights=balanced"],
+        "trainer.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+        "loss.label_smoothing=0.1", "loss.class_weights=balanced"],
 }
 SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
 
