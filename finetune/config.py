@@ -185,6 +185,7 @@ class Config:
     resume: str | None = None  # a run directory, or latest: continue it from its last.pt
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
+    tta: str = "none"  # evaluate / predict: none | hflip (average with the mirror image's logits)
     fail_fast: bool = False  # -m: the first failed job stops the sweep (else it is recorded)
     plots: str = "auto"  # auto (when matplotlib is installed) | true | false
     logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., keys}
@@ -284,6 +285,8 @@ def validate(cfg: DictConfig) -> None:
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
           cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
+    check(cfg.tta in ("none", "hflip"), "tta", cfg.tta,
+          "use none, or hflip (average each image's logits with its mirror image's)")
     check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,
           "use auto (plots when matplotlib is installed), true or false")
     for name, entry in cfg.logger.items():

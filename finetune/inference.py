@@ -9,13 +9,14 @@ download (the backbone is built from random init and the saved weights loaded ov
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
@@ -26,7 +27,7 @@ from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
 from finetune.plots import draw_or_warn, plot_confusion
-from finetune.trainer import Step, evaluate, resolve_device
+from finetune.trainer import Step, confusion_scores, evaluate, resolve_device
 from finetune.trust import check_targets, refuse_interpolations
 
 log = logging.getLogger(__name__)
@@ -49,20 +50,35 @@ class LoadedModel:
         transform: PIL image -> normalized tensor)."""
         return image_transforms(self.input_spec)[1]
 
-    def predict(self, images: Any, batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
+    def predict(self, images: Any, batch_size: int = 64, tta: str = "none"
+                ) -> tuple[list[str], torch.Tensor]:
         """The predicted class names and the probabilities (a row per image, a column per
         class, in `class_names` order) for one image or a list of them: file paths, PIL
-        images, or a tensor batch already preprocessed with `transform()`."""
+        images, or a tensor batch already preprocessed with `transform()`. `tta="hflip"`
+        averages the logits of each image and its mirror image."""
         if not isinstance(images, torch.Tensor):
             single = isinstance(images, str | os.PathLike | Image.Image)
             transform = self.transform()
             images = torch.stack([transform(as_rgb(item)) for item in
                                   ([images] if single else images)])
-        step = Step(self.net, next(self.net.parameters()).device)
+        step = Step(self.net, next(self.net.parameters()).device, wrap=augmented(tta))
         with torch.inference_mode():
             probabilities = torch.cat([class_probabilities(step, chunk)
                                        for chunk in images.split(batch_size)])
         return [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()], probabilities
+
+
+TTA = ("none", "hflip")
+
+
+def augmented(tta: str) -> Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
+    """Test-time augmentation as a Step's `wrap`: `hflip` averages the logits of a batch
+    and of its mirror image (one more forward pass); `none` is the model itself."""
+    if tta not in TTA:
+        raise ConfigError(f"tta={tta!r} is not valid: use {' or '.join(TTA)}.")
+    if tta == "none":
+        return lambda module: module
+    return lambda module: lambda images: (module(images) + module(images.flip(-1))) / 2
 
 
 def as_rgb(image: Any) -> Image.Image:
@@ -148,7 +164,8 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
     split (its training images are not read)."""
     net, class_names = model.net, model.class_names
     where = f" (data.root={data_cfg.root})" if data_cfg.get("root") else ""
-    log.info("evaluating on the validation split of data=%s%s", data_cfg.name, where)
+    log.info("evaluating on the validation split of data=%s%s%s", data_cfg.name, where,
+             "" if cfg.tta == "none" else f", test-time augmentation: {cfg.tta}")
     loader, data_classes = validation_data(data_cfg, model.input_spec, cfg.seed,
                                            pin_memory=device.type == "cuda",
                                            shard=distributed.shard())  # under torchrun: summed
@@ -157,7 +174,7 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
             f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "
             f"{class_names[:10]}, but data={data_cfg.name}{where} has {len(data_classes)} "
             f"classes {data_classes[:10]}; evaluate it on data with the same classes.")
-    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision))
+    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision, wrap=augmented(cfg.tta)))
     seen = sum(map(sum, val.confusion))
     if seen == 0:
         raise ConfigError(f"data={data_cfg.name}{where}: no readable validation image to "
@@ -165,9 +182,11 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
     per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
                  for index, (name, row) in enumerate(zip(class_names, val.confusion,
                                                          strict=True))]
+    balanced, macro_f1 = confusion_scores(val.confusion)
     result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
-              "data": OmegaConf.to_container(data_cfg), "images": seen, "loss": val.loss,
-              "accuracy": val.accuracy, "per_class": per_class, "confusion": val.confusion}
+              "data": OmegaConf.to_container(data_cfg), "tta": cfg.tta, "images": seen,
+              "loss": val.loss, "accuracy": val.accuracy, "balanced_accuracy": balanced,
+              "macro_f1": macro_f1, "per_class": per_class, "confusion": val.confusion}
     path = os.path.join(run_dir, "evaluation.json")
     if distributed.is_main():
         write_json(result, path)
@@ -218,7 +237,7 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
                           "(.jpg, .png, ...).")
     loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=collate_readable)
-    step, rows = Step(model.net, device, cfg.trainer.precision), []
+    step, rows = Step(model.net, device, cfg.trainer.precision, wrap=augmented(cfg.tta)), []
     with torch.inference_mode():
         for batch in loader:
             if batch is None:  # every image of this batch was unreadable

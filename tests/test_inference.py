@@ -138,3 +138,27 @@ def test_a_file_that_is_not_a_run_checkpoint_is_refused(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(ConfigError, match="not a checkpoint written by a run of this tool"):
         finetune.load_model(str(tmp_path / "plain.pt"))
+
+
+def test_hflip_tta_averages_the_logits_of_each_image_and_its_mirror(trained, tmp_path):
+    model = finetune.load_model(str(trained / "checkpoints" / "best.pt"))
+    images = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        by_hand = ((model.net(images) + model.net(images.flip(-1))) / 2).softmax(dim=1)
+        plain = model.net(images).softmax(dim=1)
+    labels, probabilities = model.predict(images, tta="hflip")
+    torch.testing.assert_close(probabilities, by_hand)
+    assert not torch.allclose(probabilities, plain)
+    assert labels == [model.class_names[i] for i in by_hand.argmax(dim=1).tolist()]
+    # mode=evaluate tta=hflip: the validation images' loss under the averaged logits
+    cfg = make_config(*FAST, "mode=evaluate", "tta=hflip", f"checkpoint={trained}/checkpoints/best.pt")
+    run(cfg, str(tmp_path))
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    loader = build(make_config(*FAST)).data.val_loader
+    with torch.inference_mode():
+        batches = [(model.net(x) + model.net(x.flip(-1))) / 2 for x, _ in loader]
+        expected = F.cross_entropy(torch.cat(batches),
+                                   torch.cat([y for _, y in loader]))
+    assert result["tta"] == "hflip" and result["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="tta='vflip'"):
+        model.predict(images, tta="vflip")
