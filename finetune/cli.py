@@ -150,7 +150,7 @@ def start(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
         cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
         overrides = saved["run"]["overrides"]
         log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
-    elif cfg.mode == "train":
+    elif cfg.mode in ("train", "lr_find"):
         log.info("%s", describe_config(cfg))
     return run(cfg, run_dir, overrides, checkpoint=saved)
 

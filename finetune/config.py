@@ -140,6 +140,13 @@ class TrainerConfig:
 
 
 @dataclass
+class LrFindConfig:
+    start: float = 1e-7  # the range test's first learning rate (optimizer.lr)
+    end: float = 10.0  # its last, unless the loss diverges first
+    steps: int = 100  # batches (the training data again if it has fewer)
+
+
+@dataclass
 class LossConfig:
     """The training loss (cross-entropy); the validation loss stays plain cross-entropy, so
     runs with different settings compare."""
@@ -173,6 +180,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)  # mode=lr_find
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -181,7 +189,7 @@ class Config:
     seed: int = 0
     dry_run: bool = False  # build everything and print the report; train and save nothing
     optimized_metric: str = "best_val_acc"  # what train.py returns to sweepers
-    mode: str = "train"  # train | evaluate | predict (both need `checkpoint`)
+    mode: str = "train"  # train | evaluate | predict (both need `checkpoint`) | lr_find
     resume: str | None = None  # a run directory, or latest: continue it from its last.pt
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
@@ -201,7 +209,7 @@ PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the a
 EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
 OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
-MODES = ("train", "evaluate", "predict")
+MODES = ("train", "evaluate", "predict", "lr_find")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
@@ -280,8 +288,9 @@ def validate(cfg: DictConfig) -> None:
           cfg.trainer.cache_features, "use auto, true or false")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision,
           "use 32, bf16 or 16-mixed")
-    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate or predict")
-    check(cfg.mode == "train" or cfg.checkpoint is not None, "checkpoint", cfg.checkpoint,
+    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate, predict or lr_find")
+    check(cfg.mode not in ("evaluate", "predict") or cfg.checkpoint is not None, "checkpoint",
+          cfg.checkpoint,
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
           cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
@@ -316,6 +325,9 @@ def validate(cfg: DictConfig) -> None:
           cfg.loss.class_weights, "use none, balanced, or a list of one weight >= 0 per class")
     for key in ("mixup_alpha", "cutmix_alpha"):
         check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
+    check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",
+          cfg.lr_find.start, f"use a positive rate below lr_find.end={cfg.lr_find.end}")
+    check(cfg.lr_find.steps >= 2, "lr_find.steps", cfg.lr_find.steps, "use 2 or more")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")

@@ -281,7 +281,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     plots = plots_enabled(cfg.plots)
     if not plots and str(cfg.plots).lower() == "auto":
         log.info("plots: off (matplotlib is not installed: pip install -e '.[plots]')")
-    if cfg.mode != "train":
+    if cfg.mode in ("evaluate", "predict"):
         from finetune.inference import run_inference
 
         return run_inference(cfg, run_dir, plots, overrides)
@@ -301,6 +301,10 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
                  cfg.backbone.name, setup.device, setup.data.num_classes)
         return None
     training = training_inputs(cfg, setup)
+    if cfg.mode == "lr_find":
+        from finetune.lr_find import find_lr
+
+        return find_lr(cfg, setup, training, run_dir, plots and writes, overrides)
     progress = Progress(monitor=Monitor.for_metric(cfg.optimized_metric))
     parts = stateful_parts(setup, training, progress)
     if not fresh:

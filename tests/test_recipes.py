@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_resume import interrupt_at, resumed
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import InterpolationMode
 
@@ -21,12 +20,14 @@ from finetune.errors import ConfigError
 from finetune.hooks import Hook
 from finetune.inference import load_model
 from finetune.loss import class_weights, dataset_labels
+from finetune.lr_find import range_test
 from finetune.model import InputSpec
-from finetune.run import build, run
+from finetune.run import build, run, training_inputs
 from finetune.stopping import EarlyStopping
 from finetune.trainer import EpochMetrics, Monitor, Step, confusion_scores, train_one_epoch
 
 from conftest import FAST, make_config
+from test_resume import interrupt_at, resumed
 
 
 def test_balanced_class_weights_follow_the_label_counts():
@@ -40,6 +41,7 @@ def test_balanced_class_weights_follow_the_label_counts():
     assert class_weights("none", labels, ["a", "b", "c"]) is None
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_balanced_accuracy_and_macro_f1_match_scikit_learn():
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
@@ -283,3 +285,44 @@ def test_no_policy_is_the_evaluation_transform():
     assert training is evaluation
     training, evaluation = image_transforms(SPEC, "false")  # an older run's data.augment=false
     assert training is evaluation
+
+
+def test_the_lr_range_test_keeps_group_ratios_and_leaves_everything_as_it_was(monkeypatch):
+    cfg = make_config(*FAST, "mode=lr_find", "param_groups=[{patterns: [add_layers], lr_mult: 10}]")
+    setup = build(cfg)
+    training = training_inputs(cfg, setup)
+    weights = {name: value.clone() for name, value in setup.net.state_dict().items()}
+    trainable = {name for name, param in setup.net.named_parameters() if param.requires_grad}
+    random_state = torch.get_rng_state()
+    rates = []
+    optimizer_step = Step.optimizer_step
+
+    def recording(self, optimizer):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer_step(self, optimizer)
+
+    monkeypatch.setattr(Step, "optimizer_step", recording)
+    test = range_test(setup.net, training.step, setup.optimizer, training.loaders[0], 0.05,
+                      1e-5, 1.0, 12)  # 12 steps over 4 batches: the data 3 times
+    assert len(test.rates) == len(rates) <= 12 and test.rates[0] == pytest.approx(1e-5)
+    assert all(later > earlier for earlier, later in zip(test.rates, test.rates[1:], strict=False))
+    names = [group["name"] for group in setup.optimizer.param_groups]
+    for rate, groups in zip(test.rates, rates, strict=True):  # each group at its multiple
+        for name, lr in zip(names, groups, strict=True):
+            assert lr == pytest.approx(rate * (10 if name.startswith("group0") else 1))
+    assert all(torch.equal(value, weights[name]) for name, value in setup.net.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), random_state)
+    assert {name for name, param in setup.net.named_parameters() if param.requires_grad} == trainable
+    assert test.suggestion() == pytest.approx(test.rates[test.smoothed.index(min(test.smoothed))] / 10)
+
+
+@pytest.mark.slow
+def test_lr_find_mode_writes_its_curve_and_prints_the_command(tmp_path, caplog):
+    caplog.set_level("INFO")
+    suggested = run(make_config(*FAST, "mode=lr_find", "lr_find.steps=30"), str(tmp_path),
+                    ["mode=lr_find", "data=fake"])
+    rows = (tmp_path / "lr_find.csv").read_text().splitlines()
+    assert rows[0] == "lr,loss,smoothed_loss" and 2 <= len(rows) - 1 <= 30
+    assert 1e-8 <= suggested <= 1.0
+    assert f"python train.py data=fake optimizer.lr={suggested:.2g}" in caplog.text
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
