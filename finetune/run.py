@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from finetune import distributed
 from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
-from finetune.config import EPOCH_SCORES, validate
+from finetune.config import EPOCH_SCORES, augment_policy, validate
 from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
 from finetune.digest import tensors_digest
 from finetune.distributed import Rewrap
@@ -266,9 +266,35 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
     lines.append(f"feature cache: {setup.cache.reason}")
+    lines.append(f"recipe: {recipe(cfg)}")
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]
     return "\n".join(lines)
+
+
+def recipe(cfg: DictConfig) -> str:
+    """The training recipe's settings that are on (docs/recipes.md), in one line."""
+    parts = []
+    augment = cfg.data.get("augment", "none")
+    if augment_policy(augment) != "none":
+        parts.append(f"data.augment={augment_policy(augment)}")
+    parts += [f"data.{key}={cfg.data[key]:g}" for key in ("mixup_alpha", "cutmix_alpha")
+              if cfg.data[key] > 0]
+    if cfg.loss.label_smoothing:
+        parts.append(f"loss.label_smoothing={cfg.loss.label_smoothing:g}")
+    if cfg.loss.class_weights != "none":
+        parts.append(f"loss.class_weights={cfg.loss.class_weights}")
+    trainer = cfg.trainer
+    if trainer.accumulate_grad_batches > 1:
+        parts.append(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} "
+                     f"(a step every {trainer.accumulate_grad_batches * cfg.data.batch_size} images)")
+    if trainer.ema_decay is not None:
+        parts.append(f"trainer.ema_decay={trainer.ema_decay:g} (validated and saved: the average)")
+    stopping = trainer.early_stopping
+    if stopping.patience is not None:
+        parts.append(f"early stopping on {stopping.monitor} after {stopping.patience} epochs "
+                     f"without an improvement over {stopping.min_delta:g}")
+    return ", ".join(parts) if parts else "plain (docs/recipes.md lists what can be added)"
 
 
 def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),

@@ -22,7 +22,7 @@ from finetune.inference import load_model
 from finetune.loss import class_weights, dataset_labels
 from finetune.lr_find import range_test
 from finetune.model import InputSpec
-from finetune.run import build, run, training_inputs
+from finetune.run import build, recipe, run, training_inputs
 from finetune.stopping import EarlyStopping
 from finetune.trainer import EpochMetrics, Monitor, Step, confusion_scores, train_one_epoch
 
@@ -326,3 +326,15 @@ def test_lr_find_mode_writes_its_curve_and_prints_the_command(tmp_path, caplog):
     assert 1e-8 <= suggested <= 1.0
     assert f"python train.py data=fake optimizer.lr={suggested:.2g}" in caplog.text
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+def test_the_start_up_report_names_each_recipe_setting_that_is_on():
+    assert recipe(make_config()).startswith("plain")
+    line = recipe(make_config("data=imagefolder", "data.augment=true", "data.cutmix_alpha=1",
+                              "loss.class_weights=balanced", "trainer.ema_decay=0.999",
+                              "trainer.early_stopping.patience=3",
+                              "trainer.accumulate_grad_batches=2"))
+    for part in ("data.augment=light", "data.cutmix_alpha=1", "loss.class_weights=balanced",
+                 "trainer.ema_decay=0.999", "early stopping on val_loss after 3 epochs",
+                 "a step every 64 images"):
+        assert part in line
