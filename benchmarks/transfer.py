@@ -1,34 +1,28 @@
-"""A transfer benchmark, offline: pretrain on the digits 0-4, fine-tune on 5-9.
+"""A transfer benchmark, offline: pretrain on procedural glyphs, fine-tune on digits.
 
-    python benchmarks/transfer.py [--epochs 10] [--recipes default linear_probe ...]
-
-Status (2026-12-02): this source task does NOT transfer yet, so no strategy advice may be
-drawn from it. The linear probe on the pretrained backbone lost to the probe on a random
-one: 0.872 vs 0.961 best val acc (720 target images, 10 epochs), and 0.649 vs 0.855 with
-45 target images (data.val_fraction=0.95, 30 epochs). A resnet18 trained on five digit
-classes keeps little in its last features beyond those classes. A richer source tried by
-hand, the digits 0-4 in 4 rotations (20 classes, a bare loop, 8 epochs, 0.96 train acc),
-narrowed the gap but did not close it: 0.828 vs 0.859 with 45 target images at the best
-probe rate of 0.1, 0.01, 0.001. Random conv features already separate digits well; issue
-14 needs a source and target where they do not (textures, or shapes under clutter)
-before this table means anything.
+    python benchmarks/transfer.py [--epochs 15] [--recipes linear_probe full_finetune ...]
 
 No ImageNet weights can be downloaded here, so every figure that compares strategies needs
-a backbone that has learned something else first. This script makes one:
+a backbone that has learned something else first. This script makes one, then runs each
+strategy and recipe on a target task with other labels, from those weights and from random
+init, as a user runs them (`python train.py ...`, one process each):
 
-1. Source task (cached): resnet18 from random init trained by this tool on the bundled
-   digits 0-4 (all layers, 32x32, `--pretrain-epochs`), its backbone saved as a plain
-   torchvision state dict (no classifier) under ~/.cache/finetune/transfer/. Later runs
-   reuse the file; delete it to pretrain again.
-2. Target task: the digits 5-9, a disjoint label set. Each recipe runs twice as a user
-   runs it, `python train.py ...`: from the pretrained file (`backbone.checkpoint=FILE`,
-   as one loads ImageNet weights) and from random init.
-3. One Markdown table: recipe x start -> best val acc, best epoch, wall time, beside the
-   linear probe's gap between the two starts (the transfer itself).
+1. Data (benchmarks/transfer_data.py, cached as image folders): the source task is 50
+   classes of procedurally drawn glyphs, the target task scikit-learn's handwritten digits
+   (500 training images, 797 validation images by other writers). Both are 32x32 cluttered
+   scenes made the same way; random convolutional features do poorly on them.
+2. Source task (cached): resnet18 from random init, every layer trained by this tool on the
+   glyphs (`--pretrain-epochs`), its backbone saved as a plain torchvision state dict (no
+   classifier). Delete ~/.cache/finetune/transfer/ to make both again.
+3. Target task: each recipe twice, `backbone.checkpoint=FILE` (as one loads ImageNet
+   weights) and random init, at 28x28 (the 32x32 scenes resized to 32 and center-cropped,
+   as `data=imagefolder` prepares any image without pretrained weights).
+4. One Markdown table: recipe x start -> best val acc, best epoch, epochs run, wall time.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,17 +30,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 CACHE = Path.home() / ".cache" / "finetune" / "transfer"
-SOURCE = "data.classes=[0,1,2,3,4]"
-TARGET = "data.classes=[5,6,7,8,9]"
+DATA_VERSION = "glyphs50-digits-v1"  # change when transfer_data.py changes what it draws
+IMAGES = ["data=imagefolder", "data.image_size=28", "data.num_workers=0", "data.batch_size=32"]
 COMMON = ["backbone.weights=null", "backbone.allow_download=false", "plots=false"]
 RECIPES = {  # name -> overrides on the target task
-    "default": [],
     "linear_probe": ["experiment=linear_probe"],
     "linear_probe, frozen_modules=train": ["experiment=linear_probe", "frozen_modules=train"],
+    "default (stem and stage1 frozen)": [],
     "full_finetune": ["experiment=full_finetune"],
     "gradual_unfreeze": ["experiment=gradual_unfreeze"],
+    "full_finetune + augment=light": ["experiment=full_finetune", "data.augment=light"],
+    "full_finetune + augment=trivialaugment": ["experiment=full_finetune",
+                                              "data.augment=trivialaugment"],
+    "full_finetune + mixup 0.2": ["experiment=full_finetune", "data.mixup_alpha=0.2"],
+    "full_finetune + cutmix 1.0": ["experiment=full_finetune", "data.cutmix_alpha=1.0"],
+    "full_finetune + label smoothing 0.1": ["experiment=full_finetune", "loss.label_smoothing=0.1"],
+    "full_finetune + EMA 0.99": ["experiment=full_finetune", "trainer.ema_decay=0.99"],
+    "full_finetune + early stopping (patience 3)": ["experiment=full_finetune",
+                                                    "trainer.early_stopping.patience=3"],
 }
 
 
@@ -62,9 +65,33 @@ def train(overrides: list[str], run_dir: Path) -> tuple[dict, float]:
     return json.loads((run_dir / "summary.json").read_text()), seconds
 
 
-def pretrained_backbone(epochs: int, scratch: Path) -> Path:
+def image_folders() -> tuple[Path, Path]:
+    """The source and target image folders, drawn once and cached."""
+    import transfer_data
+
+    folder = CACHE / DATA_VERSION
+    source, target, done = folder / "source", folder / "target", folder / "complete"
+    if done.is_file():
+        return source, target
+    started = time.perf_counter()
+    images, labels, names = transfer_data.source_images()
+    held_out = set(range(0, len(images), 10))  # every 10th glyph: the source's own val split
+    for split, keep in (("train", lambda i: i not in held_out), ("val", held_out.__contains__)):
+        chosen = [i for i in range(len(images)) if keep(i)]
+        transfer_data.write_split(str(source), split, [images[i] for i in chosen],
+                                  [labels[i] for i in chosen], names)
+    train_images, train_labels, val_images, val_labels, names = transfer_data.target_images()
+    transfer_data.write_split(str(target), "train", train_images, train_labels, names)
+    transfer_data.write_split(str(target), "val", val_images, val_labels, names)
+    done.write_text("ok\n")
+    print(f"data: {len(images)} glyphs (50 classes) and {len(train_images)} + "
+          f"{len(val_images)} digits drawn in {time.perf_counter() - started:.0f} s; {folder}")
+    return source, target
+
+
+def pretrained_backbone(source: Path, epochs: int, scratch: Path) -> Path:
     """The source task's backbone as a torchvision state dict, trained once and cached."""
-    path = CACHE / f"resnet18_digits0-4_{epochs}epochs.pt"
+    path = CACHE / DATA_VERSION / f"resnet18_glyphs_{epochs}epochs.pt"
     if path.is_file():
         print(f"source task: reusing {path}")
         return path
@@ -72,41 +99,58 @@ def pretrained_backbone(epochs: int, scratch: Path) -> Path:
 
     import finetune
 
-    summary, seconds = train(["freeze=[]", SOURCE, f"trainer.max_epochs={epochs}"],
-                             scratch / "source")
+    summary, seconds = train([*IMAGES, f"data.root={source}", "data.batch_size=64", "freeze=[]",
+                              f"trainer.max_epochs={epochs}"], scratch / "source")
     model = finetune.load_model(str(scratch / "source" / "checkpoints" / "best.pt"))
-    CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.net.pretrained.state_dict(), path)  # resnet18 keys, fc left out
-    print(f"source task: digits 0-4, best val acc {summary['best_val_acc']:.3f} after "
+    print(f"source task: 50 glyph classes, best val acc {summary['best_val_acc']:.3f} after "
           f"{epochs} epochs in {seconds:.0f} s; saved {path}")
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10, help="on the target task")
-    parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=15, help="on the target task")
+    parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--starts", nargs="+", default=["pretrained", "random init"],
+                        choices=["pretrained", "random init"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="a run per seed; the table shows their mean and spread")
     args = parser.parse_args()
+    source, target = image_folders()
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
-        weights = pretrained_backbone(args.pretrain_epochs, scratch)
+        weights = pretrained_backbone(source, args.pretrain_epochs, scratch)
         starts = {"pretrained": [f"backbone.checkpoint={weights}"], "random init": []}
-        rows = []
+        rows, runs = [], 0
         for recipe in args.recipes:
-            for start, extra in starts.items():
-                run_dir = scratch / f"{len(rows)}"
-                summary, seconds = train([TARGET, f"trainer.max_epochs={args.epochs}",
-                                          *RECIPES[recipe], *extra], run_dir)
-                rows.append((recipe, start, summary, seconds))
-                print(f"  {recipe} ({start}): {summary['best_val_acc']:.3f}", flush=True)
-    print(f"\ntarget: digits 5-9, {args.epochs} epochs, resnet18 at 32x32 "
-          f"({time.strftime('%Y-%m-%d')})\n")
-    print("| recipe | start | best val acc | best epoch | wall time |")
-    print("| --- | --- | --- | --- | --- |")
-    for recipe, start, summary, seconds in rows:
-        print(f"| {recipe} | {start} | {summary['best_val_acc']:.3f} | {summary['best_epoch']} "
-              f"| {seconds:.1f} s |")
+            for start in args.starts:
+                results = []
+                for seed in args.seeds:
+                    results.append(train([*IMAGES, f"data.root={target}", f"seed={seed}",
+                                          f"trainer.max_epochs={args.epochs}", *RECIPES[recipe],
+                                          *starts[start]], scratch / f"{runs}"))
+                    runs += 1
+                rows.append((recipe, start, results))
+                scores = " ".join(f"{summary['best_val_acc']:.3f}" for summary, _ in results)
+                print(f"  {recipe} ({start}): {scores}", flush=True)
+    print(f"\ntarget: cluttered digits, 10 classes, 500 training images, {args.epochs} epochs, "
+          f"resnet18 at 28x28, seeds {args.seeds} ({time.strftime('%Y-%m-%d')})\n")
+    print("| recipe | start | best val acc | best epoch | epochs run | wall time |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for recipe, start, results in rows:
+        print(f"| {recipe} | {start} | {spread([s['best_val_acc'] for s, _ in results], 3)} "
+              f"| {spread([s['best_epoch'] for s, _ in results], 0)} "
+              f"| {spread([s['epochs_completed'] for s, _ in results], 0)} "
+              f"| {spread([seconds for _, seconds in results], 1)} s |")
+
+
+def spread(values: list[float], digits: int) -> str:
+    """One value as it is; several as mean +- standard deviation."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -247,11 +247,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         group_size, ends_group = step.share(index, len(loader))
         if batch is not None:  # None: every image of it was unreadable (data.bad_images=skip)
             images, labels = step.to_device(*batch)
-            targets = labels
-            if step.mix is not None:
-                images, targets = step.mix(images, labels)
-            logits = step.logits(images)
-            loss = step.criterion(logits, targets)
+            loss, logits = training_loss(step, images, labels)
             step.backward(loss / group_size)
             pending = True
             totals.add(loss, logits, labels, index)
@@ -270,6 +266,16 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     loss, accuracy = totals.means()
     # a mixed image has two labels: no accuracy is claimed for it
     return loss, math.nan if step.mix is not None else accuracy
+
+
+def training_loss(step: Step, images: torch.Tensor, labels: torch.Tensor):
+    """The batch's training loss and logits: mixed first (MixUp/CutMix, soft targets) if
+    asked, then the run's criterion (class weights, label smoothing)."""
+    targets = labels
+    if step.mix is not None:
+        images, targets = step.mix(images, labels)
+    logits = step.logits(images)
+    return step.criterion(logits, targets), logits
 
 
 @dataclass

@@ -105,6 +105,11 @@ def check_sweep(arguments: list[str], tmp_path: Path) -> None:
 def test_readme_command_runs(command, tmp_path, photos, request):
     arguments = [arg.replace("/data/photos", str(photos)).replace("/data/new_photos", str(photos))
                  for arg in shlex.split(command)[2:]]
+    if "mode=lr_find" in arguments:  # the range test itself, briefly, on a small model
+        cfg = make_config(*arguments, *FAST[:2], "lr_find.steps=4", "trainer.device=cpu")
+        assert run(cfg, str(tmp_path / "out")) > 0
+        assert (tmp_path / "out" / "lr_find.csv").is_file()
+        return
     if any(arg.startswith(("resume=", "mode=")) for arg in arguments):
         request.getfixturevalue("saved_run")
     if any(arg.startswith("resume=") for arg in arguments):  # a real continuation, briefly,
