@@ -327,6 +327,8 @@ def validate(cfg: DictConfig) -> None:
         check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
     check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",
           cfg.lr_find.start, f"use a positive rate below lr_find.end={cfg.lr_find.end}")
+    check(cfg.mode != "lr_find" or not cfg.resume, "resume", cfg.resume,
+          "mode=lr_find tests a new run's settings; drop resume")
     check(cfg.lr_find.steps >= 2, "lr_find.steps", cfg.lr_find.steps, "use 2 or more")
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")

@@ -299,8 +299,9 @@ def recipe(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         checkpoint: dict | None = None) -> float | None:
-    """Train (or, for mode=evaluate|predict, use a checkpoint); return cfg.optimized_metric
-    (None for a dry run). `overrides` are the command line's, kept for resuming; a resumed
+    """Train (or, for mode=evaluate|predict, use a checkpoint; for mode=lr_find, run the
+    range test and return the suggested rate); return cfg.optimized_metric (None for a dry
+    run). `overrides` are the command line's, kept for resuming; a resumed
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
     check_loggers(cfg.logger)
