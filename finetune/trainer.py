@@ -248,7 +248,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         if batch is not None:  # None: every image of it was unreadable (data.bad_images=skip)
             images, labels = step.to_device(*batch)
             loss, logits = training_loss(step, images, labels)
-            step.backward(loss / group_size)
+            step.backward(loss if group_size == 1 else loss / group_size)  # no op when 1
             pending = True
             totals.add(loss, logits, labels, index)
             if index % CHECK_EVERY == CHECK_EVERY - 1:
