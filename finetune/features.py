@@ -78,6 +78,16 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
     return reasons
 
 
+def timm_version() -> str:
+    """Part of every key, since a timm backbone's outputs depend on timm's code too."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        return "no timm"
+
+
 def decide(setting: str, net: nn.Module, random_train_transform: bool,
            has_phases: bool, distributed: bool = False) -> CacheDecision:
     """auto: on exactly when the results do not change; true: on, or an error saying why not."""
@@ -101,7 +111,8 @@ def weights_digest(module: nn.Module) -> str:
 def numerics(device: torch.device, precision: str) -> list[str]:
     """What decides the arithmetic: device kind, precision, TF32 switches, library versions."""
     return [device.type, precision, torch.get_float32_matmul_precision(),
-            str(torch.backends.cudnn.allow_tf32), torch.__version__, torchvision.__version__]
+            str(torch.backends.cudnn.allow_tf32), torch.__version__, torchvision.__version__,
+            timm_version()]
 
 
 def cache_key(backbone: nn.Module, fingerprints: tuple[str, str], device: torch.device,

@@ -23,6 +23,13 @@ from torchvision.transforms import InterpolationMode
 
 from finetune.checkpoint import read_state_dict
 from finetune.errors import ConfigError, did_you_mean
+from finetune.timm_backbone import (
+    build_timm_backbone,
+    check_timm_name,
+    data_config,
+    is_timm,
+    random_init_note,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,8 @@ def classification_model_names() -> list[str]:
 
 
 def check_backbone_name(name: str) -> None:
+    if is_timm(name):
+        return check_timm_name(name)
     names = classification_model_names()
     if name not in names:
         raise ConfigError(
@@ -162,7 +171,11 @@ def fetch_weights_file(weights: WeightsEnum, allow_download: bool) -> str | None
 def resolve_weights(cfg: DictConfig) -> Weights:
     """Decide what the backbone starts from: torchvision weights or random init, and a
     local checkpoint loaded over either."""
-    weights = resolve_torchvision_weights(cfg)
+    if is_timm(cfg.name):
+        check_timm_name(cfg.name)
+        weights = Weights(None, random_init_note(cfg))
+    else:
+        weights = resolve_torchvision_weights(cfg)
     if cfg.checkpoint:
         weights.checkpoint = os.path.abspath(os.path.expanduser(cfg.checkpoint))
     return weights
@@ -241,8 +254,14 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str, dropped_prefix: str
 
 
 def build_backbone(cfg: DictConfig, weights: Weights) -> nn.Module:
-    """The torchvision model with its weights, checkpoint and (unless kept) no classifier."""
+    """The torchvision (or timm) model with its weights, checkpoint and (unless kept) no
+    classifier."""
     kwargs = OmegaConf.to_container(cfg.kwargs)
+    if is_timm(cfg.name):
+        backbone, classifier = build_timm_backbone(cfg, kwargs)
+        if weights.checkpoint:
+            load_backbone_checkpoint(backbone, weights.checkpoint, classifier)
+        return backbone
     try:
         backbone = torchvision.models.get_model(cfg.name, weights=weights.enum, **kwargs)
     except (TypeError, ValueError) as error:
@@ -264,6 +283,8 @@ def build_backbone(cfg: DictConfig, weights: Weights) -> nn.Module:
 def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
                requested_size: int, use_weights_size: bool) -> InputSpec:
     """Image size and normalization: the weights' own, adjusted to what the model accepts."""
+    if is_timm(backbone_name):
+        return timm_input_spec(backbone, requested_size)
     reference = weights.enum or torchvision.models.get_model_weights(backbone_name).DEFAULT
     preset = reference.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
@@ -282,6 +303,16 @@ def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
     else:
         mean, std = preset.mean, preset.std
     return InputSpec(size, round(size * resize / crop), mean, std, preset.interpolation)
+
+
+def timm_input_spec(backbone: nn.Module, requested_size: int) -> InputSpec:
+    """timm's mean, std, interpolation and crop share for the model, at the requested size
+    (the model's own where it takes one size only, as ViTs do)."""
+    config = data_config(backbone)
+    fixed = backbone.pretrained_cfg.get("fixed_input_size", False)
+    size = config["input_size"][-1] if fixed else requested_size
+    return InputSpec(size, round(size / config["crop_pct"]), tuple(config["mean"]),
+                     tuple(config["std"]), InterpolationMode(config["interpolation"]))
 
 
 def output_width(module: nn.Module, sample: torch.Tensor, what: str) -> int:

@@ -173,6 +173,10 @@ def backbone_stages(backbone: nn.Module) -> Stages | None:
     for family, describe in FAMILIES.items():
         if isinstance(backbone, family):
             return describe(backbone)
+    if type(backbone).__module__.startswith("timm."):
+        from finetune.timm_backbone import timm_stages
+
+        return timm_stages(backbone)
     return None
 
 

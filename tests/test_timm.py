@@ -1,0 +1,90 @@
+"""timm backbones (backbone.name=timm/<model>): built without their classifier, stage
+aliases from timm's own grouping, timm's preprocessing, local checkpoints, a whole run."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.errors import ConfigError
+from finetune.inference import load_model
+from finetune.model import Weights, build_backbone, input_spec, resolve_weights
+from finetune.run import build, run
+from finetune.stages import resolve_aliases
+
+from conftest import FAST, make_config
+
+pytest.importorskip("timm")  # the timm extra; CI installs dev, which includes it
+
+RANDOM = Weights(None, "random init")
+
+# family -> its stage count under timm's coarse grouping
+FAMILIES = {"resnet18": 4, "convnext_atto": 4, "efficientnet_b0": 7, "vit_tiny_patch16_224": 12,
+            "regnetx_002": 4, "mobilenetv3_small_050": 6, "swin_tiny_patch4_window7_224": 4}
+
+
+def timm_backbone(name: str, *overrides: str):
+    cfg = make_config(f"backbone.name=timm/{name}", *overrides).backbone
+    return build_backbone(cfg, resolve_weights(cfg))
+
+
+@pytest.mark.parametrize("name, stages", FAMILIES.items())
+def test_stage_aliases_cover_every_parameter_once(name, stages):
+    backbone = timm_backbone(name)
+    aliases = resolve_aliases(backbone)
+    assert aliases.stage_count == stages
+    assert aliases.paths["@stage-1"] == aliases.paths[f"@stage{stages}"]
+    covered = [path.removeprefix("pretrained.") for alias in ("@stem", *(f"@stage{i}" for i in
+               range(1, stages + 1))) for path in aliases.paths[alias]]
+    assert sorted(covered) == sorted(name for name, _ in backbone.named_parameters())
+    assert len(covered) == len(set(covered))
+    assert not hasattr(backbone, "fc") or isinstance(backbone.fc, torch.nn.Identity)
+
+
+@pytest.mark.slow
+def test_the_classifier_is_left_out_and_a_local_timm_checkpoint_loads(tmp_path):
+    import timm
+
+    torch.manual_seed(3)
+    trained = timm.create_model("resnet18", num_classes=7)  # a full timm state dict, fc included
+    torch.save(trained.state_dict(), tmp_path / "resnet18.pth")
+    backbone = timm_backbone("resnet18", f"backbone.checkpoint={tmp_path}/resnet18.pth")
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[name]), name
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)  # pooled features, no logits
+    other = timm.create_model("convnext_atto")
+    torch.save(other.state_dict(), tmp_path / "convnext.pth")
+    with pytest.raises(ConfigError, match="does not match the backbone"):
+        timm_backbone("resnet18", f"backbone.checkpoint={tmp_path}/convnext.pth")
+
+
+def test_preprocessing_follows_timms_data_config():
+    vit = timm_backbone("vit_tiny_patch16_224")
+    spec = input_spec(vit, RANDOM, "timm/vit_tiny_patch16_224", 32, True)
+    assert (spec.image_size, spec.resize_size) == (224, round(224 / 0.9))  # a fixed input size
+    assert tuple(spec.mean) == (0.5, 0.5, 0.5) and spec.interpolation.value == "bicubic"
+    convnext = timm_backbone("convnext_atto")
+    spec = input_spec(convnext, RANDOM, "timm/convnext_atto", 64, True)
+    assert (spec.image_size, spec.resize_size) == (64, round(64 / 0.875))
+
+
+def test_a_misspelled_timm_name_is_named_with_the_closest():
+    with pytest.raises(ConfigError, match=r"timm/convnext_atoo.*Did you mean 'convnext_atto'"):
+        build(make_config(*FAST, "backbone.name=timm/convnext_atoo"))
+    with pytest.raises(ConfigError, match="a timm backbone takes auto or null"):
+        resolve_weights(make_config("backbone.name=timm/resnet18", "backbone.weights=DEFAULT").backbone)
+
+
+@pytest.mark.slow
+def test_a_timm_run_trains_loads_and_caches_a_frozen_backbone(tmp_path):
+    overrides = (*FAST, "backbone.name=timm/convnext_atto", "trainer.max_epochs=2")
+    run(make_config(*overrides), str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["status"] == "ok"
+    params = (tmp_path / "run" / "params.tsv").read_text()
+    assert "pretrained.stem.0.weight\t" in params and "pretrained.stages.3." in params
+    model = load_model(str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    labels, probabilities = model.predict(torch.randn(3, 3, 32, 32))
+    assert len(labels) == 3 and probabilities.shape == (3, 10)
+    probe = build(make_config(*overrides, "experiment=linear_probe"))
+    assert probe.cache.enabled  # a frozen timm backbone is computed once, as any other
