@@ -90,9 +90,12 @@ def link_atomic(source: str, path: str) -> None:
 
 
 def load_safe(path: str, key: str = "checkpoint") -> Any:
-    """Load a .pt file without unpickling arbitrary objects; `key` names it in errors."""
+    """Load a .pt file without unpickling arbitrary objects (or a .safetensors file, which
+    holds tensors only); `key` names it in errors."""
     if not os.path.isfile(path):
         raise ConfigError(f"{key}={path!r} does not exist: give the path of a .pt/.pth file.")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, key)
     import torch
 
     try:
@@ -100,3 +103,15 @@ def load_safe(path: str, key: str = "checkpoint") -> Any:
     except Exception as error:
         raise ConfigError(f"{key}={path!r} could not be loaded safely (torch.load with "
                           f"weights_only=True refused it): {error}") from error
+
+
+def load_safetensors(path: str, key: str) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise ConfigError(f"{key}={path!r} is a .safetensors file: pip install safetensors "
+                          "(timm's extra brings it).") from error
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:
+        raise ConfigError(f"{key}={path!r} is not a readable safetensors file: {error}") from error

@@ -28,7 +28,7 @@ from finetune.timm_backbone import (
     check_timm_name,
     data_config,
     is_timm,
-    random_init_note,
+    timm_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ class Weights:
     enum: WeightsEnum | None  # None: random initialization underneath
     description: str  # for the start-up log and summary.json
     checkpoint: str | None = None  # a local state dict loaded over it
+    file: str | None = None  # a timm model's pretrained weights, from the Hugging Face cache
 
     @property
     def pretrained(self) -> bool:
-        return self.enum is not None or self.checkpoint is not None
+        return self.enum is not None or self.checkpoint is not None or self.file is not None
 
     def __str__(self) -> str:
         if self.checkpoint is None:
@@ -173,7 +174,8 @@ def resolve_weights(cfg: DictConfig) -> Weights:
     local checkpoint loaded over either."""
     if is_timm(cfg.name):
         check_timm_name(cfg.name)
-        weights = Weights(None, random_init_note(cfg))
+        path, description = timm_weights(cfg)
+        weights = Weights(None, description, file=path)
     else:
         weights = resolve_torchvision_weights(cfg)
     if cfg.checkpoint:
@@ -259,8 +261,9 @@ def build_backbone(cfg: DictConfig, weights: Weights) -> nn.Module:
     kwargs = OmegaConf.to_container(cfg.kwargs)
     if is_timm(cfg.name):
         backbone, classifier = build_timm_backbone(cfg, kwargs)
-        if weights.checkpoint:
-            load_backbone_checkpoint(backbone, weights.checkpoint, classifier)
+        for path in (weights.file, weights.checkpoint):  # the checkpoint last: over the weights
+            if path:
+                load_backbone_checkpoint(backbone, path, classifier)
         return backbone
     try:
         backbone = torchvision.models.get_model(cfg.name, weights=weights.enum, **kwargs)
@@ -284,7 +287,7 @@ def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
                requested_size: int, use_weights_size: bool) -> InputSpec:
     """Image size and normalization: the weights' own, adjusted to what the model accepts."""
     if is_timm(backbone_name):
-        return timm_input_spec(backbone, requested_size)
+        return timm_input_spec(backbone, requested_size, weights.file is not None and use_weights_size)
     reference = weights.enum or torchvision.models.get_model_weights(backbone_name).DEFAULT
     preset = reference.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
@@ -305,12 +308,13 @@ def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
     return InputSpec(size, round(size * resize / crop), mean, std, preset.interpolation)
 
 
-def timm_input_spec(backbone: nn.Module, requested_size: int) -> InputSpec:
-    """timm's mean, std, interpolation and crop share for the model, at the requested size
-    (the model's own where it takes one size only, as ViTs do)."""
+def timm_input_spec(backbone: nn.Module, requested_size: int, model_size: bool) -> InputSpec:
+    """timm's mean, std, interpolation and crop share for the model, at the requested size;
+    at the model's own with its pretrained weights (`model_size`, the weights' own
+    preprocessing) or where it takes one size only, as ViTs do."""
     config = data_config(backbone)
     fixed = backbone.pretrained_cfg.get("fixed_input_size", False)
-    size = config["input_size"][-1] if fixed else requested_size
+    size = config["input_size"][-1] if fixed or model_size else requested_size
     return InputSpec(size, round(size / config["crop_pct"]), tuple(config["mean"]),
                      tuple(config["std"]), InterpolationMode(config["interpolation"]))
 

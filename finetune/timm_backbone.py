@@ -2,13 +2,15 @@
 classifier (num_classes=0), so the declared head sits on its pooled features as on a
 torchvision backbone's. timm is an optional extra (`pip install -e ".[timm]"`).
 
-What this version does and does not do yet (issue 15): weights come from a local file
-(`backbone.checkpoint`, a timm state dict saved with torch.save) or random init;
-timm's pretrained weights in the Hugging Face cache are not read yet. Preprocessing follows
-timm's data config for the model (mean, std, interpolation, crop share); stage aliases come
-from timm's own grouping of the model (`group_matcher`).
+Weights: `auto` takes the model's pretrained weights from the local Hugging Face cache (the
+file timm itself would download, model.safetensors or pytorch_model.bin), else random
+init, said at start-up; nothing is downloaded. `backbone.checkpoint` loads a local timm
+state dict (.pt/.pth, or .safetensors) over either. Preprocessing follows timm's data config
+for the model (mean, std, interpolation, crop share); stage aliases come from timm's own
+grouping of the model (`group_matcher`).
 """
 
+import os
 from typing import Any
 
 from torch import nn
@@ -45,16 +47,42 @@ def check_timm_name(name: str) -> None:
                           f"{did_you_mean(model, names)} List them with: {listing}.")
 
 
-def random_init_note(cfg: Any) -> str:
-    """What a timm backbone starts from, short of a checkpoint file: random init, said why."""
+def hugging_face_cache() -> str:
+    """The hub cache folder huggingface_hub uses (HF_HUB_CACHE, else HF_HOME/hub)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def cached_weights(name: str) -> tuple[str | None, str]:
+    """The model's pretrained weights file in the local Hugging Face cache (None if absent),
+    and the hub repository it belongs to."""
+    from huggingface_hub import try_to_load_from_cache
+
+    pretrained = timm_library().models.get_pretrained_cfg(model_name(name))
+    repository = getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
+    if not repository:
+        return None, "none (timm names no Hugging Face weights for it)"
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repository, filename, cache_dir=hugging_face_cache())
+        if isinstance(path, str):
+            return path, repository
+    return None, repository
+
+
+def timm_weights(cfg: Any) -> tuple[str | None, str]:
+    """(the weights file to load or None, what the backbone starts from, for the log)."""
     if cfg.weights is None:
-        return "random init (backbone.weights=null)"
+        return None, "random init (backbone.weights=null)"
     if cfg.weights != "auto":
-        raise ConfigError(f"backbone.weights={cfg.weights!r}: a timm backbone takes auto or null "
-                          "here; load its pretrained weights from a local file with "
-                          "backbone.checkpoint=PATH (a timm state dict saved with torch.save).")
-    return ("random init: timm's pretrained weights are not read from the Hugging Face cache "
-            "by this version; load a local file with backbone.checkpoint=PATH")
+        raise ConfigError(f"backbone.weights={cfg.weights!r}: a timm backbone takes auto (its "
+                          "pretrained weights from the local Hugging Face cache, else random "
+                          "init) or null; or load a local file with backbone.checkpoint=PATH.")
+    path, repository = cached_weights(cfg.name)
+    if path is not None:
+        return path, f"timm {repository} ({path})"
+    return None, (f"random init: the weights of {repository} are not in the Hugging Face cache "
+                  f"({hugging_face_cache()}); this tool does not download them. Load a local "
+                  "file with backbone.checkpoint=PATH")
 
 
 def build_timm_backbone(cfg: Any, kwargs: dict[str, Any]) -> tuple[nn.Module, str | None]:

@@ -71,7 +71,7 @@ def test_preprocessing_follows_timms_data_config():
 def test_a_misspelled_timm_name_is_named_with_the_closest():
     with pytest.raises(ConfigError, match=r"timm/convnext_atoo.*Did you mean 'convnext_atto'"):
         build(make_config(*FAST, "backbone.name=timm/convnext_atoo"))
-    with pytest.raises(ConfigError, match="a timm backbone takes auto or null"):
+    with pytest.raises(ConfigError, match="a timm backbone takes auto"):
         resolve_weights(make_config("backbone.name=timm/resnet18", "backbone.weights=DEFAULT").backbone)
 
 
@@ -88,3 +88,52 @@ def test_a_timm_run_trains_loads_and_caches_a_frozen_backbone(tmp_path):
     assert len(labels) == 3 and probabilities.shape == (3, 10)
     probe = build(make_config(*overrides, "experiment=linear_probe"))
     assert probe.cache.enabled  # a frozen timm backbone is computed once, as any other
+
+
+def fake_hugging_face_cache(folder, repository: str, state: dict) -> None:
+    """What huggingface_hub leaves after downloading `repository`'s model.safetensors."""
+    from safetensors.torch import save_file
+
+    root = folder / f"models--{repository.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0123abcd")
+    (root / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({name: value.contiguous() for name, value in state.items()},
+              str(root / "snapshots" / "0123abcd" / "model.safetensors"))
+
+
+def test_auto_takes_the_weights_from_the_hugging_face_cache_else_random_init(tmp_path, monkeypatch):
+    import timm
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = make_config("backbone.name=timm/convnext_atto").backbone
+    weights = resolve_weights(cfg)
+    assert weights.file is None and not weights.pretrained
+    assert "random init: the weights of timm/convnext_atto" in weights.description
+    torch.manual_seed(5)
+    released = timm.create_model("convnext_atto")  # as published: with its classifier
+    repository = timm.models.get_pretrained_cfg("convnext_atto").hf_hub_id
+    fake_hugging_face_cache(tmp_path / "hub", repository, released.state_dict())
+    weights = resolve_weights(cfg)
+    assert weights.pretrained and weights.file.endswith("model.safetensors")
+    backbone = build_backbone(cfg, weights)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, released.state_dict()[name]), name
+    spec = input_spec(backbone, weights, cfg.name, 32, True)
+    assert spec.image_size == 224  # the weights' own preprocessing
+    assert resolve_weights(make_config("backbone.name=timm/convnext_atto",
+                                       "backbone.weights=null").backbone).file is None
+
+
+def test_a_safetensors_checkpoint_loads_and_a_damaged_one_is_named(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    trained = timm.create_model("resnet18", num_classes=3)
+    save_file(trained.state_dict(), str(tmp_path / "weights.safetensors"))
+    backbone = timm_backbone("resnet18", f"backbone.checkpoint={tmp_path}/weights.safetensors")
+    assert torch.equal(backbone.conv1.weight, trained.conv1.weight)
+    (tmp_path / "damaged.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ConfigError, match="damaged.safetensors.*not a readable safetensors file"):
+        timm_backbone("resnet18", f"backbone.checkpoint={tmp_path}/damaged.safetensors")
