@@ -69,6 +69,20 @@ class ImageFolderDataConfig(DataConfig):
 
 
 @dataclass
+class CsvDataConfig(DataConfig):
+    name: str = "csv"
+    file: str | None = None  # a CSV (or .tsv) file, one row per image
+    root: str | None = None  # the image paths are relative to it; null: the file's folder
+    image_column: str = "image"
+    label_column: str = "label"
+    split_column: str | None = "split"  # train / val per row; without it: val_fraction
+    val_fraction: float = 0.2  # a stratified split, fixed (seed 0) whatever the run's seed
+    augment: str = "none"  # as data=imagefolder's
+    bad_images: str = "skip"  # as data=imagefolder's
+    use_weights_transform: bool = True
+
+
+@dataclass
 class FakeDataConfig(DataConfig):
     name: str = "fake"
     num_classes: int = 10
@@ -220,6 +234,7 @@ SCHEMAS = {
     (None, "schema_data_digits"): DigitsDataConfig,
     (None, "schema_data_imagefolder"): ImageFolderDataConfig,
     (None, "schema_data_fake"): FakeDataConfig,
+    (None, "schema_data_csv"): CsvDataConfig,
     (None, "schema_optimizer_sgd"): SGDConfig,
     (None, "schema_optimizer_adamw"): AdamWConfig,
     (None, "schema_scheduler_none"): SchedulerConfig,
@@ -303,7 +318,7 @@ def validate(cfg: DictConfig) -> None:
               "each logger needs a _target_ class, e.g. finetune.loggers.TensorBoardLogger")
     check(cfg.trainer.grad_clip is None or cfg.trainer.grad_clip > 0, "trainer.grad_clip",
           cfg.trainer.grad_clip, "use a positive number, or null for no clipping")
-    if cfg.data.name == "imagefolder":
+    if cfg.data.name in ("imagefolder", "csv"):
         check(augment_policy(cfg.data.augment) in AUGMENT_POLICIES, "data.augment",
               cfg.data.augment, "use " + ", ".join(AUGMENT_POLICIES))
         check(cfg.data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", cfg.data.bad_images,
@@ -349,7 +364,7 @@ def validate(cfg: DictConfig) -> None:
               f"param_groups[{index}].weight_decay", entry.weight_decay, "use 0 or more, or null")
     for index, phase in enumerate(cfg.unfreeze):
         check(phase.lr_mult > 0, f"unfreeze[{index}].lr_mult", phase.lr_mult, "use a positive number")
-    if cfg.data.name == "digits":
+    if cfg.data.name in ("digits", "csv"):
         check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction,
               "use a number between 0 and 1")
     for index, layer in enumerate(cfg.head.layers):

@@ -131,8 +131,13 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, classes: int) -> Calla
 
 
 def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
-    """data=imagefolder: data.root holds the split folders. A stat or two, so it runs before
-    anything is built."""
+    """data=imagefolder: data.root holds the split folders; data=csv: data.file exists. A
+    stat or two, so it runs before anything is built."""
+    if cfg.name == "csv":
+        from finetune.csv_data import csv_path
+
+        csv_path(cfg)
+        return
     if cfg.name != "imagefolder":
         return
     if not cfg.root:
@@ -212,6 +217,34 @@ class CheckedImageFolder(datasets.ImageFolder):
         return self.transform(image), target
 
 
+class CsvImages(CheckedImageFolder):
+    """The images a CSV file lists (finetune/csv_data.py), read as an image folder's are:
+    the same unreadable-file checks, and the same order (class, then path)."""
+
+    def __init__(self, rows: list[tuple[str, str]], classes: list[str], transform, skip: bool,
+                 source: str):
+        self.rows, self.listed_classes = rows, classes
+        super().__init__(source, transform, skip)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.listed_classes, {name: index for index, name in enumerate(self.listed_classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list:
+        return sorted((path, class_to_idx[label]) for path, label in self.rows)
+
+
+def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):
+    """data=csv: (train, val, class names); a split not asked for is None (not read)."""
+    from finetune.csv_data import split_rows
+
+    train_rows, val_rows, classes = split_rows(cfg)
+    train_transform, val_transform = image_transforms(spec, cfg.augment)
+    source, skip = os.path.expanduser(cfg.file), cfg.bad_images == "skip"
+    train = (CsvImages(train_rows, classes, train_transform, skip, source)
+             if "train" in splits else None)
+    return train, CsvImages(val_rows, classes, val_transform, skip, source), classes
+
+
 def collate_readable(batch: list):
     """default_collate over the samples that could be read (CheckedImageFolder gives None);
     None when there are none."""
@@ -229,7 +262,8 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
     return train, val, [str(index) for index in range(cfg.num_classes)]
 
 
-BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data}
+BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data,
+            "csv": csv_images}
 
 
 def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool,
@@ -328,6 +362,8 @@ def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: boo
         check_data_paths(cfg, splits=("val",))
         val = image_folder(cfg, "val", image_transforms(spec)[1])
         class_names = val.classes
+    elif cfg.name == "csv":
+        _, val, class_names = csv_images(cfg, spec, splits=("val",))
     else:  # in memory or generated: the split needs both sides, and costs nothing to read
         _, val, class_names = builder(cfg)(cfg, spec)
     if len(val) == 0:

@@ -20,7 +20,7 @@ def refused(*arguments: str) -> str:
     (["trainer.max_epoch=3"], ["there is no key trainer.max_epoch", "Did you mean trainer.max_epochs"]),
     (["optimizer.lrr=0.01"], ["no key optimizer.lrr in optimizer=sgd", "Did you mean optimizer.lr"]),
     (["data.root=/photos"], ["no key data.root in data=digits",
-                             "It belongs to data=imagefolder: add data=imagefolder"]),
+                             "It belongs to data=csv and data=imagefolder"]),
     (["optimizer=adamw", "optimizer.momentum=0.9"], ["in optimizer=adamw", "belongs to optimizer=sgd"]),
     (["-m", "optimizer.lrr=0.1,0.01"], ["no key optimizer.lrr"]),  # a sweep: its first value
     (["backbone=resnet99"], ["backbone=resnet99 is not an option", "did you mean backbone=resnet50 or "

@@ -65,10 +65,14 @@ def test_docs_site_builds_strictly(tmp_path):
 
 @pytest.fixture
 def photos(tmp_path):
+    """/data/photos of the docs: class folders, and labels.csv listing the same images."""
+    lines = ["image,label,split"]
     for split in ("train", "val"):
         for label in ("ants", "bees"):
             (tmp_path / "photos" / split / label).mkdir(parents=True)
             Image.new("RGB", (32, 32)).save(tmp_path / "photos" / split / label / "0.png")
+            lines.append(f"{split}/{label}/0.png,{label},{split}")
+    (tmp_path / "photos" / "labels.csv").write_text("\n".join(lines) + "\n")
     return tmp_path / "photos"
 
 
