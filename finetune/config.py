@@ -46,6 +46,8 @@ class DataConfig:
     num_workers: int = 0
     # training batches mixed in pairs (torchvision.transforms.v2): 0 is off; with both on,
     # each batch takes one of the two at random
+    folds: int | None = None  # K: cross-validation on the training data in K stratified folds
+    fold: int = 0  # which fold validates (0..K-1); a sweep: -m data.fold=0,1,2,3,4
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) for the mixing weight, e.g. 0.2
     cutmix_alpha: float = 0.0  # CutMix's, e.g. 1.0
 
@@ -338,6 +340,10 @@ def validate(cfg: DictConfig) -> None:
           "use a number in [0, 1), e.g. 0.1")
     check(valid_class_weights(cfg.loss.class_weights), "loss.class_weights",
           cfg.loss.class_weights, "use none, balanced, or a list of one weight >= 0 per class")
+    if cfg.data.folds is not None:
+        check(cfg.data.folds >= 2, "data.folds", cfg.data.folds, "use 2 or more, or null (off)")
+        check(0 <= cfg.data.fold < max(cfg.data.folds, 1), "data.fold", cfg.data.fold,
+              f"use 0 to {cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     for key in ("mixup_alpha", "cutmix_alpha"):
         check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
     check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",

@@ -1,5 +1,6 @@
 """Data stage: cfg.data and the backbone's InputSpec -> train/val loaders and class names."""
 
+import copy
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    Subset,
     TensorDataset,
     default_collate,
 )
@@ -346,6 +348,8 @@ def builder(cfg: DictConfig):
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
                shard: Shard | None = None) -> Data:
     train, val, class_names = builder(cfg)(cfg, spec)
+    if cfg.get("folds") is not None:
+        train, val = cross_validation_fold(cfg, train, val)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
     mix = batch_mixing(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
@@ -353,6 +357,30 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
                 or mix is not None, mix=mix)
+
+
+FOLD_SEED = 0  # the folds are fixed, whatever the run's seed
+
+
+def cross_validation_fold(cfg: DictConfig, train: Dataset, val: Dataset) -> tuple[Subset, Subset]:
+    """data.folds=K data.fold=i: the training data in K stratified folds; fold i validates
+    (with the validation transform, no augmentation) and the other K-1 train. The data's
+    own validation split is not used."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from finetune.loss import dataset_labels
+
+    labels = dataset_labels(train).numpy()
+    folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=FOLD_SEED)
+    try:
+        train_index, val_index = list(folds.split(labels, labels))[cfg.fold]
+    except ValueError as error:
+        raise ConfigError(f"data.folds={cfg.folds} cannot split the {len(labels)} training "
+                          f"images by class: {error}") from error
+    evaluated = copy.copy(train)  # the same images, prepared as validation prepares them
+    if hasattr(train, "transform"):
+        evaluated.transform = getattr(val, "transform", None)
+    return Subset(train, train_index.tolist()), Subset(evaluated, val_index.tolist())
 
 
 def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
@@ -373,6 +401,9 @@ def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: boo
 
 def fingerprint(dataset: Dataset) -> str:
     """What determines a data set's model inputs: its images, their order and the transform."""
+    if isinstance(dataset, Subset):  # a cross-validation fold
+        indices = ",".join(map(str, dataset.indices))
+        return hashlib.sha256(f"{fingerprint(dataset.dataset)}|{indices}".encode()).hexdigest()
     if isinstance(dataset, TensorDataset):
         return tensors_digest(dataset.tensors)
     digest = hashlib.sha256()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from finetune.errors import ConfigError
 
@@ -22,6 +22,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     """Every label of a dataset, without decoding images where the dataset lists them."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[-1]
+    if isinstance(dataset, Subset):  # a cross-validation fold
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     if hasattr(dataset, "targets"):  # ImageFolder and its kind
         return torch.as_tensor(dataset.targets)
     return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))])

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from typing import Any
@@ -27,7 +28,9 @@ from finetune.outputs import RUN_FILES
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrides", "error"]
+COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrides", "error",
+           "setting_mean", "setting_std", "setting_n"]
+REPEATS = ("data.fold=", "seed=")  # overrides that repeat one setting: grouped, mean +- std
 
 
 def read_summary(job_dir: str) -> dict[str, Any] | None:
@@ -116,6 +119,42 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
     return sorted(rows, key=order)
 
 
+def setting(overrides: list[str]) -> str:
+    """A job's overrides without those that only repeat it (data.fold, seed)."""
+    return " ".join(override for override in overrides
+                    if not override.lstrip("+").startswith(REPEATS)) or "(defaults)"
+
+
+def group_repeats(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """When the sweep repeats settings over data.fold or seed: one entry per setting with
+    the mean, sample standard deviation and count of its finished jobs' values, best mean
+    first; each job row gets its setting's figures too (setting_mean, _std, _n). No
+    repeats: an empty list, and the rows unchanged."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and isinstance(row["value"], int | float) and row["value"] == row["value"]:
+            values.setdefault(setting(row["override_list"]), []).append(float(row["value"]))
+    if all(len(found) < 2 for found in values.values()):
+        return []
+    groups = [{"setting": name, "mean": statistics.mean(found), "n": len(found),
+               "std": statistics.stdev(found) if len(found) > 1 else 0.0}
+              for name, found in values.items()]
+    groups.sort(key=lambda group: group["mean"], reverse=direction(metric) == "maximize")
+    by_setting = {group["setting"]: group for group in groups}
+    for row in rows:
+        group = by_setting.get(setting(row["override_list"]))
+        if group is not None:
+            row.update(setting_mean=group["mean"], setting_std=group["std"], setting_n=group["n"])
+    return groups
+
+
+def format_groups(groups: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"by setting, over data.fold / seed ({metric}: mean +- std, n), best first:"]
+    lines += [f"  {group['mean']:.4f} +- {group['std']:.4f}  n={group['n']}  {group['setting']}"
+              for group in groups]
+    return "\n".join(lines)
+
+
 def write_table(rows: list[dict[str, Any]], path: str) -> None:
     with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
@@ -151,9 +190,12 @@ class SweepSummary(Callback):
         if config.dry_run or not os.path.isdir(sweep_dir):  # a dry run has no results
             return
         rows = job_rows(sweep_dir, config.optimized_metric)
+        groups = group_repeats(rows, config.optimized_metric)
         write_table(rows, os.path.join(sweep_dir, "summary.csv"))
         print(f"sweep of {len(rows)} jobs, best first ({os.path.join(sweep_dir, 'summary.csv')}):"
               f"\n{format_table(rows)}")
+        if groups:
+            print(format_groups(groups, config.optimized_metric))
         if sweep_plots(config.plots):
             from finetune.plots import draw_or_warn, log_searched_keys, plot_sweep
 
