@@ -59,12 +59,11 @@ def refuse(problems: Sequence[str], cfg: DictConfig) -> None:
 def labelled_images(cfg: DictConfig) -> list[tuple[str, str, str | None, int]]:
     """(image path, label, split or None, line) per row; missing files, empty labels and
     unknown split names are refused together, each with its line."""
-    root, has_split = image_root(cfg), False
+    root = image_root(cfg)
     rows, problems = [], []
     for line, row in read_rows(cfg):
         image, label = (row.get(cfg.image_column) or "").strip(), (row.get(cfg.label_column) or "").strip()
         split = row.get(cfg.split_column) if cfg.split_column else None
-        has_split = has_split or split is not None
         path = os.path.join(root, image)
         if not image or not label:
             problems.append(f"line {line}: empty {'image path' if not image else 'label'}")
