@@ -108,17 +108,21 @@ def timm_stages(backbone: nn.Module):
     """Stem, stages and classifier from timm's own coarse grouping of the parameters: the
     first group is the stem, each later one a stage; a last group of shallow parameters only
     (a final norm or 1x1 conv, as after ConvNeXt's and Swin's last stage) joins the last
-    stage, as it does for torchvision models."""
-    from timm.models._manipulate import group_parameters
+    stage, as it does for torchvision models. A kept classifier is @classifier."""
+    from timm.models import group_parameters
 
     from finetune.stages import Stages
 
     if not hasattr(backbone, "group_matcher"):
         return None
-    groups = list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+    prefix = f"{backbone.pretrained_cfg.get('classifier') or '-'}."
+    classifier = [name for name, _ in backbone.named_parameters() if name.startswith(prefix)]
+    groups = [[name for name in group if not name.startswith(prefix)] for group in
+              group_parameters(backbone, backbone.group_matcher(coarse=True)).values()]
+    groups = [group for group in groups if group]
     if len(groups) < 2:
         return None
     stem, stages = groups[0], groups[1:]
     if len(stages) > 1 and all(name.count(".") <= 2 for name in stages[-1]):
         stages = [*stages[:-2], stages[-2] + stages[-1]]
-    return Stages(stem=stem, stages=stages, classifier=[])
+    return Stages(stem=stem, stages=stages, classifier=classifier)

@@ -41,6 +41,12 @@ def test_stage_aliases_cover_every_parameter_once(name, stages):
     assert not hasattr(backbone, "fc") or isinstance(backbone.fc, torch.nn.Identity)
 
 
+def test_a_kept_classifier_is_its_own_alias():
+    aliases = resolve_aliases(timm_backbone("resnet18", "backbone.keep_classifier=true"))
+    assert aliases.paths["@classifier"] == ["pretrained.fc.weight", "pretrained.fc.bias"]
+    assert "pretrained.fc.weight" not in aliases.paths["@stage4"]
+
+
 @pytest.mark.slow
 def test_the_classifier_is_left_out_and_a_local_timm_checkpoint_loads(tmp_path):
     import timm
