@@ -230,6 +230,7 @@ BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
 EARLY_STOPPING_MONITORS = ("val_loss", "val_acc")
+TTA_SETTINGS = ("none", "hflip")
 
 SCHEMAS = {
     (None, "config_schema"): Config,
@@ -311,7 +312,7 @@ def validate(cfg: DictConfig) -> None:
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
           cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
-    check(cfg.tta in ("none", "hflip"), "tta", cfg.tta,
+    check(cfg.tta in TTA_SETTINGS, "tta", cfg.tta,
           "use none, or hflip (average each image's logits with its mirror image's)")
     check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,
           "use auto (plots when matplotlib is installed), true or false")

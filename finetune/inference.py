@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
 from finetune.checkpoint import read_run_checkpoint
+from finetune.config import TTA_SETTINGS
 from finetune.data import image_transforms, validation_data
 from finetune.ema import inference_weights
 from finetune.errors import ConfigError
@@ -68,14 +69,11 @@ class LoadedModel:
         return [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()], probabilities
 
 
-TTA = ("none", "hflip")
-
-
 def augmented(tta: str) -> Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
     """Test-time augmentation as a Step's `wrap`: `hflip` averages the logits of a batch
     and of its mirror image (one more forward pass); `none` is the model itself."""
-    if tta not in TTA:
-        raise ConfigError(f"tta={tta!r} is not valid: use {' or '.join(TTA)}.")
+    if tta not in TTA_SETTINGS:
+        raise ConfigError(f"tta={tta!r} is not valid: use {' or '.join(TTA_SETTINGS)}.")
     if tta == "none":
         return lambda module: module
     return lambda module: lambda images: (module(images) + module(images.flip(-1))) / 2
