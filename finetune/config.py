@@ -79,6 +79,10 @@ class CsvDataConfig(DataConfig):
     label_column: str = "label"
     split_column: str | None = "split"  # train / val per row; without it: val_fraction
     val_fraction: float = 0.2  # a stratified split, fixed (seed 0) whatever the run's seed
+    # multi-label data, either way: several labels in label_column separated by this (e.g.
+    # " " or ";") ...
+    label_delimiter: str | None = None
+    label_columns: list[str] | None = None  # ... or one 0/1 column per class, in this order
     augment: str = "none"  # as data=imagefolder's
     bad_images: str = "skip"  # as data=imagefolder's
     use_weights_transform: bool = True
@@ -163,12 +167,21 @@ class LrFindConfig:
 
 
 @dataclass
+class PredictConfig:
+    # multi-label data: a label is predicted when its probability is at least this (also the
+    # F1 scores' threshold in validation and mode=evaluate)
+    threshold: float = 0.5
+
+
+@dataclass
 class LossConfig:
-    """The training loss (cross-entropy); the validation loss stays plain cross-entropy, so
-    runs with different settings compare."""
+    """The training loss (cross-entropy; binary cross-entropy per class for multi-label
+    data); the validation loss stays plain, so runs with different settings compare."""
 
     label_smoothing: float = 0.0  # in [0, 1): the share of each target spread over all classes
-    class_weights: Any = "none"  # none | balanced (inverse class frequency) | [w0, w1, ...]
+    # none | balanced (inverse class frequency; multi-label: negatives / positives per
+    # class, BCE's pos_weight) | [w0, w1, ...]
+    class_weights: Any = "none"
 
 
 @dataclass
@@ -197,6 +210,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)  # mode=lr_find
+    predict: PredictConfig = field(default_factory=PredictConfig)
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -204,7 +218,9 @@ class Config:
     frozen_modules: str = "eval"  # eval: fully frozen modules stay in eval mode | train
     seed: int = 0
     dry_run: bool = False  # build everything and print the report; train and save nothing
-    optimized_metric: str = "best_val_acc"  # what train.py returns to sweepers
+    # what train.py returns to sweepers; conf/config.yaml: best_val_acc, or best_val_map for
+    # multi-label data (the finetune_default_metric resolver)
+    optimized_metric: str = "best_val_acc"
     mode: str = "train"  # train | evaluate | predict (both need `checkpoint`) | lr_find
     resume: str | None = None  # a run directory, or latest: continue it from its last.pt
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
@@ -222,14 +238,18 @@ CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger",
                  "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
 CACHE_SETTINGS = ("auto", "true", "false")
 PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the autocast dtype
-EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
+# single-label data: accuracy, balanced accuracy, macro F1; multi-label: mean average
+# precision, micro and macro F1 at predict.threshold (the others are NaN there)
+EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "val_map",
+                "val_micro_f1")
+MULTI_LABEL_SCORES = ("val_loss", "val_macro_f1", "val_map", "val_micro_f1")
 OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
 MODES = ("train", "evaluate", "predict", "lr_find")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
-EARLY_STOPPING_MONITORS = ("val_loss", "val_acc")
+EARLY_STOPPING_MONITORS = ("val_loss", "val_acc", "val_map")
 TTA_SETTINGS = ("none", "hflip")
 
 SCHEMAS = {
@@ -255,6 +275,7 @@ def register_schemas() -> None:
     for (group, name), node in SCHEMAS.items():
         store.store(group=group, name=name, node=node)
     OmegaConf.register_new_resolver("finetune_direction", direction, replace=True)
+    OmegaConf.register_new_resolver("finetune_default_metric", default_metric, replace=True)
     OmegaConf.register_new_resolver("finetune_new_dir", new_dir, use_cache=True, replace=True)
 
 
@@ -277,6 +298,18 @@ def direction(metric: str) -> str:
     return "minimize" if metric.endswith("loss") else "maximize"
 
 
+def is_multi_label(data: Any) -> bool:
+    """Whether the data config describes multi-label data (data=csv with a label delimiter
+    or 0/1 label columns)."""
+    return bool(data.get("label_delimiter") or data.get("label_columns"))
+
+
+def default_metric(*, _root_: DictConfig) -> str:
+    """optimized_metric's default: accuracy, or mean average precision for multi-label data,
+    where accuracy would mislead."""
+    return "best_val_map" if is_multi_label(_root_.data) else "best_val_acc"
+
+
 def augment_policy(value: Any) -> str:
     """data.augment's policy; true and false are the settings of older runs (a boolean)."""
     return {"true": "light", "false": "none"}.get(str(value).lower(), str(value))
@@ -288,6 +321,31 @@ def valid_class_weights(value: Any) -> bool:
     return (isinstance(value, Sequence) and len(value) > 0
             and all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0
                     for w in value))
+
+
+def multi_label_problems(cfg: DictConfig) -> list[str]:
+    """What multi-label data cannot be combined with, one sentence each."""
+    data, problems = cfg.data, []
+    why = ("data.label_delimiter" if data.label_delimiter else "data.label_columns") + " is set"
+    if data.label_delimiter and data.label_columns:
+        problems.append("data.label_delimiter and data.label_columns are both set: multi-label "
+                        "labels come either from one column split by the delimiter or from "
+                        "one 0/1 column per class; set one of them.")
+    metric = cfg.optimized_metric.split("_", 1)[-1]
+    if metric not in MULTI_LABEL_SCORES:
+        problems.append(f"optimized_metric={cfg.optimized_metric!r} is not valid for multi-label "
+                        f"data ({why}): accuracy would mislead there; use best_val_map (mean "
+                        "average precision), best_val_macro_f1, best_val_micro_f1 or best_val_loss.")
+    if cfg.trainer.early_stopping.monitor == "val_acc":
+        problems.append(f"trainer.early_stopping.monitor='val_acc' is not valid for multi-label "
+                        f"data ({why}): use val_map or val_loss.")
+    for key, setting in (("loss.label_smoothing", cfg.loss.label_smoothing),
+                         ("data.mixup_alpha", data.mixup_alpha),
+                         ("data.cutmix_alpha", data.cutmix_alpha)):
+        if setting:
+            problems.append(f"{key}={setting!r} is not valid for multi-label data ({why}): it "
+                            "is made for one label per image; set it to 0.")
+    return problems
 
 
 def validate(cfg: DictConfig) -> None:
@@ -334,7 +392,7 @@ def validate(cfg: DictConfig) -> None:
     check(stopping.patience is None or stopping.patience >= 1, "trainer.early_stopping.patience",
           stopping.patience, "use 1 or more epochs, or null (off)")
     check(stopping.monitor in EARLY_STOPPING_MONITORS, "trainer.early_stopping.monitor",
-          stopping.monitor, "use val_loss or val_acc")
+          stopping.monitor, "use val_loss, val_acc or val_map (multi-label data)")
     check(stopping.min_delta >= 0, "trainer.early_stopping.min_delta", stopping.min_delta,
           "use 0 or more")
     check(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing,
@@ -347,6 +405,10 @@ def validate(cfg: DictConfig) -> None:
               f"use 0 to {cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     for key in ("mixup_alpha", "cutmix_alpha"):
         check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
+    if is_multi_label(cfg.data):
+        problems += multi_label_problems(cfg)
+    check(0 < cfg.predict.threshold < 1, "predict.threshold", cfg.predict.threshold,
+          "use a probability between 0 and 1, e.g. 0.5")
     check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",
           cfg.lr_find.start, f"use a positive rate below lr_find.end={cfg.lr_find.end}")
     check(cfg.mode != "lr_find" or not cfg.resume, "resume", cfg.resume,

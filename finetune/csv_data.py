@@ -7,6 +7,11 @@ The file names each image (relative to data.root, by default the file's folder) 
 image folder's are: the same transforms, the same check for unreadable files, and the
 same order (class, then path), so a CSV listing an image folder trains exactly as the
 folder does. A bad row is named by its line number.
+
+Multi-label data lists several labels per image, either in the label column separated by
+`data.label_delimiter`, or as one 0/1 column per class (`data.label_columns`). An image
+may then have no label at all (an empty cell, or 0 in every column). Its split, without a
+split column, is a random one (scikit-learn cannot stratify label sets), again fixed.
 """
 
 import csv
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
+from finetune.config import is_multi_label
 from finetune.errors import ConfigError
 
 SPLITS = ("train", "val")
@@ -42,11 +48,30 @@ def read_rows(cfg: DictConfig) -> list[tuple[int, dict[str, str]]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ",")
         columns = reader.fieldnames or []
-        for key in ("image_column", "label_column"):
-            if cfg[key] not in columns:
-                raise ConfigError(f"data.{key}={cfg[key]!r} is not a column of {cfg.file}: its "
-                                  f"columns are {columns}.")
+        named = [(f"data.image_column={cfg.image_column!r}", cfg.image_column)]
+        if cfg.label_columns:
+            named += [(f"data.label_columns: {column!r}", column) for column in cfg.label_columns]
+        else:
+            named.append((f"data.label_column={cfg.label_column!r}", cfg.label_column))
+        for key, column in named:
+            if column not in columns:
+                raise ConfigError(f"{key} is not a column of {cfg.file}: its columns are {columns}.")
         return [(reader.line_num, row) for row in reader]
+
+
+def row_labels(row: dict[str, str], cfg: DictConfig) -> tuple[tuple[str, ...], str | None]:
+    """The row's labels, and what is wrong with them (None when nothing is)."""
+    if cfg.label_columns:
+        values = {column: (row.get(column) or "").strip() for column in cfg.label_columns}
+        wrong = [f"{column}={value!r}" for column, value in values.items() if value not in ("0", "1")]
+        if wrong:
+            return (), f"{', '.join(wrong)} (a label column holds 0 or 1)"
+        return tuple(column for column, value in values.items() if value == "1"), None
+    text = (row.get(cfg.label_column) or "").strip()
+    if cfg.label_delimiter:
+        return tuple(sorted({label.strip() for label in text.split(cfg.label_delimiter)
+                             if label.strip()})), None
+    return (text,), None if text else "empty label"
 
 
 def refuse(problems: Sequence[str], cfg: DictConfig) -> None:
@@ -56,42 +81,54 @@ def refuse(problems: Sequence[str], cfg: DictConfig) -> None:
                           f"{'; '.join(problems[:MAX_NAMED])}{more}.")
 
 
-def labelled_images(cfg: DictConfig) -> list[tuple[str, str, str | None, int]]:
-    """(image path, label, split or None, line) per row; missing files, empty labels and
-    unknown split names are refused together, each with its line."""
+Labels = tuple[str, ...]  # one label, or a multi-label image's (perhaps none)
+
+
+def labelled_images(cfg: DictConfig) -> list[tuple[str, Labels, str | None, int]]:
+    """(image path, labels, split or None, line) per row; missing files, empty or invalid
+    labels and unknown split names are refused together, each with its line."""
     root = image_root(cfg)
     rows, problems = [], []
     for line, row in read_rows(cfg):
-        image, label = (row.get(cfg.image_column) or "").strip(), (row.get(cfg.label_column) or "").strip()
+        image = (row.get(cfg.image_column) or "").strip()
+        labels, wrong = row_labels(row, cfg)
         split = row.get(cfg.split_column) if cfg.split_column else None
         path = os.path.join(root, image)
-        if not image or not label:
-            problems.append(f"line {line}: empty {'image path' if not image else 'label'}")
+        if not image or wrong:
+            problems.append(f"line {line}: {'empty image path' if not image else wrong}")
         elif not os.path.isfile(path):
             problems.append(f"line {line}: {path} does not exist")
         elif split is not None and split.strip() not in SPLITS:
             problems.append(f"line {line}: split {split!r} is not train or val")
-        rows.append((path, label, split.strip() if split is not None else None, line))
+        rows.append((path, labels, split.strip() if split is not None else None, line))
     refuse(problems, cfg)
     if not rows:
         raise ConfigError(f"data.file={cfg.file!r} lists no image.")
     return rows
 
 
-def split_rows(cfg: DictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
-    """(train rows, val rows, class names): (path, label) pairs, classes sorted by name."""
+def class_names(cfg: DictConfig, rows: list[tuple[str, Labels, str | None, int]]) -> list[str]:
+    """Sorted by name; the label columns' own order for 0/1 columns."""
+    if cfg.label_columns:
+        return list(cfg.label_columns)
+    return sorted({label for _, labels, _, _ in rows for label in labels})
+
+
+def split_rows(cfg: DictConfig) -> tuple[list[tuple[str, Labels]], list[tuple[str, Labels]], list[str]]:
+    """(train rows, val rows, class names): (path, labels) pairs."""
     rows = labelled_images(cfg)
-    classes = sorted({label for _, label, _, _ in rows})
+    classes = class_names(cfg, rows)
     if rows[0][2] is not None:  # the file's own split
-        train = [(path, label) for path, label, split, _ in rows if split == "train"]
-        val = [(path, label) for path, label, split, _ in rows if split == "val"]
+        train = [(path, labels) for path, labels, split, _ in rows if split == "train"]
+        val = [(path, labels) for path, labels, split, _ in rows if split == "val"]
         return train, val, classes
     from sklearn.model_selection import train_test_split
 
-    pairs = [(path, label) for path, label, _, _ in rows]
+    pairs = [(path, labels) for path, labels, _, _ in rows]
+    single = not is_multi_label(cfg)
     try:
         train, val = train_test_split(pairs, test_size=cfg.val_fraction, random_state=SPLIT_SEED,
-                                      stratify=[label for _, label in pairs])
+                                      stratify=[labels[0] for _, labels in pairs] if single else None)
     except ValueError as error:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction} cannot split the {len(pairs)} "
                           f"images of {cfg.file} by class: {error} Add a split column "

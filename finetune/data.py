@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
-from finetune.config import augment_policy
+from finetune.config import augment_policy, is_multi_label
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 from finetune.model import InputSpec
@@ -44,6 +44,7 @@ class Data:
     class_names: list[str]
     random_augmentation: bool = False  # training images differ from epoch to epoch
     mix: Callable | None = None  # MixUp/CutMix on training batches: (images, labels) -> soft
+    multi_label: bool = False  # targets are 0/1 vectors over the classes (data.label_delimiter)
 
     @property
     def num_classes(self) -> int:
@@ -221,18 +222,26 @@ class CheckedImageFolder(datasets.ImageFolder):
 
 class CsvImages(CheckedImageFolder):
     """The images a CSV file lists (finetune/csv_data.py), read as an image folder's are:
-    the same unreadable-file checks, and the same order (class, then path)."""
+    the same unreadable-file checks, and the same order (class, then path). A multi-label
+    image's target is a 0/1 float vector over the classes (what BCE-with-logits takes)."""
 
-    def __init__(self, rows: list[tuple[str, str]], classes: list[str], transform, skip: bool,
-                 source: str):
-        self.rows, self.listed_classes = rows, classes
+    def __init__(self, rows: list[tuple[str, tuple[str, ...]]], classes: list[str], transform,
+                 skip: bool, source: str, multi_label: bool = False):
+        self.rows, self.listed_classes, self.multi_label = rows, classes, multi_label
         super().__init__(source, transform, skip)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self.listed_classes, {name: index for index, name in enumerate(self.listed_classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list:
-        return sorted((path, class_to_idx[label]) for path, label in self.rows)
+        if not self.multi_label:
+            return sorted((path, class_to_idx[labels[0]]) for path, labels in self.rows)
+        samples = []
+        for path, labels in sorted(self.rows, key=lambda row: row[0]):
+            target = torch.zeros(len(class_to_idx))
+            target[[class_to_idx[label] for label in labels]] = 1.0
+            samples.append((path, target))
+        return samples
 
 
 def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):
@@ -242,9 +251,10 @@ def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("tra
     train_rows, val_rows, classes = split_rows(cfg)
     train_transform, val_transform = image_transforms(spec, cfg.augment)
     source, skip = os.path.expanduser(cfg.file), cfg.bad_images == "skip"
-    train = (CsvImages(train_rows, classes, train_transform, skip, source)
+    train = (CsvImages(train_rows, classes, train_transform, skip, source, is_multi_label(cfg))
              if "train" in splits else None)
-    return train, CsvImages(val_rows, classes, val_transform, skip, source), classes
+    val = CsvImages(val_rows, classes, val_transform, skip, source, is_multi_label(cfg))
+    return train, val, classes
 
 
 def collate_readable(batch: list):
@@ -356,22 +366,23 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
     return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
-                or mix is not None, mix=mix)
+                or mix is not None, mix=mix, multi_label=is_multi_label(cfg))
 
 
 FOLD_SEED = 0  # the folds are fixed, whatever the run's seed
 
 
 def cross_validation_fold(cfg: DictConfig, train: Dataset, val: Dataset) -> tuple[Subset, Subset]:
-    """data.folds=K data.fold=i: the training data in K stratified folds; fold i validates
-    (with the validation transform, no augmentation) and the other K-1 train. The data's
-    own validation split is not used."""
-    from sklearn.model_selection import StratifiedKFold
+    """data.folds=K data.fold=i: the training data in K stratified folds (random ones for
+    multi-label data); fold i validates (with the validation transform, no augmentation)
+    and the other K-1 train. The data's own validation split is not used."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     from finetune.loss import dataset_labels
 
     labels = dataset_labels(train).numpy()
-    folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=FOLD_SEED)
+    split = KFold if labels.ndim > 1 else StratifiedKFold
+    folds = split(n_splits=cfg.folds, shuffle=True, random_state=FOLD_SEED)
     try:
         train_index, val_index = list(folds.split(labels, labels))[cfg.fold]
     except ValueError as error:

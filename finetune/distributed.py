@@ -123,6 +123,18 @@ def all_max(tensor):
     return tensor
 
 
+def all_rows(tensor):
+    """Every rank's rows, one after the other (a CPU tensor; itself in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not active():
+        return tensor
+    parts = [None] * world()
+    dist.all_gather_object(parts, tensor)
+    return torch.cat([part for part in parts if part.numel()] or [tensor])
+
+
 def same_on_every_rank(value: str) -> bool:
     import torch.distributed as dist
 

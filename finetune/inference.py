@@ -4,6 +4,9 @@
 A checkpoint carries its resolved config, class names, input spec (size, normalization)
 and the full model state, so nothing else is needed: no Hydra, no config files, no
 download (the backbone is built from random init and the saved weights loaded over it).
+
+A model trained on multi-label data gives a probability per class (a sigmoid each, not a
+softmax over them) and predicts every label at `predict.threshold` or above.
 """
 
 import csv
@@ -21,14 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
 from finetune.checkpoint import read_run_checkpoint
-from finetune.config import TTA_SETTINGS
+from finetune.config import TTA_SETTINGS, is_multi_label
 from finetune.data import image_transforms, validation_data
 from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
+from finetune.multilabel import MultiLabelScores
 from finetune.plots import draw_or_warn, plot_confusion
-from finetune.trainer import Step, confusion_scores, evaluate, resolve_device
+from finetune.trainer import Step, evaluate, resolve_device
 from finetune.trust import check_targets, refuse_interpolations
 
 log = logging.getLogger(__name__)
@@ -46,26 +50,35 @@ class LoadedModel:
     input_spec: InputSpec
     config: dict[str, Any]  # the run's resolved config
 
+    @property
+    def multi_label(self) -> bool:
+        return is_multi_label(self.config["data"])
+
     def transform(self):
         """The preprocessing for a PIL image, as validation used it (a torchvision
         transform: PIL image -> normalized tensor)."""
         return image_transforms(self.input_spec)[1]
 
-    def predict(self, images: Any, batch_size: int = 64, tta: str = "none"
-                ) -> tuple[list[str], torch.Tensor]:
+    def predict(self, images: Any, batch_size: int = 64, tta: str = "none",
+                threshold: float = 0.5) -> tuple[list, torch.Tensor]:
         """The predicted class names and the probabilities (a row per image, a column per
         class, in `class_names` order) for one image or a list of them: file paths, PIL
         images, or a tensor batch already preprocessed with `transform()`. `tta="hflip"`
-        averages the logits of each image and its mirror image."""
+        averages the logits of each image and its mirror image. A multi-label model
+        predicts a list of names per image: those at `threshold` or above."""
         if not isinstance(images, torch.Tensor):
             single = isinstance(images, str | os.PathLike | Image.Image)
             transform = self.transform()
             images = torch.stack([transform(as_rgb(item)) for item in
                                   ([images] if single else images)])
-        step = Step(self.net, next(self.net.parameters()).device, wrap=augmented(tta))
+        step = Step(self.net, next(self.net.parameters()).device, wrap=augmented(tta),
+                    multi_label=self.multi_label)
         with torch.inference_mode():
             probabilities = torch.cat([class_probabilities(step, chunk)
                                        for chunk in images.split(batch_size)])
+        if self.multi_label:
+            return [[self.class_names[i] for i in row.nonzero().flatten().tolist()]
+                    for row in probabilities >= threshold], probabilities
         return [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()], probabilities
 
 
@@ -87,8 +100,10 @@ def as_rgb(image: Any) -> Image.Image:
 
 
 def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
-    """Softmax over the classes, on the CPU, for a preprocessed batch."""
-    return step.logits(images.to(step.device)).softmax(dim=1).cpu()
+    """Softmax over the classes (a sigmoid per class for multi-label data), on the CPU, for
+    a preprocessed batch."""
+    logits = step.logits(images.to(step.device))
+    return (logits.sigmoid() if step.multi_label else logits.softmax(dim=1)).cpu()
 
 
 def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkpoint",
@@ -156,10 +171,35 @@ def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
     return data
 
 
+def report_multi_label(cfg: DictConfig, result: dict[str, Any], scores: MultiLabelScores,
+                       class_names: list[str], run_dir: str) -> float:
+    """evaluation.json and per_class.csv for multi-label data; returns the mAP."""
+    per_class = [{"class": name, "images": count, "average_precision": precision, "f1": f1}
+                 for name, count, precision, f1 in zip(class_names, scores.positives,
+                                                       scores.average_precision, scores.f1,
+                                                       strict=True)]
+    result.update({"threshold": cfg.predict.threshold, "map": scores.map,
+                   "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
+                   "per_class": per_class})
+    path = os.path.join(run_dir, "evaluation.json")
+    if distributed.is_main():
+        write_json(result, path)
+        write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
+    lines = [f"{row['class']:>12}  {row['images']:6d}  {row['average_precision']:.4f}  "
+             f"{row['f1']:.4f}" for row in per_class]
+    log.info("evaluated %s on %d images: loss %.4f, mAP %.4f, micro-F1 %.4f, macro-F1 %.4f "
+             "(at threshold %g)\n%12s  %6s  %6s  %s\n%s\nresults: %s (and per_class.csv beside "
+             "it)", cfg.checkpoint, result["images"], result["loss"], scores.map, scores.micro_f1,
+             scores.macro_f1, cfg.predict.threshold, "class", "images", "AP", "F1",
+             "\n".join(lines), path)
+    return scores.map
+
+
 def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedModel,
                         device: torch.device, run_dir: str, plots: bool = False) -> float:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the data's validation
-    split (its training images are not read)."""
+    split (its training images are not read); for multi-label data, mAP, F1 and per-class
+    AP instead."""
     net, class_names = model.net, model.class_names
     where = f" (data.root={data_cfg.root})" if data_cfg.get("root") else ""
     log.info("evaluating on the validation split of data=%s%s%s", data_cfg.name, where,
@@ -172,19 +212,24 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
             f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "
             f"{class_names[:10]}, but data={data_cfg.name}{where} has {len(data_classes)} "
             f"classes {data_classes[:10]}; evaluate it on data with the same classes.")
-    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision, wrap=augmented(cfg.tta)))
-    seen = sum(map(sum, val.confusion))
+    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision, wrap=augmented(cfg.tta),
+                                     multi_label=model.multi_label,
+                                     threshold=cfg.predict.threshold))
+    seen = val.images
     if seen == 0:
         raise ConfigError(f"data={data_cfg.name}{where}: no readable validation image to "
                           "evaluate on.")
+    result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
+              "data": OmegaConf.to_container(data_cfg), "tta": cfg.tta, "images": seen,
+              "loss": val.loss}
+    if model.multi_label:
+        return report_multi_label(cfg, result, val.multi_label, class_names, run_dir)
     per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
                  for index, (name, row) in enumerate(zip(class_names, val.confusion,
                                                          strict=True))]
-    balanced, macro_f1 = confusion_scores(val.confusion)
-    result = {"checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
-              "data": OmegaConf.to_container(data_cfg), "tta": cfg.tta, "images": seen,
-              "loss": val.loss, "accuracy": val.accuracy, "balanced_accuracy": balanced,
-              "macro_f1": macro_f1, "per_class": per_class, "confusion": val.confusion}
+    result.update({"accuracy": val.accuracy, "balanced_accuracy": val.scores["val_balanced_acc"],
+                   "macro_f1": val.scores["val_macro_f1"], "per_class": per_class,
+                   "confusion": val.confusion})
     path = os.path.join(run_dir, "evaluation.json")
     if distributed.is_main():
         write_json(result, path)
@@ -222,7 +267,8 @@ class ImageFiles(Dataset):
 
 
 def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, run_dir: str) -> float:
-    """predictions.csv: path, predicted class and its probability for every image."""
+    """predictions.csv: path, predicted class and its probability for every image (for
+    multi-label data: every label at predict.threshold or above, and their probabilities)."""
     from finetune.data import collate_readable
 
     folder = os.path.expanduser(cfg.predict_input)
@@ -235,13 +281,19 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
                           "(.jpg, .png, ...).")
     loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=collate_readable)
-    step, rows = Step(model.net, device, cfg.trainer.precision, wrap=augmented(cfg.tta)), []
+    step = Step(model.net, device, cfg.trainer.precision, wrap=augmented(cfg.tta),
+                multi_label=model.multi_label)
+    rows = []
     with torch.inference_mode():
         for batch in loader:
             if batch is None:  # every image of this batch was unreadable
                 continue
             images, paths = batch
             probabilities = class_probabilities(step, images)
+            if model.multi_label:
+                rows += [labels_over(path, row, model.class_names, cfg.predict.threshold)
+                         for path, row in zip(paths, probabilities, strict=True)]
+                continue
             best, index = probabilities.max(dim=1)
             rows += [{"path": path, "class": model.class_names[i], "probability": float(p)}
                      for path, i, p in zip(paths, index.tolist(), best, strict=True)]
@@ -252,6 +304,16 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
     log.info("predicted %d of %d images in %s: %s", len(rows), len(files), folder,
              os.path.join(run_dir, "predictions.csv"))
     return float(len(rows))
+
+
+def labels_over(path: str, probabilities: torch.Tensor, class_names: list[str],
+                threshold: float) -> dict[str, str]:
+    """A multi-label prediction row: every label at the threshold or above, most probable
+    first, with its probability (both `;`-separated; empty when no label reaches it)."""
+    chosen = sorted(((float(p), name) for p, name in zip(probabilities, class_names, strict=True)
+                     if p >= threshold), reverse=True)
+    return {"path": path, "classes": ";".join(name for _, name in chosen),
+            "probabilities": ";".join(f"{p:.4f}" for p, _ in chosen)}
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:

@@ -148,6 +148,7 @@ class RunLog(Hook):
         scalars = {"epoch": row.epoch, "train/loss": row.train_loss, "train/acc": row.train_acc,
                    "val/loss": row.val_loss, "val/acc": row.val_acc,
                    "val/balanced_acc": row.val_balanced_acc, "val/macro_f1": row.val_macro_f1,
+                   "val/map": row.val_map, "val/micro_f1": row.val_micro_f1,
                    "epoch_seconds": row.seconds}
         scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
         for logger in self.loggers:

@@ -118,11 +118,15 @@ def plot_curves(history: Sequence[Any], phase_epochs: Sequence[int], best_epoch:
     loss, accuracy, rate = figure.subplots(1, 3)
     loss.plot(epochs, [row.train_loss for row in history], "o-", label="train")
     loss.plot(epochs, [row.val_loss for row in history], "o-", label="val")
-    accuracy.plot(epochs, [row.train_acc for row in history], "o-", label="train")
-    accuracy.plot(epochs, [row.val_acc for row in history], "o-", label="val")
+    # multi-label data has no accuracy: its mean average precision instead (val only)
+    score, score_title = (("val_map", "mAP") if not math.isnan(getattr(history[-1], "val_map", math.nan))
+                          else ("val_acc", "accuracy"))
+    if score == "val_acc":
+        accuracy.plot(epochs, [row.train_acc for row in history], "o-", label="train")
+    accuracy.plot(epochs, [getattr(row, score) for row in history], "o-", label="val")
     best = [row for row in history if row.epoch == best_epoch]
     if best:
-        accuracy.plot([best_epoch], [best[0].val_acc], "*", color="black", markersize=14,
+        accuracy.plot([best_epoch], [getattr(best[0], score)], "*", color="black", markersize=14,
                       label=f"best: epoch {best_epoch}")
     groups = [name for name in dict.fromkeys(n for row in history for n in row.group_lrs)
               if not name.endswith("/no_decay")]  # the same rate as its twin: one line
@@ -133,7 +137,7 @@ def plot_curves(history: Sequence[Any], phase_epochs: Sequence[int], best_epoch:
         rate.plot(epochs, [row.lr for row in history], "o-", label="lr")
     log_scale_if_wide(loss, [v for row in history for v in (row.train_loss, row.val_loss)])
     log_scale_if_wide(rate, [lr for row in history for lr in row.group_lrs.values()])
-    for axes, title in ((loss, "loss"), (accuracy, "accuracy"), (rate, "learning rate")):
+    for axes, title in ((loss, "loss"), (accuracy, score_title), (rate, "learning rate")):
         for number, epoch in enumerate(phase_epochs, start=1):
             axes.axvline(epoch - 0.5, color="gray", linestyle=":",
                          label="unfreeze phase" if number == 1 else None)

@@ -154,7 +154,8 @@ def build(cfg: DictConfig) -> Setup:
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
                    bool(plan), distributed.active())
-    criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device)
+    criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device,
+                                data.multi_label)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
                  cache, criterion)
 
@@ -215,7 +216,8 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
                 cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup),
                 criterion=setup.criterion, accumulate=cfg.trainer.accumulate_grad_batches,
-                mix=setup.data.mix)
+                mix=setup.data.mix, multi_label=setup.data.multi_label,
+                threshold=cfg.predict.threshold)
     # it knows the set the step was wrapped for, so a resume's re-applied phases rewrap too
     rewrap = Rewrap(setup.net, step) if distributed.active() else None
     average = (WeightAverage(setup.net, cfg.trainer.ema_decay, unchanging_state_names)
@@ -453,7 +455,9 @@ def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: s
     run_dir = here if not here.startswith(os.pardir) else run_dir
     best_pt = shlex.quote(os.path.join(run_dir, "checkpoints", "best.pt"))
     run_dir = shlex.quote(run_dir)  # a folder name may hold anything: quoted for a shell
-    lines = [f"best epoch {best.epoch}: val acc {best.val_acc:.4f}, val loss {best.val_loss:.4f} "
+    score = (f"val acc {best.val_acc:.4f}" if math.isnan(best.val_map)
+             else f"val mAP {best.val_map:.4f}")
+    lines = [f"best epoch {best.epoch}: {score}, val loss {best.val_loss:.4f} "
              f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
              f"run directory: {run_dir}",
              f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}"]

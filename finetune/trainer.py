@@ -24,6 +24,7 @@ from finetune.data import set_epoch
 from finetune.errors import ConfigError, TrainingFailed
 from finetune.files import atomic_write
 from finetune.hooks import Hook
+from finetune.multilabel import MultiLabelScores, multi_label_scores
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,22 @@ class EpochMetrics:
     # (NaN in an older run's epochs, which did not record them)
     val_balanced_acc: float = math.nan
     val_macro_f1: float = math.nan
+    # multi-label data (finetune/multilabel.py; its accuracies are NaN): mean average
+    # precision, and micro F1 (val_macro_f1 is then its macro F1)
+    val_map: float = math.nan
+    val_micro_f1: float = math.nan
 
 
 METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__ if name != "group_lrs"]
+
+
+def epoch_line(metrics: EpochMetrics) -> str:
+    """The console's line for an epoch's train and val scores."""
+    if math.isnan(metrics.val_map):
+        return (f"train loss {metrics.train_loss:.4f} acc {metrics.train_acc:.4f}  "
+                f"val loss {metrics.val_loss:.4f} acc {metrics.val_acc:.4f}")
+    return (f"train loss {metrics.train_loss:.4f}  val loss {metrics.val_loss:.4f} "
+            f"mAP {metrics.val_map:.4f} micro-F1 {metrics.val_micro_f1:.4f}")
 
 
 def confusion_scores(confusion: list[list[int]]) -> tuple[float, float]:
@@ -88,25 +102,37 @@ def resolve_device(name: str) -> torch.device:
 
 class Totals:
     """Loss and accuracy summed on the device, read back once per epoch, and the first step
-    whose loss was not finite, read back every CHECK_EVERY steps. With `confusion`, also the
-    confusion matrix (rows: true class, columns: predicted)."""
+    whose loss was not finite, read back every CHECK_EVERY steps. With `validation`, also the
+    confusion matrix (rows: true class, columns: predicted), or for `multi_label` data (no
+    accuracy) every image's probabilities and targets, which its scores need."""
 
-    def __init__(self, device: torch.device, confusion: bool = False):
+    def __init__(self, device: torch.device, validation: bool = False, multi_label: bool = False):
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.count = 0
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.multi_label = multi_label
         # [true * classes + predicted] counts; sized at the first batch (the head's width)
-        self.confusion_counts = torch.zeros(0, device=device, dtype=torch.long) if confusion else None
+        self.confusion_counts = (torch.zeros(0, device=device, dtype=torch.long)
+                                 if validation and not multi_label else None)
+        self.scores: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            [] if validation and multi_label else None)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             step: int | None = None) -> None:
         """`step`: the training step, watched for a non-finite loss (validation is not)."""
         loss = loss.detach()
+        self.loss += loss * len(labels)
+        self.count += len(labels)
+        if step is not None:
+            bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+            self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        if self.multi_label:
+            if self.scores is not None:
+                self.scores.append((logits.sigmoid(), labels))
+            return
         predicted = logits.argmax(dim=1)
-        self.loss += loss * labels.numel()
         self.correct += (predicted == labels).sum()
-        self.count += labels.numel()
         if self.confusion_counts is not None:
             classes = logits.shape[1]
             if self.confusion_counts.numel() == 0:
@@ -114,9 +140,6 @@ class Totals:
             # index_add_, not bincount: bincount reads the largest index back (a device wait)
             self.confusion_counts.index_add_(0, labels * classes + predicted,
                                              torch.ones_like(labels))
-        if step is not None:
-            bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
-            self.first_bad_step = torch.where(bad, step, self.first_bad_step)
 
     def check_finite(self, epoch: int, steps: int) -> None:
         step = int(distributed.all_max(self.first_bad_step.clone()))  # every rank stops
@@ -133,7 +156,7 @@ class Totals:
         loss, correct, count = distributed.all_sum(sums).tolist()
         if count == 0:  # nothing readable (data.bad_images=skip): the caller says so
             return math.nan, math.nan
-        return loss / count, correct / count
+        return loss / count, math.nan if self.multi_label else correct / count
 
     def running_accuracy(self) -> float:
         return self.correct.item() / max(self.count, 1)
@@ -146,6 +169,14 @@ class Totals:
                                                        device=counts.device)))
         counts = counts if counts.numel() else counts.new_zeros(classes * classes)
         return distributed.all_sum(counts).view(classes, classes).tolist()
+
+    def probabilities_and_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-label validation: every image's probabilities and 0/1 targets, on the CPU,
+        gathered from the ranks under torchrun."""
+        pairs = self.scores or []
+        probabilities = torch.cat([p.cpu() for p, _ in pairs]) if pairs else torch.zeros(0)
+        targets = torch.cat([t.cpu() for _, t in pairs]) if pairs else torch.zeros(0)
+        return distributed.all_rows(probabilities), distributed.all_rows(targets)
 
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the device)
@@ -181,6 +212,8 @@ class Step:
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # training
     mix: Callable | None = None  # MixUp/CutMix: (images, labels) -> (mixed, class probabilities)
     accumulate: int = 1  # batches per optimizer step (trainer.accumulate_grad_batches)
+    multi_label: bool = False  # labels are 0/1 vectors: sigmoid per class, no accuracy
+    threshold: float = 0.5  # multi-label: a label is predicted at this probability or more
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
@@ -237,7 +270,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     waits for the device, so it is updated every SAMPLE_EVERY steps only.
     """
     net.train()  # Net.train keeps fully frozen modules in eval mode
-    totals = Totals(step.device)
+    totals = Totals(step.device, multi_label=step.multi_label)
     bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False,
                disable=None if distributed.is_main() else True, dynamic_ncols=True)
     steps_before = (epoch - 1) * step.steps_per_epoch(len(loader))
@@ -254,9 +287,10 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
             if index % CHECK_EVERY == CHECK_EVERY - 1:
                 totals.check_finite(epoch, len(loader))
             if not bar.disable and index % SAMPLE_EVERY == 0:
-                bar.set_postfix({"loss": f"{loss.item():.4f}",
-                                 "acc": f"{totals.running_accuracy():.3f}",
-                                 "lr": f"{base_lr(optimizer):.3g}"})
+                shown = {"loss": f"{loss.item():.4f}"}
+                if not step.multi_label:
+                    shown["acc"] = f"{totals.running_accuracy():.3f}"
+                bar.set_postfix({**shown, "lr": f"{base_lr(optimizer):.3g}"})
         if ends_group and pending:
             step.optimizer_step(optimizer)
             pending = False
@@ -281,21 +315,37 @@ def training_loss(step: Step, images: torch.Tensor, labels: torch.Tensor):
 @dataclass
 class Evaluation:
     loss: float
-    accuracy: float
-    confusion: list[list[int]]  # [true class][predicted class] image counts
+    accuracy: float  # NaN for multi-label data
+    confusion: list[list[int]]  # [true class][predicted class] image counts; [] multi-label
+    scores: dict[str, float]  # the other epoch scores, as EpochMetrics names them
+    images: int  # readable validation images, over all ranks
+    multi_label: MultiLabelScores | None = None
 
 
 def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> Evaluation:
+    """The plain validation loss (cross-entropy, or BCE for multi-label data) and scores."""
     net.eval()
-    totals = Totals(step.device, confusion=True)
+    totals = Totals(step.device, validation=True, multi_label=step.multi_label)
+    loss_of = F.binary_cross_entropy_with_logits if step.multi_label else F.cross_entropy
     with torch.inference_mode():
         for batch in loader:
             if batch is None:
                 continue
             images, labels = step.to_device(*batch)
             logits = step.logits(images)
-            totals.add(F.cross_entropy(logits, labels), logits, labels)
-    return Evaluation(*totals.means(), totals.confusion())
+            totals.add(loss_of(logits, labels), logits, labels)
+    loss, accuracy = totals.means()
+    if step.multi_label:
+        probabilities, targets = totals.probabilities_and_targets()
+        scores = (multi_label_scores(probabilities, targets, step.threshold) if len(targets)
+                  else None)
+        return Evaluation(loss, accuracy, [], scores.epoch_scores() if scores else {},
+                          len(targets), scores)
+    confusion = totals.confusion()
+    balanced, macro_f1 = confusion_scores(confusion)
+    return Evaluation(loss, accuracy, confusion,
+                      {"val_balanced_acc": balanced, "val_macro_f1": macro_f1},
+                      sum(map(sum, confusion)))
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -438,10 +488,8 @@ def fit(net: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler:
                                                     epoch, max_epochs, hooks)
             metrics.seconds = time.perf_counter() - started
             improved = progress.record(metrics, confusion)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  "
-                     "%.1fs%s", epoch, max_epochs, metrics.train_loss, metrics.train_acc,
-                     metrics.val_loss, metrics.val_acc, metrics.lr, metrics.seconds,
-                     "  (best)" if improved else "")
+            log.info("epoch %d/%d  %s  lr %.3g  %.1fs%s", epoch, max_epochs, epoch_line(metrics),
+                     metrics.lr, metrics.seconds, "  (best)" if improved else "")
             for hook in hooks:
                 hook.on_epoch_end(progress, improved)
             if progress.stop_reason:  # a hook ended training (early stopping)
@@ -470,7 +518,5 @@ def train_and_validate(net: nn.Module, loaders: tuple[DataLoader, DataLoader],
         hook.on_validation_end()
     if scheduler is not None:
         scheduler.step()
-    balanced, macro_f1 = confusion_scores(val.confusion)
     return EpochMetrics(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seconds=0.0,
-                        group_lrs=group_lrs, val_balanced_acc=balanced,
-                        val_macro_f1=macro_f1), val.confusion
+                        group_lrs=group_lrs, **val.scores), val.confusion

@@ -70,7 +70,7 @@ def test_help_lists_groups_options_main_keys_and_examples_that_compose():
         assert f"\n{group.name}: {options}\n" in text
     assert "schema" not in text  # the typed schemas are not groups to choose
     keys_section = text.split("== Main keys: key=value ==\n")[1].split("\n\n")[0]
-    config = composed("data=imagefolder", hydra=True)
+    config = composed("data=csv", hydra=True)  # its keys: imagefolder's (root, augment) and file
     for line in keys_section.splitlines():
         for key in line[:24].strip().split(", "):  # "param_groups, lr_decay  per-part ..."
             parent, _, leaf = key.rpartition(".")  # looked up, not resolved: no run directory

@@ -16,7 +16,8 @@ PROBE = (*FAST, "freeze=[@backbone]", "trainer.max_epochs=3")
 
 
 def metrics(run_dir):
-    return [{key: float(value) for key, value in row.items() if key != "seconds"}
+    """Each epoch's scores but its time, and but those left out (NaN: multi-label data's)."""
+    return [{key: float(value) for key, value in row.items() if key != "seconds" and value != "nan"}
             for row in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 

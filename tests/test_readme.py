@@ -65,14 +65,17 @@ def test_docs_site_builds_strictly(tmp_path):
 
 @pytest.fixture
 def photos(tmp_path):
-    """/data/photos of the docs: class folders, and labels.csv listing the same images."""
-    lines = ["image,label,split"]
+    """/data/photos of the docs: class folders, labels.csv listing the same images, and
+    tags.csv giving them space-separated labels (multi-label)."""
+    lines, tags = ["image,label,split"], ["image,tags,split"]
     for split in ("train", "val"):
         for label in ("ants", "bees"):
             (tmp_path / "photos" / split / label).mkdir(parents=True)
             Image.new("RGB", (32, 32)).save(tmp_path / "photos" / split / label / "0.png")
             lines.append(f"{split}/{label}/0.png,{label},{split}")
+            tags.append(f"{split}/{label}/0.png,{'ants bees' if label == 'bees' else label},{split}")
     (tmp_path / "photos" / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "photos" / "tags.csv").write_text("\n".join(tags) + "\n")
     return tmp_path / "photos"
 
 
