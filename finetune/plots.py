@@ -223,22 +223,28 @@ def log_searched_keys(sweeper_params: dict[str, Any] | None) -> set[str]:
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], metric: str, path: str,
-               log_keys: Collection[str] = ()) -> None:
-    save(sweep_figure(rows, metric, log_keys), path)
+               log_keys: Collection[str] = (), groups: Sequence[dict[str, Any]] = ()) -> None:
+    save(sweep_figure(rows, metric, log_keys, groups), path)
 
 
-def sweep_figure(rows: Sequence[dict[str, Any]], metric: str, log_keys: Collection[str] = ()):
+def sweep_figure(rows: Sequence[dict[str, Any]], metric: str, log_keys: Collection[str] = (),
+                 groups: Sequence[dict[str, Any]] = ()):
     """The optimized metric per job (best first), and against each swept key (up to 3);
-    a key searched on a log scale, or spanning 100x, gets a log axis."""
+    a key searched on a log scale, or spanning 100x, gets a log axis. With `groups`
+    (sweep.group_repeats: settings repeated over folds or seeds), a last panel shows each
+    setting's values and their mean +- std, best mean first."""
     finished = [row for row in rows if row["status"] == "ok"
                 and isinstance(row["value"], int | float) and not math.isnan(row["value"])]
     done = finished[:MAX_SWEEP_BARS]  # rows come best first
     settings = [job_settings(row["override_list"]) for row in done]
     keys = swept_keys(settings)[:3]  # each gets a panel; the job labels name them
     names = short_names(keys)
-    height = max(3.0, 0.3 * len(done) + 1.5)
-    figure = new_figure(7 + 4 * len(keys), height)
-    panels = figure.subplots(1, 1 + len(keys), squeeze=False)[0]
+    height = max(3.0, 0.3 * max(len(done), len(groups)) + 1.5)
+    figure = new_figure(7 + 4 * len(keys) + 6 * bool(groups), height)
+    panels = figure.subplots(1, 1 + len(keys) + bool(groups), squeeze=False)[0]
+    if groups:
+        draw_spread(panels[-1], groups[:MAX_SWEEP_BARS], metric)
+        panels = panels[:-1]
     jobs = panels[0]
     labels = [f"{row['job']}: " + (" ".join(f"{names[key]}={rounded(job.get(key, '(default)'))}"
                                             for key in keys) or row["overrides"][:60])
@@ -270,3 +276,18 @@ def sweep_figure(rows: Sequence[dict[str, Any]], metric: str, log_keys: Collecti
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
     return figure
+
+
+def draw_spread(axes, groups: Sequence[dict[str, Any]], metric: str) -> None:
+    """Each setting's jobs as dots, its mean +- sample std as a bar, best mean at the top."""
+    for index, group in enumerate(groups):
+        axes.plot(group["values"], [index] * len(group["values"]), "o", color="tab:blue",
+                  alpha=0.5)
+        axes.errorbar([group["mean"]], [index], xerr=[group["std"]], fmt="D", color="black",
+                      capsize=4)
+    axes.set_yticks(range(len(groups)), [f"{group['setting'][:50]} (n={group['n']})"
+                                         for group in groups], fontsize="small")
+    axes.invert_yaxis()
+    axes.set_xlabel(metric)
+    axes.set_title("by setting over data.fold / seed: mean +- std")
+    axes.grid(axis="x", alpha=0.3)

@@ -137,7 +137,7 @@ def group_repeats(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any
     if all(len(found) < 2 for found in values.values()):
         return []
     groups = [{"setting": name, "mean": statistics.mean(found), "n": len(found),
-               "std": statistics.stdev(found) if len(found) > 1 else 0.0}
+               "std": statistics.stdev(found) if len(found) > 1 else 0.0, "values": found}
               for name, found in values.items()]
     groups.sort(key=lambda group: group["mean"], reverse=direction(metric) == "maximize")
     by_setting = {group["setting"]: group for group in groups}
@@ -201,7 +201,7 @@ class SweepSummary(Callback):
 
             log_keys = log_searched_keys(config.hydra.sweeper.get("params"))
             draw_or_warn(plot_sweep, rows, config.optimized_metric,
-                         os.path.join(sweep_dir, "summary.png"), log_keys)
+                         os.path.join(sweep_dir, "summary.png"), log_keys, groups)
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "

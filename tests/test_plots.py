@@ -19,6 +19,7 @@ from finetune.plots import (
     swept_keys,
 )
 from finetune.run import run
+from finetune.sweep import group_repeats
 
 from conftest import FAST, make_config
 
@@ -131,3 +132,22 @@ def test_a_search_picture_rounds_values_and_puts_log_searched_keys_on_log_axes()
         "0: lr=0.0123 weight_decay=2.35e-05", "1: lr=0.0457 weight_decay=5.5e-05"]
     assert lr.get_xscale() == decay.get_xscale() == "log"
     assert log_searched_keys(params) == {"optimizer.lr", "optimizer.weight_decay"}
+
+
+def test_a_sweep_over_folds_shows_each_settings_spread():
+    def row(job, lr, fold, value):
+        overrides = [f"optimizer.lr={lr}", f"data.fold={fold}"]
+        return {"job": job, "status": "ok", "value": value, "overrides": " ".join(overrides),
+                "override_list": overrides}
+
+    rows = [row("0", 0.1, 0, 0.6), row("1", 0.1, 1, 0.8), row("2", 0.01, 0, 0.9),
+            row("3", 0.01, 1, 0.9)]
+    groups = group_repeats(rows, "best_val_acc")
+    figure = sweep_figure(rows, "best_val_acc", groups=groups)
+    spread = figure.axes[-1]
+    assert [label.get_text() for label in spread.get_yticklabels()] == [
+        "optimizer.lr=0.01 (n=2)", "optimizer.lr=0.1 (n=2)"]  # best mean first
+    dots = [line for line in spread.get_lines() if line.get_marker() == "o"]
+    assert [list(line.get_xdata()) for line in dots] == [[0.9, 0.9], [0.6, 0.8]]
+    means = [line for line in spread.get_lines() if line.get_marker() == "D"]
+    assert [line.get_xdata()[0] for line in means] == pytest.approx([0.9, 0.7])

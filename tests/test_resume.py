@@ -32,6 +32,8 @@ SETUPS = {
         "trainer.accumulate_grad_batches=3", "trainer.early_stopping.patience=5",
         "trainer.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
         "loss.label_smoothing=0.1", "loss.class_weights=balanced"],
+    "timm backbone, gradual unfreezing": ["backbone.name=timm/convnext_atto", "freeze=[@backbone]",
+                                          "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],
 }
 SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
 
