@@ -407,6 +407,14 @@ def validate(cfg: DictConfig) -> None:
         check(cfg.data[key] >= 0, f"data.{key}", cfg.data[key], "use 0 (off) or more, e.g. 0.2")
     if is_multi_label(cfg.data):
         problems += multi_label_problems(cfg)
+    else:
+        only_multi = ("val_map", "val_micro_f1")
+        check(cfg.optimized_metric.split("_", 1)[-1] not in only_multi, "optimized_metric",
+              cfg.optimized_metric, "val_map and val_micro_f1 are scores of multi-label data "
+              "(data.label_delimiter or data.label_columns); use best_val_acc, best_val_loss, "
+              "best_val_balanced_acc or best_val_macro_f1")
+        check(stopping.monitor not in only_multi, "trainer.early_stopping.monitor",
+              stopping.monitor, "val_map is a score of multi-label data; use val_loss or val_acc")
     check(0 < cfg.predict.threshold < 1, "predict.threshold", cfg.predict.threshold,
           "use a probability between 0 and 1, e.g. 0.5")
     check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",

@@ -152,6 +152,13 @@ def test_a_multi_label_run_trains_evaluates_and_predicts(shapes, tmp_path):
         shown = [float(p) for p in row["probabilities"].split(";")] if listed else []
         assert shown == pytest.approx(over, abs=1e-4)
 
+    probe = tmp_path / "probe"  # the frozen backbone's outputs cached, 0/1 targets beside them
+    probing = [item for item in overrides if item != "freeze=[]" and "max_epochs" not in item]
+    run(make_config(*probing, "experiment=linear_probe", "trainer.max_epochs=1",
+                    f"trainer.cache_dir={tmp_path}/cache"), str(probe))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert json.loads((probe / "summary.json").read_text())["best_val_map"] > 0.5
+
 
 def gather_on_rank(rank, store, results):
     """One of two gloo processes: validation scores of its own images, then every rank's."""
@@ -182,3 +189,12 @@ def test_under_torchrun_every_rank_scores_all_validation_images(tmp_path):
     for _, probabilities, targets in gathered:
         assert torch.equal(torch.tensor(probabilities), expected)
         assert targets == [[1.0, 0.0], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("optimized_metric=best_val_map", "val_map and val_micro_f1 are scores of multi-label data"),
+    ("trainer.early_stopping.monitor=val_map", "val_map is a score of multi-label data"),
+])
+def test_multi_label_scores_are_refused_for_single_label_data(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_config(setting))
