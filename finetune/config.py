@@ -68,6 +68,10 @@ class ImageFolderDataConfig(DataConfig):
     augment: str = "none"
     bad_images: str = "skip"  # skip (one warning naming each file) | fail (an error naming them)
     use_weights_transform: bool = True  # with pretrained weights, use their preprocessing
+    # decode and resize each file once, then read the result back (under trainer.cache_dir):
+    # auto (when it fits in cache_max_gb) | true | false
+    cache_images: str = "auto"
+    cache_max_gb: float = 20.0  # the image cache folder's bound; older entries go first
 
 
 @dataclass
@@ -86,6 +90,8 @@ class CsvDataConfig(DataConfig):
     augment: str = "none"  # as data=imagefolder's
     bad_images: str = "skip"  # as data=imagefolder's
     use_weights_transform: bool = True
+    cache_images: str = "auto"  # as data=imagefolder's
+    cache_max_gb: float = 20.0
 
 
 @dataclass
@@ -384,6 +390,10 @@ def validate(cfg: DictConfig) -> None:
               cfg.data.augment, "use " + ", ".join(AUGMENT_POLICIES))
         check(cfg.data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", cfg.data.bad_images,
               "use skip (leave them out, with one warning naming each) or fail")
+        check(str(cfg.data.cache_images).lower() in CACHE_SETTINGS, "data.cache_images",
+              cfg.data.cache_images, "use auto, true or false")
+        check(cfg.data.cache_max_gb > 0, "data.cache_max_gb", cfg.data.cache_max_gb,
+              "use a positive number of GiB")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
           cfg.trainer.accumulate_grad_batches, "use 1 (a step every batch) or more")
     check(cfg.trainer.ema_decay is None or 0 < cfg.trainer.ema_decay < 1, "trainer.ema_decay",

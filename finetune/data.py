@@ -45,6 +45,7 @@ class Data:
     random_augmentation: bool = False  # training images differ from epoch to epoch
     mix: Callable | None = None  # MixUp/CutMix on training batches: (images, labels) -> soft
     multi_label: bool = False  # targets are 0/1 vectors over the classes (data.label_delimiter)
+    image_cache: str | None = None  # data.cache_images's decision, for image files only
 
     @property
     def num_classes(self) -> int:
@@ -96,28 +97,44 @@ def digits_tensors(cfg: DictConfig, spec: InputSpec):
     return split(train_index), split(val_index), class_names
 
 
-def image_transforms(spec: InputSpec, augment: str = "none"):
-    """(training, evaluation) transforms; `augment` (data.augment) changes training only."""
-    to_tensor = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
-    evaluation = transforms.Compose([
-        transforms.Resize(spec.resize_size, interpolation=spec.interpolation),
-        transforms.CenterCrop(spec.image_size), *to_tensor])
+class Prepared:
+    """An image's preparation in two parts: `fixed` turns a PIL image into a uint8 tensor the
+    same way every epoch (resize, perhaps a center crop: what the decoded-image cache keeps,
+    finetune/image_cache.py), then `varying` does the rest on that tensor (random
+    augmentation, scaling to [0, 1], normalization). With or without the cache an image
+    goes through the same steps, so both give the same batches."""
+
+    def __init__(self, fixed: v2.Compose, varying: v2.Compose):
+        self.fixed, self.varying = fixed, varying
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.varying(self.fixed(image))
+
+    def __repr__(self) -> str:
+        return f"Prepared(fixed={self.fixed!r}, varying={self.varying!r})"
+
+
+def image_transforms(spec: InputSpec, augment: str = "none") -> tuple[Prepared, Prepared]:
+    """(training, evaluation) preparations; `augment` (data.augment) changes training only.
+    Evaluation: resize, center crop. Random-crop policies crop from the image resized to its
+    short side (spec.resize_size), on uint8 tensors, as FFCV-style pipelines do."""
+    resize = v2.Resize(spec.resize_size, interpolation=spec.interpolation)
+    center = [resize, v2.CenterCrop(spec.image_size), v2.PILToTensor()]
+    scale = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    evaluation = Prepared(v2.Compose(center), v2.Compose(scale))
     policy = augment_policy(augment)
     if policy == "none":
         return evaluation, evaluation
     if policy == "flip":
-        crop = [v2.Resize(spec.resize_size, interpolation=spec.interpolation),
-                v2.CenterCrop(spec.image_size)]
-    else:
-        crop = [v2.RandomResizedCrop(spec.image_size, interpolation=spec.interpolation)]
-    training = v2.Compose([*crop, v2.RandomHorizontalFlip(), *POLICIES.get(policy, []),
-                           v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(spec.mean, spec.std)])
+        return Prepared(v2.Compose(center), v2.Compose([v2.RandomHorizontalFlip(), *scale])), evaluation
+    crop = v2.RandomResizedCrop(spec.image_size, interpolation=spec.interpolation)
+    training = Prepared(v2.Compose([resize, v2.PILToTensor()]),
+                        v2.Compose([crop, v2.RandomHorizontalFlip(), *POLICIES.get(policy, []),
+                                    *scale]))
     return training, evaluation
 
 
-# data.augment's policies on top of a random resized crop and a flip (on PIL images, before
-# the tensor conversion, as torchvision's reference recipes apply them)
+# data.augment's policies on top of a random resized crop and a flip
 POLICIES = {"randaugment": [v2.RandAugment()], "trivialaugment": [v2.TrivialAugmentWide()],
             "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]}
 
@@ -193,9 +210,10 @@ class CheckedImageFolder(datasets.ImageFolder):
     A file that breaks later (a truncated JPEG passes the check) is named in the error, or
     skipped with a warning, instead of crashing a loader worker anonymously."""
 
-    def __init__(self, root: str, transform, skip: bool):
+    def __init__(self, root: str, transform: Prepared, skip: bool):
         super().__init__(root, transform=transform)
         self.skip = skip
+        self.decoded = None  # image_cache.DecodedImages: the fixed part, read back
         bad = unreadable([path for path, _ in self.samples])
         named = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
         if bad and not skip:
@@ -210,6 +228,9 @@ class CheckedImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
+        if self.decoded is not None:  # None: unreadable when the entry was built (it said so)
+            image = self.decoded.get(index)
+            return None if image is None else (self.transform.varying(image), target)
         try:
             image = self.loader(path)
         except Exception as error:
@@ -356,17 +377,38 @@ def builder(cfg: DictConfig):
 
 
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
-               shard: Shard | None = None) -> Data:
+               shard: Shard | None = None, cache_dir: str | None = None) -> Data:
     train, val, class_names = builder(cfg)(cfg, spec)
     if cfg.get("folds") is not None:
         train, val = cross_validation_fold(cfg, train, val)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the training or validation set is empty.")
+    image_cache = attach_image_caches(cfg, (train, val), cache_dir) if cache_dir else None
     mix = batch_mixing(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
     return Data(make_loader(train, cfg, True, seed, pin_memory, shard),
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
-                or mix is not None, mix=mix, multi_label=is_multi_label(cfg))
+                or mix is not None, mix=mix, multi_label=is_multi_label(cfg),
+                image_cache=image_cache)
+
+
+def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_dir: str) -> str | None:
+    """data.cache_images: each image dataset reads its fixed part from its cache entry
+    (finetune/image_cache.py); the decision for the start-up report (None: no image files)."""
+    from finetune import image_cache
+
+    files = [getattr(dataset, "dataset", dataset) for dataset in datasets]  # a fold's Subset
+    files = [dataset for dataset in files if isinstance(dataset, CheckedImageFolder)]
+    if not files:
+        return None
+    size = sum(image_cache.estimated_bytes([path for path, _ in dataset.samples],
+                                           dataset.transform.fixed) for dataset in files)
+    decision = image_cache.decide(str(cfg.cache_images).lower(), sum(map(len, files)), size,
+                                  cfg.cache_max_gb)
+    if decision.enabled:
+        built = [image_cache.attach(dataset, cache_dir, cfg.cache_max_gb) for dataset in files]
+        decision.reason += "; built now" if any(built) else "; read from the cache"
+    return decision.reason
 
 
 FOLD_SEED = 0  # the folds are fixed, whatever the run's seed

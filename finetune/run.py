@@ -142,7 +142,7 @@ def build(cfg: DictConfig) -> Setup:
     spec = input_spec(backbone, weights, cfg.backbone.name, cfg.data.image_size,
                       cfg.data.get("use_weights_transform", False))
     data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
-                      shard=distributed.shard())
+                      shard=distributed.shard(), cache_dir=cfg.trainer.cache_dir)
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
@@ -268,6 +268,8 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
     lines.append(f"feature cache: {setup.cache.reason}")
+    if setup.data.image_cache is not None:
+        lines.append(f"image cache: {setup.data.image_cache}")
     lines.append(f"recipe: {recipe(cfg)}")
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]

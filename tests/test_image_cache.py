@@ -1,0 +1,130 @@
+"""data.cache_images: image files decoded and resized once, read back from disk after that,
+giving the same batches; a changed file, a truncated entry or a full folder handled."""
+
+import logging
+import multiprocessing
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.errors import ConfigError
+from finetune.run import build
+
+from conftest import FAST, HANG_SECONDS, make_config
+
+CLASSES = ("cats", "dogs")
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    """root/{train,val}/<class>/*.jpg: 6 and 2 per class, of different sizes and shapes."""
+    root, rng = tmp_path / "jpegs", random.Random(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for index, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for number in range(count):
+                size = (rng.randrange(30, 60), rng.randrange(30, 60))
+                pixels = bytes(min(255, 100 * index + rng.randrange(120))
+                               for _ in range(size[0] * size[1] * 3))
+                Image.frombytes("RGB", size, pixels).save(root / split / name / f"{number}.jpg", quality=90)
+    return root
+
+
+def setup(root, cache_dir, *overrides):
+    return build(make_config(*FAST[:2], "data=imagefolder", f"data.root={root}",
+                             "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
+                             "trainer.device=cpu", f"trainer.cache_dir={cache_dir}", *overrides))
+
+
+def batches(built, split="train"):
+    loader = built.data.train_loader if split == "train" else built.data.val_loader
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def entries(cache_dir):
+    return sorted(path.name for path in (cache_dir / "images").glob("*.u8"))
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "trivialaugment"])
+def test_the_cache_gives_the_batches_the_files_give(jpegs, tmp_path, augment):
+    torch.manual_seed(0)
+    without = batches(setup(jpegs, tmp_path / "cache", f"data.augment={augment}",
+                            "data.cache_images=false"))
+    torch.manual_seed(0)
+    cached = setup(jpegs, tmp_path / "cache", f"data.augment={augment}", "data.cache_images=true")
+    assert cached.data.image_cache.startswith("on: 16 images") and "built now" in cached.data.image_cache
+    with_cache = batches(cached)
+    assert len(without) == len(with_cache) == 3
+    for (images, labels), (cached_images, cached_labels) in zip(without, with_cache, strict=True):
+        assert torch.equal(images, cached_images) and torch.equal(labels, cached_labels)
+
+
+def test_a_second_run_reads_the_entry_and_a_changed_file_rebuilds_it(jpegs, tmp_path):
+    first = setup(jpegs, tmp_path / "cache")
+    assert "built now" in first.data.image_cache
+    before = entries(tmp_path / "cache")
+    second = setup(jpegs, tmp_path / "cache")
+    assert "read from the cache" in second.data.image_cache and entries(tmp_path / "cache") == before
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(jpegs / "val" / "cats" / "0.jpg")
+    changed = setup(jpegs, tmp_path / "cache")
+    assert "built now" in changed.data.image_cache  # the val entry: the train one still hits
+    images, _ = batches(changed, "val")[0]
+    assert torch.equal(images[0], batches(setup(jpegs, tmp_path / "other", "data.cache_images=false"),
+                                          "val")[0][0][0])  # the new picture, not the old
+
+
+def test_a_truncated_entry_is_rebuilt(jpegs, tmp_path, caplog):
+    setup(jpegs, tmp_path / "cache")
+    for entry in (tmp_path / "cache" / "images").glob("*.u8"):
+        entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again = setup(jpegs, tmp_path / "cache")
+    assert "incomplete or stale; rebuilding it" in caplog.text and "built now" in again.data.image_cache
+    expected = batches(setup(jpegs, tmp_path / "other", "data.cache_images=false"), "val")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches(again, "val"), expected, strict=True))
+
+
+def build_in_child(root, cache_dir) -> None:
+    setup(root, cache_dir)
+
+
+def test_two_runs_building_the_same_entry_at_once_both_succeed(jpegs, tmp_path):
+    context = multiprocessing.get_context("fork")  # no second import of torch
+    workers = [context.Process(target=build_in_child, args=(jpegs, tmp_path / "cache"))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=HANG_SECONDS)
+        assert worker.exitcode == 0
+    assert "read from the cache" in setup(jpegs, tmp_path / "cache").data.image_cache
+
+
+def test_the_folder_stays_under_its_bound(jpegs, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.cache_images=true: 16 images would take .* GiB, "
+                                          r"over data.cache_max_gb=1e-06"):
+        setup(jpegs, tmp_path / "cache", "data.cache_images=true", "data.cache_max_gb=1e-6")
+    off = setup(jpegs, tmp_path / "cache", "data.cache_max_gb=1e-6")
+    assert off.data.image_cache.startswith("off: 16 images would take")
+    entry = 16 * 3 * 32 * 32  # each image resized and cropped to 32x32, uint8
+    setup(jpegs, tmp_path / "cache")  # a train and a val entry
+    assert len(entries(tmp_path / "cache")) == 2
+    # 64x64 images (4 x the bytes) under a bound of 4.5 x the first run's: its older entries
+    # go as far as needed (a part of them), the new ones stay
+    bound = [f"data.cache_max_gb={4.5 * entry / 2**30}", "data.image_size=64"]
+    setup(jpegs, tmp_path / "cache", *bound)
+    assert len(entries(tmp_path / "cache")) == 3
+    held = sum(path.stat().st_size for path in (tmp_path / "cache" / "images").iterdir())
+    assert 4 * entry < held <= 4.5 * entry
+    assert "read from the cache" in setup(jpegs, tmp_path / "cache", *bound).data.image_cache
+
+
+def test_a_file_that_became_unreadable_is_still_named(jpegs, tmp_path, caplog):
+    setup(jpegs, tmp_path / "cache")
+    (jpegs / "train" / "dogs" / "3.jpg").write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        again = setup(jpegs, tmp_path / "cache")
+    assert "leaving out 1 unreadable image file(s)" in caplog.text and "dogs/3.jpg" in caplog.text
+    assert len(again.data.train_loader.dataset) == 11
