@@ -1,6 +1,6 @@
 """This tool against a bare PyTorch loop doing the same work, in one invocation.
 
-    python benchmarks/speed.py [--repeats 5]           # items 1-5 on the CPU
+    python benchmarks/speed.py [--repeats 5]           # items 1-8 on the CPU
     python benchmarks/speed.py --gpu [--repeats 3]     # items 1-2 on a CUDA GPU
 
 The bare loop is the seed recipe written out by hand: Net(pretrained, add_layers), freezing
@@ -22,6 +22,15 @@ Each item is measured --repeats times and the median ratio printed as a Markdown
    also the same ratio counting only what each run adds to the memory its imports take
 5. `python train.py --help` wall time / `python -c "import torch"` wall time
 
+On a folder of 3,000 JPEGs (256x256, quality 90, 10 classes; benchmarks/jpeg_data.py draws
+it once), against torchvision's ImageFolder + PIL transforms + DataLoader with the same two
+workers (`--folder` runs these alone):
+
+7. the training loader alone, epoch 2: tool images/s / bare images/s, at 112x112 (resize
+   128, center crop); 7b the same with a random resized crop and a flip
+8. full fine-tuning of mobilenet_v3_small at 112x112, 3 epochs: tool / bare time per epoch
+   over epochs 2-3 (the tool's first epoch reads the image cache it built at start-up)
+
 The bare loop draws no pictures, so the tool runs with plots=false in items 1-4; what the
 default plots=auto adds is measured on its own (row 6: item 2's linear probe with plots on
 / the same with plots off; no target).
@@ -41,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `finetune` is importable
+sys.path.insert(0, str(ROOT / "benchmarks"))  # and its data modules
 LINEAR_PROBE = ["freeze=[pretrained]", "optimizer.lr=0.1", "trainer.max_epochs=10"]
 FULL = ["freeze=[]", "trainer.max_epochs=3"]
 
@@ -272,6 +282,130 @@ def help_ratio() -> tuple[float, str]:
     return cli / torch, f"{cli:.2f} s / {torch:.2f} s"
 
 
+# --- a folder of JPEGs (items 7 and 8) ----------------------------------------------------
+
+FOLDER_WORK = Work("mobilenet_v3_small", 112)  # small enough that decoding matters on a CPU
+FOLDER_WORKERS = 2  # loader processes, the same on both sides
+
+
+def bare_folder_loaders(root: Path, augment: bool, image_size: int = FOLDER_WORK.image_size):
+    """torchvision's ImageFolder, PIL transforms and a DataLoader, as a user writes them."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from finetune.model import IMAGENET_MEAN, IMAGENET_STD
+
+    to_tensor = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    center = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    random_crop = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    train = datasets.ImageFolder(str(root / "train"),
+                                 T.Compose([*(random_crop if augment else center), *to_tensor]))
+    val = datasets.ImageFolder(str(root / "val"), T.Compose([*center, *to_tensor]))
+    return (DataLoader(train, batch_size=64, shuffle=True, num_workers=FOLDER_WORKERS),
+            DataLoader(val, batch_size=64, num_workers=FOLDER_WORKERS))
+
+
+def images_per_second(loader, epochs: int = 2) -> list[float]:
+    """Each epoch's images per second through a loader, nothing else done with them."""
+    rates = []
+    for _ in range(epochs):
+        started, count = time.perf_counter(), 0
+        for images, _ in loader:
+            count += len(images)
+        rates.append(count / (time.perf_counter() - started))
+    return rates
+
+
+def tool_folder_overrides(root: Path, augment: bool) -> list[str]:
+    return ["data=imagefolder", f"data.root={root}", f"data.num_workers={FOLDER_WORKERS}",
+            f"data.augment={'light' if augment else 'none'}"]
+
+
+def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
+    """Item 7: the training loader alone, epoch 2: tool images/s / bare images/s."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune.config import register_schemas
+    from finetune.run import build
+
+    bare = images_per_second(bare_folder_loaders(root, augment)[0])
+    register_schemas()
+    with tempfile.TemporaryDirectory() as folder, \
+            initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            *FOLDER_WORK.overrides(), *tool_folder_overrides(root, augment),
+            f"trainer.cache_dir={folder}"])
+        started = time.perf_counter()
+        setup = build(cfg)  # the image cache is filled here, once
+        built = time.perf_counter() - started
+        loader = setup.data.train_loader
+        tool = images_per_second(loader)
+    how = (f"{loader.num_workers} workers" if loader.num_workers
+           else "whole batches read from the cache in the main process")
+    return tool[1] / bare[1], (f"tool {tool[1]:.0f} images/s (epoch 1: {tool[0]:.0f}; {how}; "
+                               f"start-up with the cache built: {built:.1f} s), bare "
+                               f"{bare[1]:.0f} images/s (epoch 1: {bare[0]:.0f}; "
+                               f"{FOLDER_WORKERS} workers)")
+
+
+def bare_folder_finetune(root: Path, epochs: int, work: Work = FOLDER_WORK) -> list[float]:
+    """Full fine-tuning on the folder by hand: each epoch's seconds (train + validation)."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(work.backbone)
+    if work.backbone.startswith("resnet"):
+        net.fc = nn.Linear(net.fc.in_features, 10)
+    else:  # mobilenet_v3: its last classifier layer
+        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, 10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train, val = bare_folder_loaders(root, augment=False, image_size=work.image_size)
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        net.train()
+        for images, labels in train:
+            loss = nn.functional.cross_entropy(net(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in val:
+                correct += (net(images).argmax(dim=1) == labels).sum().item()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def folder_finetune_ratio(root: Path) -> tuple[float, str]:
+    """Item 8: full fine-tuning on the folder, 3 epochs: tool / bare time per epoch, 2-3."""
+    bare = bare_folder_finetune(root, 3)
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = tool_run([*tool_folder_overrides(root, False), "freeze=[]", "trainer.max_epochs=3"],
+                           Path(folder), FOLDER_WORK)
+        tool = epoch_seconds(run_dir)
+    ratio = statistics.mean(tool[1:]) / statistics.mean(bare[1:])
+    return ratio, (f"tool {', '.join(f'{s:.1f}' for s in tool)} s, bare "
+                   f"{', '.join(f'{s:.1f}' for s in bare)} s per epoch ({FOLDER_WORK.backbone} at "
+                   f"{FOLDER_WORK.image_size}, {FOLDER_WORKERS} workers each; epochs 2-3 compared)")
+
+
+def folder_rows(repeats: int) -> list[tuple]:
+    import jpeg_data
+
+    root = jpeg_data.jpeg_folder()
+    return [("7. image folder, training loader alone, epoch 2: images/s", ">= 5",
+             *median_of(repeats, lambda _: pipeline_ratio(root, augment=False))),
+            ("7b. the same with random resized crop + flip", ">= 3",
+             *median_of(repeats, lambda _: pipeline_ratio(root, augment=True))),
+            ("8. image folder, full fine-tuning, 3 epochs: time per epoch", "<= 0.7",
+             *median_of(repeats, lambda _: folder_finetune_ratio(root)))]
+
+
 def median_of(repeats: int, measure) -> tuple[float, str]:
     """`measure(repeat)` `repeats` times: the median ratio and the details of that run."""
     results = [measure(repeat) for repeat in range(repeats)]
@@ -296,7 +430,7 @@ def cpu_rows(repeats: int) -> list[tuple]:
                  *median_of(repeats, lambda _: help_ratio())))
     rows.append(("6. what plots=auto adds: item 2's probe with plots / without", "(cost)",
                  *median_of(repeats, plots_cost)))
-    return rows
+    return rows + folder_rows(repeats)
 
 
 def gpu_rows(repeats: int) -> list[tuple]:
@@ -314,6 +448,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true", help="items 1-2 on a CUDA GPU")
+    parser.add_argument("--folder", action="store_true", help="items 7-8 only (a JPEG folder)")
     parser.add_argument("--bare-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_probe:
@@ -322,7 +457,10 @@ def main() -> None:
 
     import torch
     logging.disable(logging.INFO)  # the tool's per-epoch log lines would drown the table
-    rows = gpu_rows(args.repeats) if args.gpu else cpu_rows(args.repeats)
+    if args.gpu:
+        rows = gpu_rows(args.repeats)
+    else:
+        rows = folder_rows(args.repeats) if args.folder else cpu_rows(args.repeats)
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"Python {platform.python_version()}, torch {torch.__version__}, "
           f"median of {args.repeats} runs\n")

@@ -214,6 +214,7 @@ class CheckedImageFolder(datasets.ImageFolder):
         super().__init__(root, transform=transform)
         self.skip = skip
         self.decoded = None  # image_cache.DecodedImages: the fixed part, read back
+        self.whole_batches = False  # the cache's batches are read whole (image_cache.read_batch)
         bad = unreadable([path for path, _ in self.samples])
         named = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
         if bad and not skip:
@@ -225,6 +226,14 @@ class CheckedImageFolder(datasets.ImageFolder):
                         len(bad), root, named)
             self.samples = [sample for sample in self.samples if sample[0] not in bad]
             self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+
+    def __getitems__(self, indices: list[int]):
+        """A batch's samples (what DataLoader fetches), or the batch itself, read whole."""
+        if self.whole_batches:
+            from finetune.image_cache import read_batch
+
+            return ReadWhole(read_batch(self, indices))
+        return [self[index] for index in indices]
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -278,9 +287,18 @@ def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("tra
     return train, val, classes
 
 
-def collate_readable(batch: list):
+@dataclass
+class ReadWhole:
+    """A batch a dataset read whole: (images, labels), or None when none was readable."""
+
+    batch: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def collate_readable(batch: "list | ReadWhole"):
     """default_collate over the samples that could be read (CheckedImageFolder gives None);
-    None when there are none."""
+    None when there are none. A batch read whole is already one."""
+    if isinstance(batch, ReadWhole):
+        return batch.batch
     readable = [sample for sample in batch if sample is not None]
     return default_collate(readable) if readable else None
 
@@ -309,8 +327,10 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
     order = index_order(dataset, training, generator, seed, shard)
     if isinstance(dataset, TensorDataset):
         return tensor_loader(dataset, cfg.batch_size, order, drop_last, generator)
+    whole = getattr(getattr(dataset, "dataset", dataset), "whole_batches", False)  # a fold's Subset
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers,
+        dataset, batch_size=cfg.batch_size, sampler=order,
+        num_workers=0 if whole else cfg.num_workers,  # read from the image cache: no decoding
         # no persistent workers: each epoch's workers then take their seeds from `generator`,
         # which checkpoints save, so a resumed run shuffles and augments as an unbroken one
         pin_memory=pin_memory, drop_last=drop_last, generator=generator,

@@ -68,6 +68,35 @@ class DecodedImages:
         return torch.from_numpy(np.array(self.mapped[offset:offset + size])).view(channels, height, width)
 
 
+def read_batch(dataset, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Images `positions` of a dataset that batch_readable accepts, read whole: its uint8
+    images stacked, then prepared at once (the same numbers as one by one); None when all
+    of them were unreadable."""
+    decoded = dataset.decoded
+    readable = [position for position in positions if decoded.index[position, 1] > 0]
+    if not readable:
+        return None
+    images = torch.stack([decoded.get(position) for position in readable])
+    targets = [dataset.samples[position][1] for position in readable]
+    labels = torch.stack(targets) if torch.is_tensor(targets[0]) else torch.tensor(targets)
+    return dataset.transform.varying(images), labels
+
+
+def batch_readable(dataset) -> bool:
+    """Whether read_batch can read `dataset`: cached, one image shape, nothing random after
+    the cache (scaling and normalization only: validation, or training without
+    augmentation). Such batches need no loader workers: nothing is decoded."""
+    from torchvision.transforms import v2
+
+    decoded = getattr(dataset, "decoded", None)
+    if decoded is None or len(decoded) == 0:
+        return False
+    shapes = decoded.index[:, 1:][decoded.index[:, 1] > 0]
+    one_shape = len(shapes) > 0 and bool((shapes == shapes[0]).all())
+    steps = dataset.transform.varying.transforms
+    return one_shape and all(isinstance(step, v2.ToDtype | v2.Normalize) for step in steps)
+
+
 def entry_key(paths: list[str], fixed: object) -> str:
     """Everything the cached tensors depend on: the files as they are now, the fixed
     transform and the libraries that decode and resize."""
@@ -191,6 +220,7 @@ def make_room(folder: str, needed: int, max_gb: float, keep: str) -> list[str]:
 def attach(dataset, cache_dir: str, max_gb: float) -> bool:
     """Give an image dataset its entry (dataset.decoded); whether this call built it."""
     dataset.decoded, built = cached_images(dataset, cache_dir, max_gb)
+    dataset.whole_batches = batch_readable(dataset)
     return built
 
 

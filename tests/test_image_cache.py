@@ -55,6 +55,9 @@ def test_the_cache_gives_the_batches_the_files_give(jpegs, tmp_path, augment):
     torch.manual_seed(0)
     cached = setup(jpegs, tmp_path / "cache", f"data.augment={augment}", "data.cache_images=true")
     assert cached.data.image_cache.startswith("on: 16 images") and "built now" in cached.data.image_cache
+    # without random steps after the cache, batches are read whole, in this process
+    assert cached.data.train_loader.dataset.whole_batches == (augment == "none")
+    assert cached.data.val_loader.dataset.whole_batches and cached.data.val_loader.num_workers == 0
     with_cache = batches(cached)
     assert len(without) == len(with_cache) == 3
     for (images, labels), (cached_images, cached_labels) in zip(without, with_cache, strict=True):
