@@ -173,6 +173,13 @@ class LrFindConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str = "onnx"  # onnx | torchscript | exported_program
+    tolerance: float = 1e-3  # the largest logit difference from the checkpoint allowed
+    parity_images: int = 32  # validation images the exported model is checked on
+
+
+@dataclass
 class PredictConfig:
     # multi-label data: a label is predicted when its probability is at least this (also the
     # F1 scores' threshold in validation and mode=evaluate)
@@ -217,6 +224,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)  # mode=lr_find
     predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)  # mode=export
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -227,7 +235,7 @@ class Config:
     # what train.py returns to sweepers; conf/config.yaml: best_val_acc, or best_val_map for
     # multi-label data (the finetune_default_metric resolver)
     optimized_metric: str = "best_val_acc"
-    mode: str = "train"  # train | evaluate | predict (both need `checkpoint`) | lr_find
+    mode: str = "train"  # train | evaluate | predict | export (these need `checkpoint`) | lr_find
     resume: str | None = None  # a run directory, or latest: continue it from its last.pt
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
@@ -251,7 +259,8 @@ EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "val_
 MULTI_LABEL_SCORES = ("val_loss", "val_macro_f1", "val_map", "val_micro_f1")
 OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
-MODES = ("train", "evaluate", "predict", "lr_find")
+MODES = ("train", "evaluate", "predict", "lr_find", "export")
+EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
@@ -370,12 +379,19 @@ def validate(cfg: DictConfig) -> None:
           cfg.trainer.cache_features, "use auto, true or false")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision,
           "use 32, bf16 or 16-mixed")
-    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate, predict or lr_find")
-    check(cfg.mode not in ("evaluate", "predict") or cfg.checkpoint is not None, "checkpoint",
+    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate, predict, export or lr_find")
+    check(cfg.mode not in ("evaluate", "predict", "export") or cfg.checkpoint is not None, "checkpoint",
           cfg.checkpoint,
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
           cfg.predict_input, "mode=predict needs predict_input=FOLDER, a folder of images")
+    check(cfg.export.format in EXPORT_FORMATS, "export.format", cfg.export.format,
+          "use onnx, torchscript or exported_program")
+    check(cfg.export.tolerance >= 0, "export.tolerance", cfg.export.tolerance, "use 0 or more")
+    check(cfg.export.parity_images >= 1, "export.parity_images", cfg.export.parity_images,
+          "use 1 or more")
+    check(cfg.mode != "export" or str(cfg.checkpoint).endswith(".pt"), "checkpoint",
+          cfg.checkpoint, "mode=export exports a run's checkpoint: give its best.pt or last.pt")
     check(cfg.tta in TTA_SETTINGS, "tta", cfg.tta,
           "use none, or hflip (average each image's logits with its mirror image's)")
     check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,

@@ -71,7 +71,8 @@ class LoadedModel:
             transform = self.transform()
             images = torch.stack([transform(as_rgb(item)) for item in
                                   ([images] if single else images)])
-        step = Step(self.net, next(self.net.parameters()).device, wrap=augmented(tta),
+        device = next(self.net.parameters(), torch.zeros(0)).device  # an ONNX model: the CPU
+        step = Step(self.net, device, wrap=augmented(tta),
                     multi_label=self.multi_label)
         with torch.inference_mode():
             probabilities = torch.cat([class_probabilities(step, chunk)
@@ -108,12 +109,18 @@ def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
 
 def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkpoint",
                trust: Sequence[str] = ()) -> LoadedModel:
-    """The model a run saved in `path` (last.pt or best.pt), in eval mode, on `device`.
+    """The model a run saved in `path` (last.pt or best.pt, or an exported model.onnx with
+    its model.json), in eval mode, on `device`.
 
     The file is untrusted: its saved head may name torch.nn layers only, unless `trust`
     allows more (finetune/trust.py); nothing is downloaded (the backbone is built from
     random init and the saved weights loaded over it).
     """
+    if str(path).endswith(".onnx"):  # mode=export's file, with its model.json
+        from finetune.export import load_exported
+
+        model = load_exported(path)
+        return LoadedModel(model.net.to(device), model.class_names, model.input_spec, model.config)
     checkpoint = read_run_checkpoint(path, key)
     record, source = checkpoint["run"], f"{key}={path!r}"
     refuse_interpolations(record["config"], source)

@@ -316,6 +316,10 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         from finetune.inference import run_inference
 
         return run_inference(cfg, run_dir, plots, overrides)
+    if cfg.mode == "export":
+        from finetune.export import run_export
+
+        return run_export(cfg, run_dir, list(overrides))
     summary = RunSummary(run_dir, overrides)  # its clock starts here
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)

@@ -1,0 +1,215 @@
+"""Export stage (mode=export): a checkpoint -> a model file other runtimes serve, checked.
+
+`export.format` is onnx (run by ONNX Runtime), torchscript or exported_program (torch.export).
+The file holds the Net, images in and logits out, with a batch size chosen at run time;
+beside it, model.json says what using it needs: the class names, the input size and
+normalization, single- or multi-label, and the versions that wrote it.
+
+Parity is checked, not assumed: before the file takes its name, the exported model runs on
+a batch of the checkpoint's own validation images, and on one image alone (a different
+batch size), and its logits are compared with the PyTorch model's. The largest difference
+is printed; one above `export.tolerance` fails the export and leaves no file behind.
+
+An exported ONNX model is also a `checkpoint=` for mode=evaluate and mode=predict
+(`load_exported`): its model.json is untrusted input, read as data and checked.
+"""
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from finetune.errors import ConfigError, TrainingFailed
+from finetune.files import write_json
+
+log = logging.getLogger(__name__)
+
+FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported_program": "model.pt2"}
+DESCRIPTION_FORMAT = 1  # model.json's layout
+
+
+def run_export(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float:
+    """Write the exported model and model.json into run_dir; the largest logit difference."""
+    from finetune.inference import load_model
+
+    model = load_model(os.path.expanduser(cfg.checkpoint), "cpu", trust=cfg.trust)
+    images = parity_images(cfg, model, overrides)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, FILES[cfg.export.format])
+    temporary = path + ".incomplete"
+    try:
+        export_to(cfg.export.format, model.net, images, temporary)
+        difference = parity(cfg.export.format, model.net, images, temporary)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    if difference > cfg.export.tolerance:
+        os.remove(temporary)
+        raise TrainingFailed(f"export.format={cfg.export.format}: the exported model's logits differ "
+                             f"from the checkpoint's by up to {difference:.3g}, over "
+                             f"export.tolerance={cfg.export.tolerance:g}; nothing was written.")
+    os.replace(temporary, path)
+    description = describe(cfg, model, os.path.basename(path))
+    write_json(description, os.path.join(run_dir, "model.json"))
+    log.info("exported %s to %s (and model.json beside it): the largest logit difference from "
+             "the checkpoint is %.3g on %d validation images and on 1 alone (export.tolerance=%g)",
+             cfg.checkpoint, path, difference, len(images), cfg.export.tolerance)
+    return difference
+
+
+def parity_images(cfg: DictConfig, model: Any, overrides: list[str]) -> torch.Tensor:
+    """Up to export.parity_images of the checkpoint's validation images, prepared as
+    validation prepares them."""
+    from finetune.data import validation_data
+    from finetune.inference import evaluation_data
+
+    data_cfg = evaluation_data(cfg, model.config["data"], overrides)
+    loader, _ = validation_data(data_cfg, model.input_spec, cfg.seed)
+    batches, count = [], 0
+    for batch in loader:
+        if batch is None:
+            continue
+        batches.append(batch[0])
+        count += len(batch[0])
+        if count >= cfg.export.parity_images:
+            break
+    if not batches:
+        raise ConfigError(f"data={data_cfg.name}: no readable validation image to check the "
+                          "export on.")
+    return torch.cat(batches)[:cfg.export.parity_images]
+
+
+class Logits(nn.Module):
+    """The Net as exported: float32 logits, whatever the training precision."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).float()
+
+
+def export_to(format_name: str, net: nn.Module, images: torch.Tensor, path: str) -> None:
+    module = Logits(net).eval()
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        if format_name == "onnx":
+            for name in ("onnxscript", "onnx_ir"):  # their graph passes, one line each
+                logging.getLogger(name).setLevel(logging.WARNING)
+            program = torch.onnx.export(module, (images,), dynamo=True, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},),
+                                        verbose=False)
+            program.save(path)
+        elif format_name == "torchscript":
+            torch.jit.save(torch.jit.trace(module, images), path)
+        else:
+            torch.export.save(torch.export.export(module, (images,), dynamic_shapes=({0: batch},)),
+                              path)
+
+
+def exported_runner(format_name: str, path: str):
+    """A function images -> logits running the exported file."""
+    if format_name == "onnx":
+        session = onnx_session(path)
+        return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    if format_name == "torchscript":
+        return torch.jit.load(path)
+    return torch.export.load(path).module()
+
+
+def parity(format_name: str, net: nn.Module, images: torch.Tensor, path: str) -> float:
+    """The largest |logit difference| between the checkpoint and the exported file, on the
+    batch and on its first image alone."""
+    run = exported_runner(format_name, path)
+    with torch.no_grad():
+        difference = 0.0
+        for batch in (images, images[:1]):
+            expected, exported = Logits(net).eval()(batch), run(batch)
+            if exported.shape != expected.shape:
+                raise TrainingFailed(f"export.format={format_name}: the exported model gave logits "
+                                     f"of shape {tuple(exported.shape)} for {len(batch)} images, "
+                                     f"not {tuple(expected.shape)}; nothing was written.")
+            difference = max(difference, (exported - expected).abs().max().item())
+    return difference
+
+
+def describe(cfg: DictConfig, model: Any, file_name: str) -> dict[str, Any]:
+    """model.json: what serving the exported file needs, and the run's data settings."""
+    from importlib.metadata import version
+
+    import torchvision
+
+    return {"description_format": DESCRIPTION_FORMAT, "file": file_name,
+            "format": cfg.export.format, "input": "images: float32 [batch, 3, size, size], "
+            "normalized with mean and std", "output": "logits: float32 [batch, classes]",
+            "class_names": model.class_names, "input_spec": model.input_spec.to_dict(),
+            "labels": "multi-label (a sigmoid per class)" if model.multi_label
+            else "single-label (softmax over the classes)",
+            "multi_label": model.multi_label, "temperature": None,
+            "checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
+            "data": model.config["data"], "versions": {
+                "finetune": version("finetune"), "torch": torch.__version__,
+                "torchvision": torchvision.__version__}}
+
+
+def onnx_session(path: str):
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ConfigError("ONNX needs the export extra: pip install -e '.[export]'") from error
+    try:
+        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for a bad file
+        raise ConfigError(f"{path} is not an ONNX model ONNX Runtime can run: {error}") from error
+
+
+class OnnxNet(nn.Module):
+    """An exported ONNX model as a module: images in, logits out (run on the CPU)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.session = onnx_session(path)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {"images": images.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(images.device)
+
+
+def read_description(path: str) -> dict[str, Any]:
+    """model.json beside an exported model, checked: JSON data of the kinds this tool
+    writes, or a ConfigError naming the file."""
+    from finetune.trust import check_plain, refuse_interpolations
+
+    source = os.path.join(os.path.dirname(os.path.abspath(path)), "model.json")
+    try:
+        with open(source, encoding="utf-8") as handle:
+            description = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint={path!r}: an exported model needs the model.json written "
+                          f"beside it, and {source} cannot be read: {error}") from error
+    kinds = {"class_names": list, "input_spec": dict, "multi_label": bool, "data": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(description.get(key), kind)]
+    if not isinstance(description, dict) or wrong:
+        raise ConfigError(f"{source}: its entries {', '.join(wrong) or '(all)'} are not what "
+                          "mode=export writes; the file is damaged or not this tool's.")
+    check_plain(description, source, "model.json")
+    refuse_interpolations(description["data"], source)
+    return description
+
+
+def load_exported(path: str) -> Any:
+    """An exported ONNX model as a LoadedModel (mode=evaluate, mode=predict)."""
+    from finetune.inference import LoadedModel
+    from finetune.model import InputSpec
+
+    description = read_description(path)
+    spec = InputSpec.from_dict(description["input_spec"], f"checkpoint={path!r}")
+    config = {"data": description["data"], "backbone": {"name": f"(exported: {os.path.basename(path)})"}}
+    return LoadedModel(OnnxNet(path).eval(), [str(name) for name in description["class_names"]],
+                       spec, config)
