@@ -240,6 +240,7 @@ class Config:
     checkpoint: str | None = None  # evaluate / predict: a last.pt or best.pt this tool wrote
     predict_input: str | None = None  # predict: a folder of images (searched recursively)
     tta: str = "none"  # evaluate / predict: none | hflip (average with the mirror image's logits)
+    calibrate: bool = False  # after training: fit a temperature on val, store it in best.pt
     fail_fast: bool = False  # -m: the first failed job stops the sweep (else it is recorded)
     plots: str = "auto"  # auto (when matplotlib is installed) | true | false
     logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., keys}
@@ -259,7 +260,7 @@ EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "val_
 MULTI_LABEL_SCORES = ("val_loss", "val_macro_f1", "val_map", "val_micro_f1")
 OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
-MODES = ("train", "evaluate", "predict", "lr_find", "export")
+MODES = ("train", "evaluate", "predict", "lr_find", "export", "calibrate")
 EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 PLOT_SETTINGS = ("auto", "true", "false")
@@ -379,8 +380,10 @@ def validate(cfg: DictConfig) -> None:
           cfg.trainer.cache_features, "use auto, true or false")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision,
           "use 32, bf16 or 16-mixed")
-    check(cfg.mode in MODES, "mode", cfg.mode, "use train, evaluate, predict, export or lr_find")
-    check(cfg.mode not in ("evaluate", "predict", "export") or cfg.checkpoint is not None, "checkpoint",
+    check(cfg.mode in MODES, "mode", cfg.mode,
+          "use train, evaluate, predict, export, calibrate or lr_find")
+    check(cfg.mode not in ("evaluate", "predict", "export", "calibrate") or cfg.checkpoint is not None,
+          "checkpoint",
           cfg.checkpoint,
           f"mode={cfg.mode} needs checkpoint=PATH, a last.pt or best.pt written by a run")
     check(cfg.mode != "predict" or cfg.predict_input is not None, "predict_input",
@@ -390,8 +393,12 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.export.tolerance >= 0, "export.tolerance", cfg.export.tolerance, "use 0 or more")
     check(cfg.export.parity_images >= 1, "export.parity_images", cfg.export.parity_images,
           "use 1 or more")
-    check(cfg.mode != "export" or str(cfg.checkpoint).endswith(".pt"), "checkpoint",
-          cfg.checkpoint, "mode=export exports a run's checkpoint: give its best.pt or last.pt")
+    check(cfg.mode not in ("export", "calibrate") or str(cfg.checkpoint).endswith(".pt"),
+          "checkpoint", cfg.checkpoint,
+          f"mode={cfg.mode} takes a run's checkpoint: give its best.pt or last.pt")
+    check(not (cfg.calibrate and is_multi_label(cfg.data)), "calibrate", cfg.calibrate,
+          "temperature scaling calibrates a softmax over the classes; multi-label data has a "
+          "sigmoid per class: set calibrate=false")
     check(cfg.tta in TTA_SETTINGS, "tta", cfg.tta,
           "use none, or hflip (average each image's logits with its mirror image's)")
     check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,

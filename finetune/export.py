@@ -16,6 +16,7 @@ An exported ONNX model is also a `checkpoint=` for mode=evaluate and mode=predic
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -151,7 +152,8 @@ def describe(cfg: DictConfig, model: Any, file_name: str) -> dict[str, Any]:
             "class_names": model.class_names, "input_spec": model.input_spec.to_dict(),
             "labels": "multi-label (a sigmoid per class)" if model.multi_label
             else "single-label (softmax over the classes)",
-            "multi_label": model.multi_label, "temperature": None,
+            "multi_label": model.multi_label,
+            "temperature": model.temperature,  # divide the logits by it (mode=calibrate)
             "checkpoint": os.path.abspath(os.path.expanduser(cfg.checkpoint)),
             "data": model.config["data"], "versions": {
                 "finetune": version("finetune"), "torch": torch.__version__,
@@ -193,7 +195,8 @@ def read_description(path: str) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ConfigError(f"checkpoint={path!r}: an exported model needs the model.json written "
                           f"beside it, and {source} cannot be read: {error}") from error
-    kinds = {"class_names": list, "input_spec": dict, "multi_label": bool, "data": dict}
+    kinds = {"class_names": list, "input_spec": dict, "multi_label": bool, "data": dict,
+             "temperature": float}
     wrong = [key for key, kind in kinds.items() if not isinstance(description.get(key), kind)]
     if not isinstance(description, dict) or wrong:
         raise ConfigError(f"{source}: its entries {', '.join(wrong) or '(all)'} are not what "
@@ -211,5 +214,7 @@ def load_exported(path: str) -> Any:
     description = read_description(path)
     spec = InputSpec.from_dict(description["input_spec"], f"checkpoint={path!r}")
     config = {"data": description["data"], "backbone": {"name": f"(exported: {os.path.basename(path)})"}}
+    if not (math.isfinite(description["temperature"]) and description["temperature"] > 0):
+        raise ConfigError(f"checkpoint={path!r}: the temperature in its model.json is not positive.")
     return LoadedModel(OnnxNet(path).eval(), [str(name) for name in description["class_names"]],
-                       spec, config)
+                       spec, config, description["temperature"])

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
+from finetune.calibration import calibration_scores, stored_temperature, validation_logits
 from finetune.checkpoint import read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
 from finetune.data import image_transforms, validation_data
@@ -49,6 +50,15 @@ class LoadedModel:
     class_names: list[str]  # output index -> class name
     input_spec: InputSpec
     config: dict[str, Any]  # the run's resolved config
+    temperature: float = 1.0  # mode=calibrate's: logits are divided by it
+
+    def wrap(self, tta: str = "none") -> Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
+        """What a Step runs the model through: test-time augmentation, then the temperature."""
+        augment = augmented(tta)
+        if self.temperature == 1.0:
+            return augment
+        return lambda module: (lambda forward: lambda images: forward(images) / self.temperature)(
+            augment(module))
 
     @property
     def multi_label(self) -> bool:
@@ -72,7 +82,7 @@ class LoadedModel:
             images = torch.stack([transform(as_rgb(item)) for item in
                                   ([images] if single else images)])
         device = next(self.net.parameters(), torch.zeros(0)).device  # an ONNX model: the CPU
-        step = Step(self.net, device, wrap=augmented(tta),
+        step = Step(self.net, device, wrap=self.wrap(tta),
                     multi_label=self.multi_label)
         with torch.inference_mode():
             probabilities = torch.cat([class_probabilities(step, chunk)
@@ -120,13 +130,15 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
         from finetune.export import load_exported
 
         model = load_exported(path)
-        return LoadedModel(model.net.to(device), model.class_names, model.input_spec, model.config)
+        model.net.to(device)
+        return model
     checkpoint = read_run_checkpoint(path, key)
     record, source = checkpoint["run"], f"{key}={path!r}"
     refuse_interpolations(record["config"], source)
     check_targets(record["config"], source, trust)
     cfg = OmegaConf.create(record["config"])
     spec = InputSpec.from_dict(record["input_spec"], source)
+    temperature = stored_temperature(checkpoint, source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
                     len(record["class_names"]), spec.image_size)
     try:
@@ -134,7 +146,8 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     except RuntimeError as error:
         raise ConfigError(f"{source}: its weights do not fit the model its config describes: "
                           f"{error}") from error
-    return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"])
+    return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"],
+                       temperature)
 
 
 def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False,
@@ -219,7 +232,7 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
             f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "
             f"{class_names[:10]}, but data={data_cfg.name}{where} has {len(data_classes)} "
             f"classes {data_classes[:10]}; evaluate it on data with the same classes.")
-    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision, wrap=augmented(cfg.tta),
+    val = evaluate(net, loader, Step(net, device, cfg.trainer.precision, wrap=model.wrap(cfg.tta),
                                      multi_label=model.multi_label,
                                      threshold=cfg.predict.threshold))
     seen = val.images
@@ -237,6 +250,9 @@ def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedMode
     result.update({"accuracy": val.accuracy, "balanced_accuracy": val.scores["val_balanced_acc"],
                    "macro_f1": val.scores["val_macro_f1"], "per_class": per_class,
                    "confusion": val.confusion})
+    if model.temperature != 1.0:  # the loss above is the calibrated one; both, with ECE
+        logits, labels = validation_logits(net, loader, device)
+        result["calibration"] = calibration_scores(logits, labels, model.temperature)
     path = os.path.join(run_dir, "evaluation.json")
     if distributed.is_main():
         write_json(result, path)
@@ -288,7 +304,7 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
                           "(.jpg, .png, ...).")
     loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=collate_readable)
-    step = Step(model.net, device, cfg.trainer.precision, wrap=augmented(cfg.tta),
+    step = Step(model.net, device, cfg.trainer.precision, wrap=model.wrap(cfg.tta),
                 multi_label=model.multi_label)
     rows = []
     with torch.inference_mode():

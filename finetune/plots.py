@@ -291,3 +291,26 @@ def draw_spread(axes, groups: Sequence[dict[str, Any]], metric: str) -> None:
     axes.set_xlabel(metric)
     axes.set_title("by setting over data.fold / seed: mean +- std")
     axes.grid(axis="x", alpha=0.3)
+
+
+def plot_reliability(scores: dict[str, Any], path: str) -> None:
+    """The reliability diagram before and after temperature scaling: accuracy per
+    confidence bin against the diagonal of a perfectly calibrated model."""
+    figure = new_figure(10, 4.2)
+    for axes, when in zip(figure.subplots(1, 2), ("before", "after"), strict=True):
+        table = scores[f"reliability_{when}"]
+        width = 1 / scores["bins"]
+        axes.bar([row["low"] for row in table], [row["accuracy"] for row in table], width=width,
+                 align="edge", edgecolor="black", color="tab:blue", label="accuracy")
+        axes.plot([row["confidence"] for row in table], [row["accuracy"] for row in table], "o",
+                  color="tab:orange", label="each bin at its mean confidence")
+        axes.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+        temperature = 1.0 if when == "before" else scores["temperature"]
+        axes.set_title(f"{when}: T = {temperature:.3g}, ECE {scores[f'ece_{when}']:.4f}, "
+                       f"NLL {scores[f'nll_{when}']:.4f}")
+        axes.set_xlabel("confidence (the predicted class's probability)")
+        axes.set_ylabel("accuracy")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.legend(loc="upper left", fontsize="small")
+    save(figure, path)

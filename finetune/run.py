@@ -320,6 +320,10 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         from finetune.export import run_export
 
         return run_export(cfg, run_dir, list(overrides))
+    if cfg.mode == "calibrate":
+        from finetune.calibration import run_calibration
+
+        return run_calibration(cfg, run_dir, plots, list(overrides))
     summary = RunSummary(run_dir, overrides)  # its clock starts here
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)
@@ -356,8 +360,19 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         draw_or_warn(plot_confusion, progress.best_confusion, setup.data.class_names,
                      f"validation, best epoch {best.epoch} (acc {best.val_acc:.4f})",
                      os.path.join(run_dir, "confusion.png"))
+    if cfg.calibrate and writes:
+        calibrate_best(cfg, run_dir, plots)
     log.info("%s", closing_lines(cfg, best, result, run_dir, training.cache))
     return result[cfg.optimized_metric]
+
+
+def calibrate_best(cfg: DictConfig, run_dir: str, plots: bool) -> None:
+    """calibrate=true: mode=calibrate on the run's best.pt, into the run directory."""
+    from finetune.calibration import run_calibration
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.update(mode="calibrate", checkpoint=os.path.join(run_dir, "checkpoints", "best.pt"))
+    run_calibration(OmegaConf.create(settings), run_dir, plots, [])
 
 
 def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str, Stateful],
