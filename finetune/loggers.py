@@ -13,6 +13,8 @@ at the step that ends it, so every chart shares one x axis.
 
 import math
 import os
+import re
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import OPTIMIZED_METRICS, dotted_scalars
 from finetune.errors import ConfigError
+from finetune.files import atomic_write
 from finetune.hooks import Hook
 
 
@@ -104,6 +107,121 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as MLflow writes them
+
+
+def run_files(run_dir: str, with_checkpoints: bool) -> list[str]:
+    """The run directory's files (not Hydra's .hydra/), checkpoints/ only if asked."""
+    files = []
+    for parent, folders, names in os.walk(run_dir):
+        folders[:] = [name for name in folders if not name.startswith(".")
+                      and (with_checkpoints or name != "checkpoints")]
+        files += [os.path.join(parent, name) for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
+class MLflowLogger:
+    """An MLflow run per training run, in `experiment` at `tracking_uri` (null: MLflow's own
+    default, $MLFLOW_TRACKING_URI or ./mlflow.db), named after the run directory: the
+    per-step training loss, the per-epoch metrics, at the end the resolved config as params
+    and the final metrics, and when the run closes its directory's files as artifacts
+    (checkpoints/ too with log_checkpoints). A resumed run goes on in the same MLflow run,
+    whose id it keeps in <run_dir>/mlflow_run_id."""
+
+    requires = "mlflow"
+
+    def __init__(self, run_dir: str, start_step: int = 0, log_every_n_steps: int = 10,
+                 tracking_uri: str | None = None, experiment: str = "finetune",
+                 log_checkpoints: bool = False):
+        try:
+            import mlflow
+        except ImportError as error:
+            raise ConfigError("logger=mlflow needs the mlflow package: pip install -e "
+                              "'.[mlflow]' (or choose logger=csv).") from error
+        self.client, self.run_dir = mlflow.MlflowClient(tracking_uri), run_dir
+        self.log_every_n_steps, self.log_checkpoints = log_every_n_steps, log_checkpoints
+        self.finished = False  # log_hparams ran: the run ended well
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        id_file = os.path.join(run_dir, "mlflow_run_id")
+        saved = open(id_file).read().strip() if start_step and os.path.isfile(id_file) else ""
+        if RUN_ID.fullmatch(saved):  # the file is untrusted: an id of MLflow's form only
+            self.run_id = saved
+            self.client.update_run(saved, status="RUNNING")
+        else:
+            where = os.path.abspath(run_dir)
+            run = self.client.create_run(experiment_id, run_name=os.path.basename(where),
+                                         tags={"finetune.run_dir": where})
+            self.run_id = run.info.run_id
+            with atomic_write(id_file) as handle:
+                handle.write(self.run_id + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(name, float(value), now, step) for name, value in metrics.items()
+                  if not math.isnan(value)]  # NaN: not recorded (multi-label accuracy, ...)
+        self.client.log_batch(self.run_id, metrics=values)
+
+    def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        from mlflow.entities import Param
+
+        # a resumed run's params were logged before, and MLflow keeps a param's first value:
+        # one changed since (a raised trainer.max_epochs) is kept as a tag, resumed.<name>
+        logged = self.client.get_run(self.run_id).data.params
+        values = {name: str(value)[:6000] for name, value in params.items()}
+        items = [Param(name, value) for name, value in values.items() if name not in logged]
+        for start in range(0, len(items), 100):  # MLflow takes 100 params per request
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        for name, value in values.items():
+            if name in logged and logged[name] != value:
+                self.client.set_tag(self.run_id, f"resumed.{name}", value)
+        self.finished = True
+
+    def close(self) -> None:
+        for path in run_files(self.run_dir, self.log_checkpoints):
+            folder = os.path.dirname(os.path.relpath(path, self.run_dir))
+            self.client.log_artifact(self.run_id, path, folder or None)
+        self.client.set_terminated(self.run_id, "FINISHED" if self.finished else "KILLED")
+
+
+class WandbLogger:
+    """A Weights & Biases run per training run in `project`, its files under
+    <run_dir>/wandb/ (WANDB_MODE=offline keeps it there until `wandb sync`): the per-step
+    training loss, the per-epoch metrics, the resolved config and the final metrics as the
+    run's summary. A resumed run goes on in the same wandb run (its id is the run
+    directory's, hashed)."""
+
+    requires = "wandb"
+
+    def __init__(self, run_dir: str, start_step: int = 0, log_every_n_steps: int = 10,
+                 project: str = "finetune", entity: str | None = None, mode: str | None = None):
+        try:
+            import wandb
+        except ImportError as error:
+            raise ConfigError("logger=wandb needs the wandb package: pip install -e '.[wandb]' "
+                              "(or choose logger=csv).") from error
+        import hashlib
+
+        self.log_every_n_steps = log_every_n_steps
+        run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=project, entity=entity, dir=run_dir, mode=mode, id=run_id,
+                              name=os.path.basename(os.path.abspath(run_dir)),
+                              resume="allow" if start_step else None, reinit="create_new")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log({name: value for name, value in metrics.items() if not math.isnan(value)},
+                     step=step)
+
+    def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        self.run.config.update(params, allow_val_change=True)
+        self.run.summary.update(metrics)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def config_hparams(config: DictConfig) -> dict[str, Any]:
     """What the HPARAMS tab shows: every key of the resolved config (a run's has no hydra
     section), lists and null as text."""
@@ -168,8 +286,8 @@ class RunLog(Hook):
             logger.log_hparams(hparams, final)
 
     def close(self) -> None:
-        """Also waits for curves.png."""
-        for logger in self.loggers:
-            logger.close()
+        """Waits for curves.png first: a logger may keep the run's files."""
         if self.plots is not None:
             self.plots.wait()
+        for logger in self.loggers:
+            logger.close()

@@ -110,3 +110,70 @@ def test_a_logger_that_cannot_be_used_is_named_at_start_up(tmp_path, monkeypatch
                                           r"pip install -e '\.\[tensorboard\]'"):
         run(make_config(*FAST, "logger=tensorboard"), str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written
+
+
+@pytest.mark.slow
+def test_mlflow_runs_are_read_back_by_mlflows_client_and_a_resume_goes_on_in_the_same_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracked = ("logger=mlflow", f"logger.mlflow.tracking_uri={uri}")
+    run(make_config(*FAST, *tracked), str(tmp_path / "run"))  # epoch 1
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    run(make_config(*FAST, *tracked, "trainer.max_epochs=2", f"resume={tmp_path / 'run'}"),
+        str(tmp_path / "run"))
+    assert (tmp_path / "run" / "mlflow_run_id").read_text().strip() == run_id
+    client = mlflow.MlflowClient(uri)
+    saved = client.get_run(run_id)
+    assert saved.info.status == "FINISHED" and saved.info.run_name == "run"
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    history = client.get_metric_history(run_id, "val/acc")
+    assert [(point.step, point.value) for point in history] == [
+        (STEPS_PER_EPOCH * int(row["epoch"]), float(row["val_acc"])) for row in rows]
+    assert saved.data.params["optimizer.lr"] == "0.05" and saved.data.params["trainer.max_epochs"] == "1"
+    assert saved.data.tags["resumed.trainer.max_epochs"] == "2"  # MLflow keeps a param's first value
+    assert saved.data.metrics["final/best_val_acc"] == max(float(row["val_acc"]) for row in rows)
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+    assert {"metrics.csv", "summary.json", "params.tsv"} <= artifacts and "checkpoints" not in artifacts
+    assert len(client.search_runs([saved.info.experiment_id])) == 1  # one run, resumed
+
+
+def wandb_records(path):
+    """The records of a wandb transaction log (.wandb), parsed with wandb's own protobuf
+    messages; the framing is LevelDB's log format (7-byte chunk headers in 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, position, pending = path.read_bytes(), 7, b""  # after the ":W&B" file header
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header: padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        pending += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+@pytest.mark.slow
+def test_a_wandb_offline_run_records_the_epochs_config_and_final_metrics(tmp_path):
+    run(make_config(*FAST, "trainer.max_epochs=2", "logger=wandb", "logger.wandb.mode=offline"),
+        str(tmp_path / "run"))
+    (log_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(log_file))
+    history = [{item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+               for record in records if record.WhichOneof("record_type") == "history"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    epochs = [(int(entry["_step"]), float(entry["val/acc"])) for entry in history if "val/acc" in entry]
+    assert epochs == [(STEPS_PER_EPOCH * int(row["epoch"]), float(row["val_acc"])) for row in rows]
+    config = {item.key or "/".join(item.nested_key): item.value_json for record in records
+              if record.WhichOneof("record_type") == "config" for item in record.config.update}
+    assert config["optimizer.lr"] == "0.05"
+    summary = {item.key or "/".join(item.nested_key): item.value_json for record in records
+               if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
+    assert float(summary["final/best_val_acc"]) == max(float(row["val_acc"]) for row in rows)
