@@ -99,8 +99,6 @@ def digits_tensors(image_size: int = 32):
 
 def bare_loop(epochs: int, freeze_backbone: bool, data, work: Work = CPU_WORK) -> list[float]:
     """The seed recipe by hand; returns each epoch's seconds (train + validation)."""
-    import contextlib
-
     import torch
     import torchvision
     from torch import nn
@@ -115,11 +113,6 @@ def bare_loop(epochs: int, freeze_backbone: bool, data, work: Work = CPU_WORK) -
         def forward(self, x):
             return self.add_layers(self.pretrained(x))
 
-    def autocast():
-        if work.bf16:
-            return torch.autocast(torch.device(work.device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     torch.manual_seed(0)
     backbone = torchvision.models.get_model(work.backbone)
     features = backbone.fc.in_features
@@ -133,6 +126,21 @@ def bare_loop(epochs: int, freeze_backbone: bool, data, work: Work = CPU_WORK) -
     (train_x, train_y), (val_x, val_y) = data
     train = DataLoader(TensorDataset(train_x, train_y), batch_size=64, shuffle=True)
     val = DataLoader(TensorDataset(val_x, val_y), batch_size=64)
+    return bare_epochs(net, optimizer, train, val, epochs, work)
+
+
+def bare_epochs(net, optimizer, train, val, epochs: int, work: Work) -> list[float]:
+    """The seed recipe's epoch loop by hand: each epoch's seconds (train + validation)."""
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    def autocast():
+        if work.bf16:
+            return torch.autocast(torch.device(work.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     seconds = []
     for _ in range(epochs):
         started = time.perf_counter()
@@ -363,22 +371,7 @@ def bare_folder_finetune(root: Path, epochs: int, work: Work = FOLDER_WORK) -> l
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, 10)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     train, val = bare_folder_loaders(root, augment=False, image_size=work.image_size)
-    seconds = []
-    for _ in range(epochs):
-        started = time.perf_counter()
-        net.train()
-        for images, labels in train:
-            loss = nn.functional.cross_entropy(net(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        net.eval()
-        correct = 0
-        with torch.no_grad():
-            for images, labels in val:
-                correct += (net(images).argmax(dim=1) == labels).sum().item()
-        seconds.append(time.perf_counter() - started)
-    return seconds
+    return bare_epochs(net, optimizer, train, val, epochs, work)
 
 
 def folder_finetune_ratio(root: Path) -> tuple[float, str]:

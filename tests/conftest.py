@@ -61,6 +61,20 @@ RESNET = "backbone.name=resnet18"  # after FAST: where a test needs BatchNorm or
 HANG_SECONDS = 1800
 
 
+def run_forked(target, argument_lists: list[tuple]) -> list[int]:
+    """`target(*arguments)` in one forked process per argument tuple, all at once (forked:
+    no second import of torch); their exit codes."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=target, args=arguments) for arguments in argument_lists]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=HANG_SECONDS)
+    return [job.exitcode for job in jobs]
+
+
 @pytest.fixture(autouse=True)
 def offline_torch_cache(monkeypatch, tmp_path_factory, tmp_path):
     """An empty torch cache and home (so an empty feature cache) per test, no network

@@ -10,6 +10,7 @@ import torch
 from finetune.calibration import expected_calibration_error, fit_temperature
 from finetune.config import validate
 from finetune.errors import ConfigError
+from finetune.export import describe
 from finetune.files import load_safe
 from finetune.inference import load_model
 from finetune.run import run
@@ -38,7 +39,7 @@ def test_the_fitted_temperature_matches_the_closed_form():
 
 @pytest.mark.slow
 def test_a_calibrated_checkpoint_predicts_with_its_temperature(tmp_path):
-    run(make_config(*FAST, "trainer.max_epochs=2", "calibrate=true", "plots=true"),
+    run(make_config(*FAST, "calibrate=true", "plots=true"),
         str(tmp_path / "run"))
     best = tmp_path / "run" / "checkpoints" / "best.pt"
     scores = json.loads((tmp_path / "run" / "calibration.json").read_text())
@@ -58,9 +59,8 @@ def test_a_calibrated_checkpoint_predicts_with_its_temperature(tmp_path):
     assert result["calibration"]["temperature"] == temperature
     assert result["loss"] == pytest.approx(scores["nll_after"], rel=1e-5)  # the calibrated loss
 
-    run(make_config(*FAST, "mode=export", f"checkpoint={best}"), str(tmp_path / "exported"))
-    description = json.loads((tmp_path / "exported" / "model.json").read_text())
-    assert description["temperature"] == temperature
+    exporting = make_config(*FAST, "mode=export", f"checkpoint={best}")  # model.json's entry
+    assert describe(exporting, model, "model.onnx")["temperature"] == temperature
 
 
 def test_a_damaged_temperature_and_multi_label_data_are_refused(tmp_path):

@@ -13,9 +13,7 @@ from conftest import HANG_SECONDS, ROOT, make_config
 
 pytestmark = pytest.mark.slow
 
-# a timm backbone: DDP wraps any Net alike, and this checks that a timm model's stage aliases,
-# phases and checkpoint work across processes too (torchvision ones train in-process elsewhere)
-DATA = ["backbone.weights=null", "backbone.name=timm/convnext_atto", "data=fake",
+DATA = ["backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
         "data.train_size=64", "data.val_size=30", "trainer.device=cpu"]
 
 

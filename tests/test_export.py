@@ -3,6 +3,7 @@ an exported ONNX model evaluates and predicts as its checkpoint does."""
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,28 +19,37 @@ from conftest import FAST, make_config
 pytestmark = pytest.mark.slow  # an export takes seconds
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    run(make_config(*FAST), str(tmp_path / "run"))
-    return tmp_path / "run" / "checkpoints" / "best.pt"
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One trained run for the module's tests (they only read it)."""
+    folder = tmp_path_factory.mktemp("trained")
+    run(make_config(*FAST), str(folder / "run"))
+    return folder / "run" / "checkpoints" / "best.pt"
 
 
 def exported(checkpoint, folder, *overrides):
     return run(make_config(*FAST, "mode=export", f"checkpoint={checkpoint}", *overrides), str(folder))
 
 
-def test_an_onnx_model_gives_the_checkpoints_results(checkpoint, tmp_path):
-    difference = exported(checkpoint, tmp_path / "onnx")
+@pytest.fixture(scope="module")
+def onnx_folder(checkpoint, tmp_path_factory):
+    """The checkpoint exported to ONNX once, and the largest difference it reported."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return folder, exported(checkpoint, folder)
+
+
+def test_an_onnx_model_gives_the_checkpoints_results(checkpoint, onnx_folder, tmp_path):
+    folder, difference = onnx_folder
     assert 0 <= difference <= 1e-3  # export.tolerance
-    description = json.loads((tmp_path / "onnx" / "model.json").read_text())
+    description = json.loads((folder / "model.json").read_text())
     saved = torch.load(checkpoint, weights_only=True)["run"]
     assert description["class_names"] == saved["class_names"]
     assert description["input_spec"] == saved["input_spec"] and description["multi_label"] is False
     assert description["format"] == "onnx" and description["versions"]["torch"] == torch.__version__
-    session = onnx_session(str(tmp_path / "onnx" / "model.onnx"))  # any batch size
+    session = onnx_session(str(folder / "model.onnx"))  # any batch size
     assert session.run(None, {"images": torch.randn(3, 3, 32, 32).numpy()})[0].shape == (3, 10)
 
-    model_file = tmp_path / "onnx" / "model.onnx"
+    model_file = folder / "model.onnx"
     for name, source in (("checkpoint", checkpoint), ("onnx", model_file)):
         run(make_config(*FAST, "mode=evaluate", f"checkpoint={source}"), str(tmp_path / f"eval_{name}"))
     by_checkpoint, by_onnx = (json.loads((tmp_path / f"eval_{name}" / "evaluation.json").read_text())
@@ -77,8 +87,8 @@ def test_a_mismatch_fails_the_export_and_writes_nothing(checkpoint, tmp_path, mo
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == []
 
 
-def test_an_exported_models_description_is_checked(checkpoint, tmp_path):
-    exported(checkpoint, tmp_path / "onnx")
+def test_an_exported_models_description_is_checked(onnx_folder, tmp_path):
+    shutil.copytree(onnx_folder[0], tmp_path / "onnx")
     description = tmp_path / "onnx" / "model.json"
     entries = json.loads(description.read_text())
     entries["class_names"] = "all of them"

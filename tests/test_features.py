@@ -1,6 +1,5 @@
 import csv
 import functools
-import multiprocessing
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from finetune import digest
 from finetune.errors import ConfigError
 from finetune.run import build, run
 
-from conftest import FAST, HANG_SECONDS, make_config
+from conftest import FAST, make_config, run_forked
 
 PROBE = (*FAST, "freeze=[@backbone]", "trainer.max_epochs=3")
 
@@ -134,14 +133,8 @@ def train_in_child(overrides, run_dir):
 def test_two_jobs_writing_the_same_entry_at_once_both_succeed(tmp_path):
     """Two training processes (forked: no second import of torch) fill one cache entry."""
     overrides = [*PROBE, f"trainer.cache_dir={tmp_path}/cache"]
-    context = multiprocessing.get_context("fork")
-    jobs = [context.Process(target=train_in_child, args=(overrides, str(tmp_path / f"run{i}")))
-            for i in range(2)]
-    for job in jobs:
-        job.start()
-    for job in jobs:
-        job.join(timeout=HANG_SECONDS)
-        assert job.exitcode == 0
+    runs = [(overrides, str(tmp_path / f"run{i}")) for i in range(2)]
+    assert run_forked(train_in_child, runs) == [0, 0]
     assert metrics(tmp_path / "run0") == metrics(tmp_path / "run1")
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert not list((tmp_path / "cache").glob(".tmp-*"))

@@ -18,7 +18,7 @@ from finetune.multilabel import multi_label_scores
 from finetune.run import build, run
 from finetune.trainer import Totals
 
-from conftest import FAST, HANG_SECONDS, make_config
+from conftest import FAST, HANG_SECONDS, make_config, run_forked
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
 CORNERS = {"red": (0, 0), "green": (16, 0), "blue": (8, 16)}  # where each label's square sits
@@ -120,9 +120,9 @@ def test_a_label_column_holding_other_than_0_or_1_is_named_by_its_line(shapes):
 
 @pytest.mark.slow
 def test_a_multi_label_run_trains_evaluates_and_predicts(shapes, tmp_path):
-    overrides = ("backbone.weights=null", "backbone.name=resnet18", *spaced(shapes), "freeze=[]",
+    overrides = ("backbone.weights=null", "backbone.name=squeezenet1_1", *spaced(shapes), "freeze=[]",
                  "data.image_size=32", "data.num_workers=0", "data.batch_size=16",
-                 "trainer.max_epochs=4", "trainer.device=cpu", "optimizer=adamw")
+                 "trainer.max_epochs=3", "trainer.device=cpu", "optimizer=adamw")
     run_dir = tmp_path / "run"
     run(make_config(*overrides), str(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -175,16 +175,10 @@ def gather_on_rank(rank, store, results):
 
 
 def test_under_torchrun_every_rank_scores_all_validation_images(tmp_path):
-    context = multiprocessing.get_context("fork")  # no second import of torch
-    results = context.Queue()
-    workers = [context.Process(target=gather_on_rank, args=(rank, tmp_path / "store", results))
-               for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    gathered = sorted(results.get(timeout=HANG_SECONDS) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=HANG_SECONDS)
-        assert worker.exitcode == 0
+    results = multiprocessing.get_context("fork").Queue()
+    ranks = [(rank, tmp_path / "store", results) for rank in range(2)]
+    assert run_forked(gather_on_rank, ranks) == [0, 0]
+    gathered = sorted(results.get(timeout=HANG_SECONDS) for _ in range(2))
     expected = torch.tensor([[2.0, -2.0], [0.0, 1.0]]).sigmoid()
     for _, probabilities, targets in gathered:
         assert torch.equal(torch.tensor(probabilities), expected)

@@ -32,9 +32,11 @@ SETUPS = {
         "trainer.accumulate_grad_batches=3", "trainer.early_stopping.patience=5",
         "trainer.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
         "loss.label_smoothing=0.1", "loss.class_weights=balanced"],
-    "timm backbone, gradual unfreezing": ["backbone.name=timm/convnext_atto", "freeze=[@backbone]",
-                                          "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],
 }
+# interrupted once and resumed (the soak below kills the setups above at random)
+RESUMED_SETUPS = {**SETUPS, "timm backbone, gradual unfreezing": [
+    "backbone.name=timm/convnext_atto", "freeze=[@backbone]",
+    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"]}
 SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
 
 
@@ -79,7 +81,7 @@ def interrupt_at(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(trainer, "train_and_validate", train_and_validate)
 
 
-@pytest.mark.parametrize("overrides", SETUPS.values(), ids=SETUPS.keys())
+@pytest.mark.parametrize("overrides", RESUMED_SETUPS.values(), ids=RESUMED_SETUPS.keys())
 @pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, overrides):
     run(config(*overrides), str(tmp_path / "twin"))
