@@ -13,6 +13,7 @@ import socket
 import sys
 
 import pytest
+import timm  # noqa: F401  (imported once, before the ranks are forked)
 
 from finetune.run import run
 
@@ -20,7 +21,9 @@ from conftest import make_config, run_cli, run_forked
 
 pytestmark = pytest.mark.slow
 
-DATA = ["backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
+# a timm backbone: DDP wraps any Net alike, and this checks a timm model's stage aliases,
+# phases and checkpoints across ranks too (imported here, before the ranks are forked)
+DATA = ["backbone.weights=null", "backbone.name=timm/convnext_atto", "data=fake",
         "data.train_size=64", "data.val_size=30", "trainer.device=cpu"]
 
 
