@@ -81,7 +81,7 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     assert (tmp_path / "sweep" / "summary.png").is_file()  # beside summary.csv (plots=auto)
     finished = {row["job"]: (tmp_path / "sweep" / row["job"] / "metrics.csv").stat().st_mtime_ns
                 for row in rows if row["status"] == "ok"}
-    second = run_cli(*command, plots=True)
+    second = run_cli(*command, plots=True)  # the same command: plots is one of its settings
     assert second.returncode == 1 and second.stdout.count("skipped") == 2
     for job, mtime in finished.items():
         assert (tmp_path / "sweep" / job / "metrics.csv").stat().st_mtime_ns == mtime
