@@ -151,7 +151,9 @@ def load_index(index_path: str, data_path: str, key: str, count: int) -> torch.T
         saved = torch.load(index_path, map_location="cpu", weights_only=True)
         index = saved["index"]
         sizes = index[:, 1] * index[:, 2] * index[:, 3]
-        valid = (saved["key"] == key and index.shape == (count, 4)
+        # the file is untrusted: images laid end to end, as build_entry writes them
+        valid = (saved["key"] == key and index.shape == (count, 4) and index.dtype == torch.long
+                 and bool((index >= 0).all()) and torch.equal(index[:, 0], sizes.cumsum(0) - sizes)
                  and os.path.getsize(data_path) == int(sizes.sum()))
     except Exception as error:  # truncated, corrupt or another format
         log.warning("image cache %s is unreadable (%s); rebuilding it", index_path, error)

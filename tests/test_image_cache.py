@@ -77,10 +77,17 @@ def test_a_second_run_reads_the_entry_and_a_changed_file_rebuilds_it(jpegs, tmp_
                                           "val")[0][0][0])  # the new picture, not the old
 
 
-def test_a_truncated_entry_is_rebuilt(jpegs, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "offsets"])
+def test_a_truncated_or_crafted_entry_is_rebuilt(jpegs, tmp_path, caplog, damage):
     setup(jpegs, tmp_path / "cache")
     for entry in (tmp_path / "cache" / "images").glob("*.u8"):
-        entry.write_bytes(entry.read_bytes()[:100])
+        if damage == "truncated":
+            entry.write_bytes(entry.read_bytes()[:100])
+            continue
+        index_file = entry.with_name(entry.name.replace(".u8", ".idx.pt"))
+        saved = torch.load(index_file, weights_only=True)
+        saved["index"][:, 0] = saved["index"][:, 0].flip(0)  # the same size, images swapped
+        torch.save(saved, index_file)
     with caplog.at_level(logging.WARNING):
         again = setup(jpegs, tmp_path / "cache")
     assert "incomplete or stale; rebuilding it" in caplog.text and "built now" in again.data.image_cache
