@@ -421,12 +421,13 @@ def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_di
     files = [dataset for dataset in files if isinstance(dataset, CheckedImageFolder)]
     if not files:
         return None
-    size = sum(image_cache.estimated_bytes([path for path, _ in dataset.samples],
-                                           dataset.transform.fixed) for dataset in files)
-    decision = image_cache.decide(str(cfg.cache_images).lower(), sum(map(len, files)), size,
+    sizes = [image_cache.estimated_bytes([path for path, _ in dataset.samples], dataset.transform.fixed)
+             for dataset in files]  # read once: the decision, then each entry's room
+    decision = image_cache.decide(str(cfg.cache_images).lower(), sum(map(len, files)), sum(sizes),
                                   cfg.cache_max_gb)
     if decision.enabled:
-        built = [image_cache.attach(dataset, cache_dir, cfg.cache_max_gb) for dataset in files]
+        built = [image_cache.attach(dataset, cache_dir, cfg.cache_max_gb, size)
+                 for dataset, size in zip(files, sizes, strict=True)]
         decision.reason += "; built now" if any(built) else "; read from the cache"
     return decision.reason
 

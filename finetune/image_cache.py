@@ -19,7 +19,6 @@ is noticed and rebuilt. The folder is kept under data.cache_max_gb: older entrie
 import hashlib
 import logging
 import os
-import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ from finetune.files import atomic_write, save_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout changes: old entries then miss
-SETTINGS = ("auto", "true", "false")
 GIB = 2**30
 
 
@@ -219,14 +217,15 @@ def make_room(folder: str, needed: int, max_gb: float, keep: str) -> list[str]:
     return removed
 
 
-def attach(dataset, cache_dir: str, max_gb: float) -> bool:
-    """Give an image dataset its entry (dataset.decoded); whether this call built it."""
-    dataset.decoded, built = cached_images(dataset, cache_dir, max_gb)
+def attach(dataset, cache_dir: str, max_gb: float, size: int) -> bool:
+    """Give an image dataset its entry (dataset.decoded; `size`: its estimated_bytes);
+    whether this call built it."""
+    dataset.decoded, built = cached_images(dataset, cache_dir, max_gb, size)
     dataset.whole_batches = batch_readable(dataset)
     return built
 
 
-def cached_images(dataset, cache_dir: str, max_gb: float) -> tuple[DecodedImages, bool]:
+def cached_images(dataset, cache_dir: str, max_gb: float, size: int) -> tuple[DecodedImages, bool]:
     """The entry for an image dataset's files and fixed transform, built on a miss; and
     whether this call built it."""
     paths = [path for path, _ in dataset.samples]
@@ -238,7 +237,7 @@ def cached_images(dataset, cache_dir: str, max_gb: float) -> tuple[DecodedImages
     index = load_index(index_path, data_path, key, len(paths))
     built = index is None
     if built:
-        removed = make_room(folder, estimated_bytes(paths, fixed), max_gb, key)
+        removed = make_room(folder, size, max_gb, key)
         if removed:
             log.info("image cache: removed %d older entries to stay under data.cache_max_gb=%g",
                      len(removed), max_gb)
@@ -246,10 +245,3 @@ def cached_images(dataset, cache_dir: str, max_gb: float) -> tuple[DecodedImages
     else:
         os.utime(index_path)  # last used: the bound removes the oldest first
     return DecodedImages(data_path, index), built
-
-
-def report(folder: str) -> str:
-    """The cache folder's size and how to clear it."""
-    total = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
-    return (f"image cache: {folder} holds {total / 2**20:.1f} MiB "
-            f"(rm -r {shlex.quote(folder)} clears it)")

@@ -57,8 +57,12 @@ class LoadedModel:
         augment = augmented(tta)
         if self.temperature == 1.0:
             return augment
-        return lambda module: (lambda forward: lambda images: forward(images) / self.temperature)(
-            augment(module))
+
+        def scaled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+            forward = augment(module)
+            return lambda images: forward(images) / self.temperature
+
+        return scaled
 
     @property
     def multi_label(self) -> bool:
