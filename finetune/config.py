@@ -177,6 +177,18 @@ class ExportConfig:
     format: str = "onnx"  # onnx | torchscript | exported_program
     tolerance: float = 1e-3  # the largest logit difference from the checkpoint allowed
     parity_images: int = 32  # validation images the exported model is checked on
+    merge_adapters: bool = True  # fold LoRA adapters into the base weights (plain layers)
+
+
+@dataclass
+class AdapterConfig:
+    """adapter=lora: LoRA layers (peft) on the backbone's Linear layers (docs/freezing.md)."""
+
+    name: str = "none"  # none | lora
+    r: int = 8  # the rank of each adapter's update
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on each adapter's input
+    targets: list[str] | None = None  # patterns over Linear/Conv2d layers; null: the family's
 
 
 @dataclass
@@ -225,6 +237,7 @@ class Config:
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)  # mode=lr_find
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)  # mode=export
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # adapter=lora
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -249,8 +262,8 @@ class Config:
     trust: list[str] = field(default_factory=list)
 
 
-CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger", "experiment",
-                 "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
+CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger", "adapter",
+                 "experiment", "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
 CACHE_SETTINGS = ("auto", "true", "false")
 PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the autocast dtype
 # single-label data: accuracy, balanced accuracy, macro F1; multi-label: mean average
@@ -399,6 +412,11 @@ def validate(cfg: DictConfig) -> None:
     check(not (cfg.calibrate and is_multi_label(cfg.data)), "calibrate", cfg.calibrate,
           "temperature scaling calibrates a softmax over the classes; multi-label data has a "
           "sigmoid per class: set calibrate=false")
+    check(cfg.adapter.name in ("none", "lora"), "adapter.name", cfg.adapter.name,
+          "use none, or lora (adapter=lora)")
+    check(cfg.adapter.r >= 1, "adapter.r", cfg.adapter.r, "use a rank of 1 or more, e.g. 8")
+    check(cfg.adapter.alpha > 0, "adapter.alpha", cfg.adapter.alpha, "use a positive number, e.g. 16")
+    check(0 <= cfg.adapter.dropout < 1, "adapter.dropout", cfg.adapter.dropout, "use a number in [0, 1)")
     check(cfg.tta in TTA_SETTINGS, "tta", cfg.tta,
           "use none, or hflip (average each image's logits with its mirror image's)")
     check(str(cfg.plots).lower() in PLOT_SETTINGS, "plots", cfg.plots,

@@ -10,10 +10,14 @@ a batch of the checkpoint's own validation images, and on one image alone (a dif
 batch size), and its logits are compared with the PyTorch model's. The largest difference
 is printed; one above `export.tolerance` fails the export and leaves no file behind.
 
+A run trained with LoRA adapters (adapter=lora) is exported with them folded into the
+base weights (export.merge_adapters=true), and compared with the model as trained.
+
 An exported ONNX model is also a `checkpoint=` for mode=evaluate and mode=predict
 (`load_exported`): its model.json is untrusted input, read as data and checked.
 """
 
+import copy
 import json
 import logging
 import math
@@ -24,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from finetune.adapters import fold_adapters, is_adapter_parameter
 from finetune.errors import ConfigError, TrainingFailed
 from finetune.files import write_json
 
@@ -37,13 +42,16 @@ def run_export(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float:
     """Write the exported model and model.json into run_dir; the largest logit difference."""
     from finetune.inference import load_model
 
-    model = load_model(os.path.expanduser(cfg.checkpoint), "cpu", trust=cfg.trust)
+    model = load_model(os.path.expanduser(cfg.checkpoint), "cpu", trust=cfg.trust,
+                       merge_adapters=False)
     images = parity_images(cfg, model, overrides)
+    net = net_to_export(model.net, cfg.export.merge_adapters)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, FILES[cfg.export.format])
     temporary = path + ".incomplete"
     try:
-        export_to(cfg.export.format, model.net, images, temporary)
+        export_to(cfg.export.format, net, images, temporary)
+        # against the model as trained: a merge's difference counts too
         difference = parity(cfg.export.format, model.net, images, temporary)
     except BaseException:
         if os.path.exists(temporary):
@@ -61,6 +69,17 @@ def run_export(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float:
              "the checkpoint is %.3g on %d validation images and on 1 alone (export.tolerance=%g)",
              cfg.checkpoint, path, difference, len(images), cfg.export.tolerance)
     return difference
+
+
+def net_to_export(net: nn.Module, merge_adapters: bool) -> nn.Module:
+    """The Net, or with export.merge_adapters a copy whose LoRA adapters are folded into the
+    base weights (plain layers: smaller, faster, any runtime)."""
+    if not merge_adapters or not any(is_adapter_parameter(name) for name, _ in net.named_parameters()):
+        return net
+    merged = copy.deepcopy(net)
+    log.info("export.merge_adapters=true: %d LoRA layers folded into their base weights",
+             fold_adapters(merged))
+    return merged
 
 
 def parity_images(cfg: DictConfig, model: Any, overrides: list[str]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from finetune.adapters import is_adapter_parameter
 from finetune.data import collate_readable, tensor_loader
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
@@ -64,10 +65,15 @@ def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bo
         reasons.append("distributed training (torchrun) shards the data between processes; "
                        "the cache is not shared between them")
     trainable = trainable_names(net.pretrained)
+    adapters = [name for name in trainable if is_adapter_parameter(name)]
+    if adapters:
+        reasons.append(f"LoRA adapters in the backbone train (adapter=lora: {len(adapters)} "
+                       "tensors), so its outputs change every step")
+    trainable = [name for name in trainable if not is_adapter_parameter(name)]
     if trainable:
         reasons.append(f"{len(trainable)} backbone parameters are trainable (e.g. "
                        f"pretrained.{trainable[0]})")
-    elif "pretrained" not in net.frozen_eval_modules:
+    elif not adapters and "pretrained" not in net.frozen_eval_modules:
         reasons.append("the frozen backbone runs in train mode (frozen_modules=train), so its "
                        "BatchNorm statistics and dropout change its outputs")
     if has_phases:

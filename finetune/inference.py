@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
+from finetune.adapters import add_adapters, enabled, fold_adapters, resolve_targets
 from finetune.calibration import calibration_scores, stored_temperature, validation_logits
 from finetune.checkpoint import read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
@@ -33,6 +34,7 @@ from finetune.files import atomic_write, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
 from finetune.multilabel import MultiLabelScores
 from finetune.plots import draw_or_warn, plot_confusion
+from finetune.stages import resolve_aliases
 from finetune.trainer import Step, evaluate, resolve_device
 from finetune.trust import check_targets, refuse_interpolations
 
@@ -122,9 +124,10 @@ def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
 
 
 def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkpoint",
-               trust: Sequence[str] = ()) -> LoadedModel:
+               trust: Sequence[str] = (), merge_adapters: bool = True) -> LoadedModel:
     """The model a run saved in `path` (last.pt or best.pt, or an exported model.onnx with
-    its model.json), in eval mode, on `device`.
+    its model.json), in eval mode, on `device`; a run's LoRA adapters folded into the base
+    weights unless `merge_adapters` is false.
 
     The file is untrusted: its saved head may name torch.nn layers only, unless `trust`
     allows more (finetune/trust.py); nothing is downloaded (the backbone is built from
@@ -145,11 +148,17 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     temperature = stored_temperature(checkpoint, source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
                     len(record["class_names"]), spec.image_size)
+    adapter = cfg.get("adapter")
+    if enabled(adapter):  # the run's layers first, so its state dict's names fit
+        add_adapters(net.pretrained, adapter,
+                     resolve_targets(net.pretrained, adapter, resolve_aliases(net.pretrained)))
     try:
         net.load_state_dict(inference_weights(checkpoint, source))
     except RuntimeError as error:
         raise ConfigError(f"{source}: its weights do not fit the model its config describes: "
                           f"{error}") from error
+    if enabled(adapter) and merge_adapters:
+        fold_adapters(net)
     return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"],
                        temperature)
 

@@ -294,8 +294,10 @@ def input_spec(backbone: nn.Module, weights: Weights, backbone_name: str,
     size = crop if (weights.enum is not None and use_weights_size) else requested_size
     fixed = getattr(backbone, "image_size", None)  # ViT accepts exactly one size
     min_size = reference.meta.get("min_size", (1, 1))[0]
-    if isinstance(fixed, int) and size != fixed:
-        log.info("%s takes %dx%d images only: resizing the data to that.", backbone_name, fixed, fixed)
+    if isinstance(fixed, int):  # its own size, even below the weights' min_size (kwargs)
+        if size != fixed:
+            log.info("%s takes %dx%d images only: resizing the data to that.", backbone_name,
+                     fixed, fixed)
         size = fixed
     elif size < min_size:
         log.info("%s needs images of at least %dx%d: resizing the data to that.",
@@ -315,6 +317,9 @@ def timm_input_spec(backbone: nn.Module, requested_size: int, model_size: bool) 
     config = data_config(backbone)
     fixed = backbone.pretrained_cfg.get("fixed_input_size", False)
     size = config["input_size"][-1] if fixed or model_size else requested_size
+    built = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    if fixed and built is not None:  # backbone.kwargs.img_size builds a ViT for another size
+        size = built[-1]
     return InputSpec(size, round(size / config["crop_pct"]), tuple(config["mean"]),
                      tuple(config["std"]), InterpolationMode(config["interpolation"]))
 

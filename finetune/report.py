@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from finetune.adapters import is_adapter_parameter
 from finetune.files import atomic_write
 from finetune.freeze import trainable_names
 from finetune.hooks import Hook
 from finetune.patterns import under_any
 
 SEED_TABLE_MAX_ROWS = 60  # above this the report summarizes per module instead
+EVAL_MODULES_SHOWN = 12
 TSV_COLUMNS = ["name", "shape", "numel", "trainable", "group", "lr", "weight_decay", "mode"]
 
 
@@ -63,8 +65,10 @@ def seed_table(rows: Sequence[ParamRow]) -> list[str]:
 def module_summary(rows: Sequence[ParamRow], depth: int = 2) -> list[str]:
     """One line per module `depth` components deep: size, frozen or not, groups, mode."""
     modules: dict[str, list[ParamRow]] = {}
-    for row in rows:
-        modules.setdefault(".".join(row.name.split(".")[:depth]), []).append(row)
+    for row in rows:  # LoRA adapters (adapter=lora) get rows of their own
+        module = ".".join(row.name.split(".")[:depth])
+        modules.setdefault(module + " LoRA" if is_adapter_parameter(row.name) else module,
+                           []).append(row)
     width = max(len(name) for name in modules)
     lines = []
     for name, members in modules.items():
@@ -91,8 +95,11 @@ def format_report(rows: Sequence[ParamRow], optimizer: torch.optim.Optimizer,
     lines = seed_table(rows) if len(rows) <= SEED_TABLE_MAX_ROWS else module_summary(rows)
     trainable, total = trainable_count(rows), total_count(rows)
     lines.append(f"trainable: {trainable:,d} / {total:,d} parameters ({100.0 * trainable / total:.1f}%)")
-    if eval_modules:
-        lines.append("kept in eval mode while training (fully frozen): " + ", ".join(eval_modules))
+    if eval_modules:  # a long list (each LoRA layer's base, say) shortened: params.tsv has all
+        shown = ", ".join(eval_modules[:EVAL_MODULES_SHOWN])
+        more = len(eval_modules) - EVAL_MODULES_SHOWN
+        lines.append("kept in eval mode while training (fully frozen): " + shown
+                     + (f" and {more} more (params.tsv's mode column)" if more > 0 else ""))
     return lines + group_summary(optimizer)
 
 

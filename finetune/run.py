@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from finetune import distributed
+from finetune.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
 from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
 from finetune.config import EPOCH_SCORES, augment_policy, validate
 from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
@@ -26,7 +27,7 @@ from finetune.ema import WeightAverage
 from finetune.errors import Interrupted, TrainingFailed
 from finetune.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
 from finetune.files import write_json
-from finetune.freeze import apply_freeze, unchanging_state_names
+from finetune.freeze import apply_freeze, unchanging_state_names, update_eval_modules
 from finetune.hooks import Hook
 from finetune.loggers import RunLog, build_loggers, check_loggers, config_hparams
 from finetune.loss import build_criterion
@@ -121,6 +122,7 @@ class Setup:
     unfreeze: UnfreezeSchedule
     cache: CacheDecision
     criterion: torch.nn.Module  # the training loss (cfg.loss)
+    adapters: AdapterSummary | None = None  # adapter=lora
 
     def rows(self) -> list[ParamRow]:
         return parameter_rows(self.net, self.optimizer)
@@ -146,6 +148,9 @@ def build(cfg: DictConfig) -> Setup:
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    adapters = adapted(net, cfg.adapter, aliases, spec.image_size)
+    if adapters is not None:  # modules holding adapters train: no longer fully frozen
+        update_eval_modules(net, cfg.frozen_modules)
     plan = plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
     net.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last
            else torch.preserve_format)
@@ -157,7 +162,7 @@ def build(cfg: DictConfig) -> Setup:
     criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device,
                                 data.multi_label)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
-                 cache, criterion)
+                 cache, criterion, adapters)
 
 
 def check_patterns(cfg: DictConfig) -> None:
@@ -169,13 +174,17 @@ def check_patterns(cfg: DictConfig) -> None:
         with torch.device("meta"):
             backbone = build_backbone(cfg.backbone, Weights(None, "shapes only"))
             size = getattr(backbone, "image_size", None)  # ViT takes one size; any other, 224
-            net = build_net(backbone, cfg.head, None, size if isinstance(size, int) else 224)
+            size = size if isinstance(size, int) else 224
+            net = build_net(backbone, cfg.head, None, size)
     except Exception as error:  # what the meta device cannot build (regnet computes its
         # widths from tensors), the real build reports on its own, before the patterns
         log.debug("patterns are checked after the build: %s", error)
         return
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    if enabled(cfg.adapter):  # the targets only: peft is not loaded for a check
+        check_called(net.pretrained, resolve_targets(net.pretrained, cfg.adapter, aliases),
+                     size)
     plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
     group_rules(cfg, net, aliases)
 
@@ -267,6 +276,8 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     lines += format_report(rows, setup.optimizer, setup.net.frozen_eval_modules)
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
+    if setup.adapters is not None:
+        lines.append(setup.adapters.describe())
     lines.append(f"feature cache: {setup.cache.reason}")
     if setup.data.image_cache is not None:
         lines.append(f"image cache: {setup.data.image_cache}")

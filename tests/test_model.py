@@ -101,6 +101,9 @@ def test_every_torchvision_classification_model_has_stage_aliases(name):
 def test_vit_gets_the_one_image_size_it_accepts():
     _, spec = build_on_meta("backbone=vit_b_16")
     assert spec.image_size == 224
+    for built_for_32 in ("backbone=vit_b_16", "+backbone.kwargs.image_size=32"), (
+            "backbone.name=timm/test_vit", "+backbone.kwargs.img_size=32"):  # not the weights' size
+        assert build_on_meta(*built_for_32)[1].image_size == 32
 
 
 def test_parameter_names_follow_the_seed():

@@ -36,7 +36,7 @@ SETUPS = {
 # interrupted once and resumed (the soak below kills the setups above at random)
 RESUMED_SETUPS = {**SETUPS, "timm backbone, gradual unfreezing": [
     "backbone.name=timm/convnext_atto", "freeze=[@backbone]",
-    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"]}
+    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"]}  # and LoRA: tests/test_adapters.py
 SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
 
 
