@@ -43,7 +43,7 @@ class DataConfig:
     name: str = MISSING  # digits | imagefolder | fake
     image_size: int = 32
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: Any = 0  # loader processes: a number, or auto (one per core but one)
     # training batches mixed in pairs (torchvision.transforms.v2): 0 is off; with both on,
     # each batch takes one of the two at random
     folds: int | None = None  # K: cross-validation on the training data in K stratified folds
@@ -476,7 +476,10 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs,
           "use 1 or more")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "use 1 or more")
-    check(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "use 0 or more")
+    workers = cfg.data.num_workers
+    check(str(workers).lower() == "auto" or (isinstance(workers, int) and workers >= 0),
+          "data.num_workers", workers, "use 0 or more loader processes, or auto (one per core "
+          "this process may use but one)")
     check(cfg.data.image_size >= 1, "data.image_size", cfg.data.image_size, "use 1 or more")
     check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
     check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,

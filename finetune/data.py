@@ -34,6 +34,7 @@ from finetune.model import InputSpec
 
 log = logging.getLogger(__name__)
 
+AUTO_WORKERS_MAX = 8  # data.num_workers=auto: more rarely helps a single training process
 DIGITS_SPLIT_SEED = 0  # the digits train/val split is fixed, whatever the run's seed
 
 
@@ -317,6 +318,20 @@ BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake
             "csv": csv_images}
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(setting: int | str) -> int:
+    """data.num_workers: a number, or auto: a loader process for each core this process may
+    use (its share of them under torchrun) but one, which trains; 1 at least, 8 at most."""
+    if str(setting).lower() != "auto":
+        return int(setting)
+    share = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(AUTO_WORKERS_MAX, share - 1))
+
+
 def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool,
                 shard: "Shard | None" = None) -> DataLoader:
     # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
@@ -330,7 +345,7 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
     whole = getattr(getattr(dataset, "dataset", dataset), "whole_batches", False)  # a fold's Subset
     return DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=order,
-        num_workers=0 if whole else cfg.num_workers,  # read from the image cache: no decoding
+        num_workers=0 if whole else worker_count(cfg.num_workers),  # whole: read from the image cache
         # no persistent workers: each epoch's workers then take their seeds from `generator`,
         # which checkpoints save, so a resumed run shuffles and augments as an unbroken one
         pin_memory=pin_memory, drop_last=drop_last, generator=generator,

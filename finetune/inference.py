@@ -27,7 +27,7 @@ from finetune.adapters import add_adapters, enabled, fold_adapters, resolve_targ
 from finetune.calibration import calibration_scores, stored_temperature, validation_logits
 from finetune.checkpoint import read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
-from finetune.data import image_transforms, validation_data
+from finetune.data import image_transforms, validation_data, worker_count
 from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
@@ -315,7 +315,7 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
     if len(files) == 0:
         raise ConfigError(f"predict_input={cfg.predict_input!r} holds no image files "
                           "(.jpg, .png, ...).")
-    loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+    loader = DataLoader(files, batch_size=cfg.data.batch_size, num_workers=worker_count(cfg.data.num_workers),
                         collate_fn=collate_readable)
     step = Step(model.net, device, cfg.trainer.precision, wrap=model.wrap(cfg.tta),
                 multi_label=model.multi_label)

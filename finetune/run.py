@@ -20,7 +20,15 @@ from finetune import distributed
 from finetune.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
 from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
 from finetune.config import EPOCH_SCORES, augment_policy, validate
-from finetune.data import Data, build_data, check_data_paths, fingerprint, make_loader
+from finetune.data import (
+    Data,
+    available_cores,
+    build_data,
+    check_data_paths,
+    fingerprint,
+    make_loader,
+    worker_count,
+)
 from finetune.digest import tensors_digest
 from finetune.distributed import Rewrap
 from finetune.ema import WeightAverage
@@ -217,7 +225,7 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
         train, val, cache = cached_features(
             setup.net.pretrained, *(loader.dataset for loader in loaders),
             tuple(fingerprint(loader.dataset) for loader in loaders), cfg.trainer.cache_dir,
-            cfg.data.batch_size, cfg.data.num_workers, setup.device, cfg.trainer.precision)
+            cfg.data.batch_size, worker_count(cfg.data.num_workers), setup.device, cfg.trainer.precision)
         pin = setup.device.type == "cuda"
         loaders = (make_loader(train, cfg.data, True, cfg.seed, pin),
                    make_loader(val, cfg.data, False, cfg.seed, pin))
@@ -281,6 +289,9 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     lines.append(f"feature cache: {setup.cache.reason}")
     if setup.data.image_cache is not None:
         lines.append(f"image cache: {setup.data.image_cache}")
+    if str(cfg.data.num_workers).lower() == "auto":
+        lines.append(f"data.num_workers=auto: {worker_count('auto')} loader processes "
+                     f"({available_cores()} cores available to this process)")
     lines.append(f"recipe: {recipe(cfg)}")
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]

@@ -10,7 +10,8 @@ from finetune.errors import ConfigError
 
 from conftest import CONF_DIR, make_config
 
-GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "experiment", "hparams_search")
+GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "adapter", "experiment",
+          "hparams_search")
 
 
 def test_default_config_has_every_section():
@@ -120,6 +121,8 @@ def test_head_layer_without_target_is_refused():
     (["loss.class_weights=[1,-2]"], "loss.class_weights=[1, -2]"),
     (["loss.class_weights=even"], "loss.class_weights='even'"),
     (["data=imagefolder", "data.augment=strong"], "data.augment='strong'"),
+    (["adapter=lora", "adapter.r=0"], "adapter.r=0"),
+    (["adapter.name=dora"], "adapter.name='dora'"),
 ])
 @pytest.mark.slow
 def test_values_out_of_range_are_named(overrides, key):
