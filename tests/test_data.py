@@ -1,10 +1,13 @@
+import os
+
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchvision.transforms import InterpolationMode
 
-from finetune.data import build_data, tensor_loader
+from finetune.config import validate
+from finetune.data import build_data, tensor_loader, worker_count
 from finetune.errors import ConfigError
 from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
@@ -179,3 +182,16 @@ def test_an_image_that_breaks_after_the_check_is_named_or_skipped(tmp_path, capl
                 assert path in caplog.text
         finally:
             open(path, "wb").write(original)
+
+
+def test_num_workers_auto_leaves_a_core_to_training(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert worker_count("auto") == 8  # at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes share the cores
+    assert worker_count("auto") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert worker_count("auto") == 1 and worker_count(3) == 3
+    assert make_config("data=imagefolder", "data.root=/x").data.num_workers == "auto"
+    with pytest.raises(ConfigError, match="data.num_workers='many' is not valid"):
+        validate(make_config("data=imagefolder", "data.num_workers=many"))
