@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: short training runs in bf16 and fp16 (with
-# the gradient scaler), then items 1-2 of benchmarks/speed.py at 224x224 with resnet50.
+# the gradient scaler), then items 1, 2 and 9 of benchmarks/speed.py at 224x224 with resnet50
+# (9: the JPEG folder against the same model on random tensors already on the GPU).
 #   bash benchmarks/gpu.sh [repeats]      (logs also go to $OUT when it is set)
 set -euo pipefail
 cd "$(dirname "$0")/.."

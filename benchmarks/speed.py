@@ -27,7 +27,9 @@ it once), against torchvision's ImageFolder + PIL transforms + DataLoader with t
 workers (`--folder` runs these alone):
 
 7. the training loader alone, epoch 2: tool images/s / bare images/s, at 112x112 (resize
-   128, center crop); 7b the same with a random resized crop and a flip
+   128, center crop); 7b the same with a random resized crop and a flip; 7c every image
+   decoded (data.cache_images=false), epoch 1: the tool's decoder (TorchCodec when
+   installed) and tensor resize against PIL's
 8. full fine-tuning of mobilenet_v3_small at 112x112, 3 epochs: tool / bare time per epoch
    over epochs 2-3 (the tool's first epoch reads the image cache it built at start-up)
 
@@ -296,8 +298,10 @@ FOLDER_WORK = Work("mobilenet_v3_small", 112)  # small enough that decoding matt
 FOLDER_WORKERS = 2  # loader processes, the same on both sides
 
 
-def bare_folder_loaders(root: Path, augment: bool, image_size: int = FOLDER_WORK.image_size):
+def bare_folder_loaders(root: Path, augment: bool, image_size: int = FOLDER_WORK.image_size,
+                        workers: int = FOLDER_WORKERS):
     """torchvision's ImageFolder, PIL transforms and a DataLoader, as a user writes them."""
+    import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision import transforms as T
@@ -310,8 +314,9 @@ def bare_folder_loaders(root: Path, augment: bool, image_size: int = FOLDER_WORK
     train = datasets.ImageFolder(str(root / "train"),
                                  T.Compose([*(random_crop if augment else center), *to_tensor]))
     val = datasets.ImageFolder(str(root / "val"), T.Compose([*center, *to_tensor]))
-    return (DataLoader(train, batch_size=64, shuffle=True, num_workers=FOLDER_WORKERS),
-            DataLoader(val, batch_size=64, num_workers=FOLDER_WORKERS))
+    pin = torch.cuda.is_available()
+    return (DataLoader(train, batch_size=64, shuffle=True, num_workers=workers, pin_memory=pin),
+            DataLoader(val, batch_size=64, num_workers=workers, pin_memory=pin))
 
 
 def images_per_second(loader, epochs: int = 2) -> list[float]:
@@ -330,8 +335,9 @@ def tool_folder_overrides(root: Path, augment: bool) -> list[str]:
             f"data.augment={'light' if augment else 'none'}"]
 
 
-def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
-    """Item 7: the training loader alone, epoch 2: tool images/s / bare images/s."""
+def loader_rates(root: Path, augment: bool, *overrides: str):
+    """Images/s of the tool's training loader and the bare one, epochs 1 and 2; the tool's
+    start-up seconds (the image cache filled, unless off) and how its batches are read."""
     from hydra import compose, initialize_config_dir
 
     from finetune.config import register_schemas
@@ -343,7 +349,7 @@ def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
             initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             *FOLDER_WORK.overrides(), *tool_folder_overrides(root, augment),
-            f"trainer.cache_dir={folder}"])
+            f"trainer.cache_dir={folder}", *overrides])
         started = time.perf_counter()
         setup = build(cfg)  # the image cache is filled here, once
         built = time.perf_counter() - started
@@ -351,14 +357,30 @@ def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
         tool = images_per_second(loader)
     how = (f"{loader.num_workers} workers" if loader.num_workers
            else "whole batches read from the cache in the main process")
+    return tool, bare, built, how
+
+
+def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
+    """Item 7: the training loader alone, epoch 2: tool images/s / bare images/s."""
+    tool, bare, built, how = loader_rates(root, augment)
     return tool[1] / bare[1], (f"tool {tool[1]:.0f} images/s (epoch 1: {tool[0]:.0f}; {how}; "
                                f"start-up with the cache built: {built:.1f} s), bare "
                                f"{bare[1]:.0f} images/s (epoch 1: {bare[0]:.0f}; "
                                f"{FOLDER_WORKERS} workers)")
 
 
-def bare_folder_finetune(root: Path, epochs: int, work: Work = FOLDER_WORK) -> list[float]:
-    """Full fine-tuning on the folder by hand: each epoch's seconds (train + validation)."""
+def decoding_ratio(root: Path) -> tuple[float, str]:
+    """Item 7c: every image decoded (no image cache), epoch 1: tool images/s / bare, the
+    same worker count; the tool's decoder against PIL's."""
+    from finetune.data import decoder_name
+
+    tool, bare, _, how = loader_rates(root, False, "data.cache_images=false")
+    return tool[0] / bare[0], (f"tool {tool[0]:.0f} images/s ({decoder_name()}, tensor resize; "
+                               f"{how}), bare {bare[0]:.0f} images/s (PIL; {FOLDER_WORKERS} workers)")
+
+
+def ten_class_model(work: Work):
+    """The work's torchvision model with a 10-way last layer, on its device; its optimizer."""
     import torch
     import torchvision
     from torch import nn
@@ -369,9 +391,51 @@ def bare_folder_finetune(root: Path, epochs: int, work: Work = FOLDER_WORK) -> l
         net.fc = nn.Linear(net.fc.in_features, 10)
     else:  # mobilenet_v3: its last classifier layer
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, 10)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    train, val = bare_folder_loaders(root, augment=False, image_size=work.image_size)
+    net.to(work.device)
+    return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def bare_folder_finetune(root: Path, epochs: int, work: Work = FOLDER_WORK,
+                         workers: int = FOLDER_WORKERS) -> list[float]:
+    """Full fine-tuning on the folder by hand: each epoch's seconds (train + validation)."""
+    net, optimizer = ten_class_model(work)
+    train, val = bare_folder_loaders(root, augment=False, image_size=work.image_size, workers=workers)
     return bare_epochs(net, optimizer, train, val, epochs, work)
+
+
+def ceiling_epochs(work: Work, train_images: int, val_images: int, epochs: int) -> list[float]:
+    """The same epochs on one random batch already on the device: no data pipeline at all,
+    the most any pipeline can reach (the ceiling of item 9)."""
+    import torch
+
+    net, optimizer = ten_class_model(work)
+    images = torch.randn(64, 3, work.image_size, work.image_size, device=work.device)
+    labels = torch.randint(0, 10, (64,), device=work.device)
+    return bare_epochs(net, optimizer, [(images, labels)] * (train_images // 64),
+                       [(images, labels.cpu())] * (val_images // 64), epochs, work)
+
+
+def gpu_folder_ratio(root: Path) -> tuple[float, str]:
+    """Item 9: resnet50 at 224 in bf16 on the JPEG folder, 3 epochs: the ceiling's time per
+    epoch / the tool's (epochs 2-3; 1.0 would be a GPU never kept waiting), the bare
+    ImageFolder loop's beside it, both loaders with data.num_workers=auto's count."""
+    from finetune.data import worker_count
+
+    workers = worker_count("auto")
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = tool_run([*tool_folder_overrides(root, False), "data.num_workers=auto",
+                            "freeze=[]", "trainer.max_epochs=3"],
+                           Path(folder), GPU_WORK)
+        tool = epoch_seconds(run_dir)
+    bare = bare_folder_finetune(root, 3, GPU_WORK, workers)
+    train_images = len(list((root / "train").rglob("*.jpg")))
+    ceiling = ceiling_epochs(GPU_WORK, train_images, len(list((root / "val").rglob("*.jpg"))), 3)
+    ratio = statistics.mean(ceiling[1:]) / statistics.mean(tool[1:])
+    bare_ratio = statistics.mean(ceiling[1:]) / statistics.mean(bare[1:])
+    return ratio, (f"ceiling {', '.join(f'{s:.2f}' for s in ceiling)} s, tool "
+                   f"{', '.join(f'{s:.2f}' for s in tool)} s, bare "
+                   f"{', '.join(f'{s:.2f}' for s in bare)} s per epoch ({workers} workers; "
+                   f"the bare loop reaches {bare_ratio:.3f} of the ceiling)")
 
 
 def folder_finetune_ratio(root: Path) -> tuple[float, str]:
@@ -395,6 +459,8 @@ def folder_rows(repeats: int) -> list[tuple]:
              *median_of(repeats, lambda _: pipeline_ratio(root, augment=False))),
             ("7b. the same with random resized crop + flip", ">= 3",
              *median_of(repeats, lambda _: pipeline_ratio(root, augment=True))),
+            ("7c. every image decoded (data.cache_images=false), epoch 1: images/s", "> 1",
+             *median_of(repeats, lambda _: decoding_ratio(root))),
             ("8. image folder, full fine-tuning, 3 epochs: time per epoch", "<= 0.7",
              *median_of(repeats, lambda _: folder_finetune_ratio(root)))]
 
@@ -427,6 +493,7 @@ def cpu_rows(repeats: int) -> list[tuple]:
 
 
 def gpu_rows(repeats: int) -> list[tuple]:
+    import jpeg_data
     import torch
 
     data = digits_tensors(GPU_WORK.image_size)
@@ -434,13 +501,16 @@ def gpu_rows(repeats: int) -> list[tuple]:
     return [(f"1. full fine-tuning, 3 epochs: time per epoch ({name}, resnet50, 224, bf16)",
              "<= 1.05", *median_of(repeats, lambda r: full_finetune_ratio(data, r, GPU_WORK))),
             (f"2. linear probe, 10 epochs: total time ({name}, resnet50, 224, bf16)", "<= 0.25",
-             *median_of(repeats, lambda _: linear_probe_ratio([], GPU_WORK)))]
+             *median_of(repeats, lambda _: linear_probe_ratio([], GPU_WORK))),
+            (f"9. image folder, full fine-tuning ({name}, resnet50, 224, bf16): the ceiling's "
+             "time per epoch / the tool's, epochs 2-3", ">= 0.9",
+             *median_of(repeats, lambda _: gpu_folder_ratio(jpeg_data.jpeg_folder())))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gpu", action="store_true", help="items 1-2 on a CUDA GPU")
+    parser.add_argument("--gpu", action="store_true", help="items 1, 2 and 9 on a CUDA GPU")
     parser.add_argument("--folder", action="store_true", help="items 7-8 only (a JPEG folder)")
     parser.add_argument("--bare-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

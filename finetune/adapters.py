@@ -46,7 +46,8 @@ class AdapterSummary:
 
 
 def enabled(adapter: DictConfig | None) -> bool:
-    return adapter is not None and adapter.get("name", "none") == "lora"
+    """adapter=lora; a checkpoint's config (untrusted) may hold anything there."""
+    return isinstance(adapter, DictConfig) and adapter.get("name") == "lora"
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -83,7 +84,8 @@ def resolve_targets(backbone: nn.Module, adapter: DictConfig, aliases: Aliases) 
     patterns = list(adapter.targets) if given else default_targets(backbone, aliases.family)
     chosen: set[str] = set()
     for index, pattern in enumerate(patterns):
-        hits = [name for name in layers if matcher(pattern, aliases, f"adapter.targets[{index}]")(name)]
+        selects = matcher(pattern, aliases, f"adapter.targets[{index}]")
+        hits = [name for name in layers if selects(name)]
         if given and not hits:
             hint = closest(pattern, layers, n=5) or layers[:5]
             raise ConfigError(

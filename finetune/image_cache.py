@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import PIL
 import torch
 import torchvision
 
+from finetune.data import decoder_name
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, save_atomic
 
@@ -99,7 +99,7 @@ def entry_key(paths: list[str], fixed: object) -> str:
     """Everything the cached tensors depend on: the files as they are now, the fixed
     transform and the libraries that decode and resize."""
     digest = hashlib.sha256(f"{FORMAT}|{fixed!r}|{torch.__version__}|{torchvision.__version__}|"
-                            f"{PIL.__version__}".encode())
+                            f"{decoder_name()}".encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -162,8 +162,8 @@ def load_index(index_path: str, data_path: str, key: str, count: int) -> torch.T
 
 
 def decode_all(paths: list[str], fixed: object, loader, skip: bool) -> list[torch.Tensor | None]:
-    """Every file through the fixed transform, in threads (PIL releases the GIL while it
-    decodes and resizes); None for a file that fails now, with a warning, or an error."""
+    """Every file through the fixed transform, in threads (the decoders and resizing
+    release the GIL); None for a file that fails now, with a warning, or an error."""
     def decoded(path: str) -> torch.Tensor | None:
         try:
             return fixed(loader(path)).contiguous()

@@ -27,7 +27,7 @@ from finetune.adapters import add_adapters, enabled, fold_adapters, resolve_targ
 from finetune.calibration import calibration_scores, stored_temperature, validation_logits
 from finetune.checkpoint import read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
-from finetune.data import image_transforms, validation_data, worker_count
+from finetune.data import image_transforms, read_image, validation_data, worker_count
 from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, write_json
@@ -72,7 +72,7 @@ class LoadedModel:
 
     def transform(self):
         """The preprocessing for a PIL image, as validation used it (a torchvision
-        transform: PIL image -> normalized tensor)."""
+        transform: a PIL image or uint8 tensor -> normalized tensor)."""
         return image_transforms(self.input_spec)[1]
 
     def predict(self, images: Any, batch_size: int = 64, tta: str = "none",
@@ -109,11 +109,9 @@ def augmented(tta: str) -> Callable[[nn.Module], Callable[[torch.Tensor], torch.
     return lambda module: lambda images: (module(images) + module(images.flip(-1))) / 2
 
 
-def as_rgb(image: Any) -> Image.Image:
+def as_rgb(image: Any) -> Image.Image | torch.Tensor:
     """A PIL image as RGB; a path read as training read its images."""
-    from torchvision.datasets.folder import default_loader
-
-    return image.convert("RGB") if isinstance(image, Image.Image) else default_loader(str(image))
+    return image.convert("RGB") if isinstance(image, Image.Image) else read_image(str(image))
 
 
 def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
@@ -284,11 +282,11 @@ class ImageFiles(Dataset):
     """Every image under a folder (recursively), in sorted order, with its path."""
 
     def __init__(self, folder: str, transform):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
         self.paths = sorted(os.path.join(parent, name) for parent, _, names in os.walk(folder)
                             for name in names if name.lower().endswith(IMG_EXTENSIONS))
-        self.transform, self.loader = transform, default_loader
+        self.transform, self.loader = transform, read_image
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchvision.transforms import InterpolationMode
 
 from finetune.config import validate
-from finetune.data import build_data, tensor_loader, worker_count
+from finetune.data import build_data, image_decoder, read_image, tensor_loader, worker_count
 from finetune.errors import ConfigError
 from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
@@ -195,3 +195,29 @@ def test_num_workers_auto_leaves_a_core_to_training(monkeypatch):
     assert make_config("data=imagefolder", "data.root=/x").data.num_workers == "auto"
     with pytest.raises(ConfigError, match="data.num_workers='many' is not valid"):
         validate(make_config("data=imagefolder", "data.num_workers=many"))
+
+
+def test_images_decode_to_the_pixels_pil_gives_and_pil_reads_the_rest(tmp_path, monkeypatch):
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    picture = Image.fromarray(pixels)
+    for name in ("a.jpg", "a.png", "a.webp", "a.bmp"):
+        picture.save(tmp_path / name)
+    picture.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    picture.convert("P").save(tmp_path / "palette.png")
+    frames = [picture, Image.fromarray(255 - pixels)]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:300])
+    assert image_decoder() is not None  # the decode extra, part of dev
+    files = sorted(path for path in tmp_path.iterdir() if path.name != "cut.jpg")
+    decoded = {path.name: read_image(str(path)) for path in files}
+    with pytest.raises(OSError, match="(?i)truncated"):  # named by PIL, as before
+        read_image(str(tmp_path / "cut.jpg"))
+    monkeypatch.setattr("finetune.data.image_decoder", lambda: None)  # PIL alone
+    for path in files:
+        with Image.open(path) as image:
+            expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        assert decoded[path.name].shape == expected.shape, path.name
+        assert torch.equal(decoded[path.name], expected), path.name
+        assert torch.equal(read_image(str(path)), expected)
