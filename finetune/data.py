@@ -136,9 +136,9 @@ def read_image(path: str) -> torch.Tensor:
 
 
 class Prepared:
-    """An image's preparation in two parts: `fixed` turns an image (a uint8 tensor, or a PIL
-    image, made one first) into a uint8 tensor the
-    same way every epoch (resize, perhaps a center crop: what the decoded-image cache keeps,
+    """An image's preparation in two parts: `fixed` turns an image (a uint8 tensor; a PIL
+    image is made one first) into a uint8 tensor the same way every epoch (resize, perhaps
+    a center crop: what the decoded-image cache keeps,
     finetune/image_cache.py), then `varying` does the rest on that tensor (random
     augmentation, scaling to [0, 1], normalization). With or without the cache an image
     goes through the same steps, so both give the same batches."""

@@ -3,7 +3,6 @@
 import io
 import re
 import shlex
-import subprocess
 import sys
 import threading
 
@@ -16,7 +15,7 @@ from finetune.outputs import new_dir
 from finetune.run import build
 from finetune.trainer import Step, train_one_epoch
 
-from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config
+from conftest import CONF_DIR, FAST, make_config, run_cli
 
 
 def composed(*overrides: str, hydra: bool = False):
@@ -61,8 +60,7 @@ def test_the_progress_bar_shows_loss_accuracy_and_learning_rate_on_a_terminal(mo
 
 @pytest.mark.slow
 def test_help_lists_groups_options_main_keys_and_examples_that_compose():
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
-                            capture_output=True, text=True, timeout=HANG_SECONDS)
+    result = run_cli("--help")  # in-process; test_cli runs `finetune --help` as a process
     assert result.returncode == 0, result.stderr
     text = result.stdout
     for group in sorted(path for path in CONF_DIR.iterdir() if path.is_dir() and path.name != "hydra"):

@@ -2,7 +2,7 @@
 data), the docs site builds without a warning, and the README stays a short front door.
 
 Commands are composed and built in-process (a subprocess costs ~5 s of imports): a sweep's
-jobs one by one; `--help`, which only Hydra's command line shows, runs as a subprocess.
+jobs one by one; `--help`, which only Hydra's command line shows, through train.py's main().
 """
 
 import json
@@ -22,7 +22,7 @@ from finetune.cli import compose_unresolved, with_resume_dir
 from finetune.resume import load_last, resumed_config
 from finetune.run import run
 
-from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config, run_train
+from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +131,8 @@ def test_readme_command_runs(command, tmp_path, photos, request):
         assert json.loads(Path(run_dir, "summary.json").read_text())["epochs_completed"] == 2
     elif any(arg.startswith("mode=") for arg in arguments):
         assert run(make_config(*arguments, "trainer.device=cpu"), str(tmp_path / "out")) > 0
-    elif "--help" in arguments:
-        result = run_train(*arguments)
+    elif "--help" in arguments:  # in-process: test_cli runs `finetune --help` as a process
+        result = run_cli(*arguments)
         assert result.returncode == 0 and "backbone" in result.stdout
     elif "-m" in arguments:  # tests/test_sweep.py runs real grids and searches as subprocesses
         check_sweep([arg for arg in arguments if arg != "-m"], tmp_path)

@@ -37,7 +37,6 @@ SETUPS = {
 RESUMED_SETUPS = {**SETUPS, "timm backbone, gradual unfreezing": [
     "backbone.name=timm/convnext_atto", "freeze=[@backbone]",
     "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"]}  # and LoRA: tests/test_adapters.py
-SOAK_BACKBONE = "backbone.name=squeezenet1_1"  # the quickest to build and train here
 
 
 def config(*overrides: str, epochs: int = 3):
@@ -81,18 +80,38 @@ def interrupt_at(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(trainer, "train_and_validate", train_and_validate)
 
 
-@pytest.mark.parametrize("overrides", RESUMED_SETUPS.values(), ids=RESUMED_SETUPS.keys())
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A setup's run left alone (3 epochs): its outcome and seconds, trained once (in a
+    forked child) for the module's tests that compare with it."""
+    done = {}
+
+    def twin(name: str) -> tuple[tuple, float]:
+        if name not in done:  # in a child, as the soak's runs train
+            run_dir = tmp_path_factory.mktemp("twin") / "run"
+            started = time.perf_counter()
+            child = multiprocessing.get_context("fork").Process(
+                target=train_in_child, args=(RESUMED_SETUPS[name], run_dir, False))
+            child.start()
+            child.join()
+            assert child.exitcode == 0, f"the uninterrupted run of {name} failed"
+            done[name] = outcome(run_dir), time.perf_counter() - started
+        return done[name]
+
+    return twin
+
+
+@pytest.mark.parametrize("name", RESUMED_SETUPS)
 @pytest.mark.slow
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, overrides):
-    run(config(*overrides), str(tmp_path / "twin"))
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name, uninterrupted):
     interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        run(config(*overrides), str(tmp_path / "stopped"))
+        run(config(*RESUMED_SETUPS[name]), str(tmp_path / "stopped"))
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["epochs_completed"] == 2
     monkeypatch.undo()
     run(resumed(tmp_path / "stopped"), str(tmp_path / "stopped"))
-    assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
+    assert_same(uninterrupted(name)[0], outcome(tmp_path / "stopped"))
 
 
 @pytest.mark.slow
@@ -228,7 +247,7 @@ def test_only_raising_max_epochs_is_allowed():
 
 def train_in_child(overrides: list[str], run_dir, resume: bool) -> None:
     torch.set_num_threads(1)
-    cfg = resumed(run_dir) if resume else config(SOAK_BACKBONE, *overrides, epochs=3)
+    cfg = resumed(run_dir) if resume else config(*overrides, epochs=3)
     run(cfg, str(run_dir))
 
 
@@ -255,23 +274,16 @@ def run_with_kills(overrides: list[str], run_dir, seconds: float, rng: random.Ra
 
 
 @pytest.mark.slow
-def test_soak_runs_killed_at_random_end_bit_identical(tmp_path):
-    """A run of each setup, SIGKILLed up to twice at random and resumed."""
+def test_soak_runs_killed_at_random_end_bit_identical(tmp_path, uninterrupted):
+    """A run of each setup, SIGKILLed up to twice at random and resumed; the runs left alone
+    are the resume test's."""
     rng = random.Random(1)
-    twins, durations = {}, {}
-    for name, overrides in SETUPS.items():
-        started = time.perf_counter()
-        twin = tmp_path / f"twin-{len(twins)}"
-        context = multiprocessing.get_context("fork")
-        child = context.Process(target=train_in_child, args=(overrides, twin, False))
-        child.start()
-        child.join()
-        durations[name], twins[name] = time.perf_counter() - started, outcome(twin)
     kills = 0
     for index, name in enumerate(SETUPS):
         run_dir = tmp_path / f"run-{index}"
-        kills += run_with_kills(SETUPS[name], run_dir, durations[name], rng)
-        assert_same(twins[name], outcome(run_dir))
+        twin, seconds = uninterrupted(name)
+        kills += run_with_kills(SETUPS[name], run_dir, seconds, rng)
+        assert_same(twin, outcome(run_dir))
     assert kills >= len(SETUPS)  # most runs were really interrupted, some more than once
 
 
