@@ -1,6 +1,7 @@
 """Wires the stages in order: config -> model -> data -> freeze -> optim -> trainer."""
 
 import functools
+import json
 import logging
 import math
 import os
@@ -420,15 +421,36 @@ def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str,
 
 def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: str,
                     overrides: Sequence[str]) -> float:
-    """A resumed run that had already trained all its epochs: say so, write nothing."""
+    """A resumed run that had already trained all its epochs: say so and train nothing. A
+    kill after its last checkpoint can have left metrics.csv a row short and no summary.json
+    (or an interrupted one): those two are completed from the checkpoint."""
     result = summarize("ok", progress.history, progress.best_epoch, str(setup.weights),
-                       setup.rows(), 0.0, overrides, stop_reason=progress.stop_reason)
+                       setup.rows(), sum(epoch.seconds for epoch in progress.history), overrides,
+                       stop_reason=progress.stop_reason)
+    result["torch_threads"] = torch.get_num_threads()
+    summary_path = os.path.join(run_dir, "summary.json")
+    complete = not distributed.is_main() or summary_status(summary_path) == "ok"
+    if not complete:
+        MetricsCsv(os.path.join(run_dir, "metrics.csv")).on_fit_start(progress)
+        write_json(result, summary_path)
     best = progress.history[progress.best_epoch - 1]
     how = (f"stopped after epoch {progress.epoch} ({progress.stop_reason})" if progress.stop_reason
            else f"finished all its {progress.epoch} epochs")
-    log.info("%s had already %s: nothing to train, nothing written.\n%s", run_dir, how,
+    written = ("nothing written" if complete
+               else "metrics.csv and summary.json completed from its checkpoint")
+    log.info("%s had already %s: nothing to train, %s.\n%s", run_dir, how, written,
              closing_lines(cfg, best, result, run_dir, CacheEntry()))
     return result[cfg.optimized_metric]
+
+
+def summary_status(path: str) -> str | None:
+    """The status a summary.json records; None when it is missing or unreadable."""
+    try:
+        with open(path) as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return summary.get("status") if isinstance(summary, dict) else None
 
 
 class RunSummary:

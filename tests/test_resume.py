@@ -127,14 +127,25 @@ def test_a_row_written_after_the_last_checkpoint_is_not_doubled(tmp_path, monkey
     assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "stopped"))
 
 
-def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, caplog):
+def test_resuming_a_finished_run_says_so_and_writes_nothing_or_what_a_kill_left_out(tmp_path, caplog):
     run(config(epochs=2), str(tmp_path))
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    finished = outcome(tmp_path)
     caplog.set_level("INFO")
     run(resumed(tmp_path), str(tmp_path))
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert "had already finished all its 2 epochs: nothing to train" in caplog.text
     assert "train more:  python train.py resume=. trainer.max_epochs=4" in caplog.text  # the cwd
+
+    # killed after its last checkpoint, before the last metrics row and summary.json: the
+    # resume completes them from the checkpoint (the soak's random kills found this)
+    metrics, summary = tmp_path / "metrics.csv", tmp_path / "summary.json"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    summary.unlink()
+    run(resumed(tmp_path), str(tmp_path))
+    rows, completed = outcome(tmp_path)[1:]
+    assert len(rows) == 2 and (rows, completed) == finished[1:]  # but the seconds
+    assert "metrics.csv and summary.json completed from its checkpoint" in caplog.text
 
 
 def started(run_dir, *overrides: str, epochs: int) -> None:
