@@ -123,13 +123,13 @@ def test_an_output_directory_that_cannot_be_written_is_named(tmp_path):
 
 def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
     """SIGINT once the first epoch's checkpoint is written: exit 130 and a resumable run.
-    The signal follows the 'epoch 1/2' line within milliseconds; the epoch of 512 images
-    left takes half a second or more, so the run cannot finish first. The child gets the
+    The signal follows the 'epoch 1/2' line within milliseconds; the epoch of 256 images
+    left takes a quarter of a second or more, so the run cannot finish first. The child gets the
     default SIGINT action: a shell starts a background job (`pytest &`) with SIGINT ignored,
     and a child would inherit that and never see the signal."""
     command = [sys.executable, str(ROOT / "train.py"), "backbone.weights=null",
                "backbone.name=squeezenet1_1", "data=fake",
-               "data.train_size=512", "trainer.max_epochs=2", "trainer.device=cpu",
+               "data.train_size=256", "trainer.max_epochs=2", "trainer.device=cpu",
                "backbone.allow_download=false", "plots=false", f"hydra.run.dir={tmp_path}/run"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
