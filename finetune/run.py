@@ -1,7 +1,6 @@
 """Wires the stages in order: config -> model -> data -> freeze -> optim -> trainer."""
 
 import functools
-import json
 import logging
 import math
 import os
@@ -71,6 +70,7 @@ from finetune.report import (
 from finetune.resume import load_last
 from finetune.stages import Aliases, resolve_aliases
 from finetune.stopping import early_stopping
+from finetune.sweep import read_summary
 from finetune.trainer import (
     EpochMetrics,
     MetricsCsv,
@@ -428,29 +428,19 @@ def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: 
                        setup.rows(), sum(epoch.seconds for epoch in progress.history), overrides,
                        stop_reason=progress.stop_reason)
     result["torch_threads"] = torch.get_num_threads()
-    summary_path = os.path.join(run_dir, "summary.json")
-    complete = not distributed.is_main() or summary_status(summary_path) == "ok"
+    written = read_summary(run_dir)
+    complete = not distributed.is_main() or (written is not None and written["status"] == "ok")
     if not complete:
         MetricsCsv(os.path.join(run_dir, "metrics.csv")).on_fit_start(progress)
-        write_json(result, summary_path)
+        write_json(result, os.path.join(run_dir, "summary.json"))
     best = progress.history[progress.best_epoch - 1]
     how = (f"stopped after epoch {progress.epoch} ({progress.stop_reason})" if progress.stop_reason
            else f"finished all its {progress.epoch} epochs")
-    written = ("nothing written" if complete
-               else "metrics.csv and summary.json completed from its checkpoint")
-    log.info("%s had already %s: nothing to train, %s.\n%s", run_dir, how, written,
+    done = ("nothing written" if complete
+            else "metrics.csv and summary.json completed from its checkpoint")
+    log.info("%s had already %s: nothing to train, %s.\n%s", run_dir, how, done,
              closing_lines(cfg, best, result, run_dir, CacheEntry()))
     return result[cfg.optimized_metric]
-
-
-def summary_status(path: str) -> str | None:
-    """The status a summary.json records; None when it is missing or unreadable."""
-    try:
-        with open(path) as handle:
-            summary = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return summary.get("status") if isinstance(summary, dict) else None
 
 
 class RunSummary:
