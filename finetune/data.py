@@ -32,6 +32,7 @@ from finetune.config import augment_policy, is_multi_label
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
 from finetune.model import InputSpec
+from finetune.threads import machine_cores
 
 log = logging.getLogger(__name__)
 
@@ -358,17 +359,12 @@ BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake
             "csv": csv_images}
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_count(setting: int | str) -> int:
     """data.num_workers: a number, or auto: a loader process for each core this process may
     use (its share of them under torchrun) but one, which trains; 1 at least, 8 at most."""
     if str(setting).lower() != "auto":
         return int(setting)
-    share = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = machine_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(AUTO_WORKERS_MAX, share - 1))
 
 

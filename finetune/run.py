@@ -22,7 +22,6 @@ from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
 from finetune.config import EPOCH_SCORES, augment_policy, validate
 from finetune.data import (
     Data,
-    available_cores,
     build_data,
     check_data_paths,
     fingerprint,
@@ -71,6 +70,7 @@ from finetune.resume import load_last
 from finetune.stages import Aliases, resolve_aliases
 from finetune.stopping import early_stopping
 from finetune.sweep import read_summary
+from finetune.threads import machine_cores
 from finetune.trainer import (
     EpochMetrics,
     MetricsCsv,
@@ -292,7 +292,7 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
         lines.append(f"image cache: {setup.data.image_cache}")
     if str(cfg.data.num_workers).lower() == "auto":
         lines.append(f"data.num_workers=auto: {worker_count('auto')} loader processes "
-                     f"({available_cores()} cores available to this process)")
+                     f"({machine_cores()} cores available to this process)")
     lines.append(f"recipe: {recipe(cfg)}")
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]
