@@ -67,19 +67,19 @@ def default_targets(backbone: nn.Module, family: str) -> list[str]:
         "lists the parameter names.")
 
 
-def adaptable_layers(backbone: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d layers by their Net names, except those inside nn.MultiheadAttention
+def adaptable_layers(backbone: nn.Module) -> list[str]:
+    """The Net names of Linear and Conv2d layers, except those inside nn.MultiheadAttention
     (which reads out_proj.weight without calling out_proj)."""
     inside_attention = [name for name, module in backbone.named_modules(prefix="pretrained")
                         if isinstance(module, nn.MultiheadAttention)]
-    return {name: module for name, module in backbone.named_modules(prefix="pretrained")
+    return [name for name, module in backbone.named_modules(prefix="pretrained")
             if isinstance(module, ADAPTABLE)
-            and not any(name.startswith(parent + ".") for parent in inside_attention)}
+            and not any(name.startswith(parent + ".") for parent in inside_attention)]
 
 
 def resolve_targets(backbone: nn.Module, adapter: DictConfig, aliases: Aliases) -> list[str]:
     """The Net names of the layers the adapter's patterns (or the family's defaults) select."""
-    layers = list(adaptable_layers(backbone))
+    layers = adaptable_layers(backbone)
     given = adapter.targets is not None
     patterns = list(adapter.targets) if given else default_targets(backbone, aliases.family)
     chosen: set[str] = set()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import distributed
-from finetune.adapters import add_adapters, enabled, fold_adapters, resolve_targets
+from finetune.adapters import adapted, fold_adapters
 from finetune.calibration import calibration_scores, stored_temperature, validation_logits
 from finetune.checkpoint import read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
@@ -146,16 +146,14 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
     temperature = stored_temperature(checkpoint, source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
                     len(record["class_names"]), spec.image_size)
-    adapter = cfg.get("adapter")
-    if enabled(adapter):  # the run's layers first, so its state dict's names fit
-        add_adapters(net.pretrained, adapter,
-                     resolve_targets(net.pretrained, adapter, resolve_aliases(net.pretrained)))
+    # the run's adapter layers first, so its state dict's names fit
+    adapters = adapted(net, cfg.get("adapter"), resolve_aliases(net.pretrained), spec.image_size)
     try:
         net.load_state_dict(inference_weights(checkpoint, source))
     except RuntimeError as error:
         raise ConfigError(f"{source}: its weights do not fit the model its config describes: "
                           f"{error}") from error
-    if enabled(adapter) and merge_adapters:
+    if adapters is not None and merge_adapters:
         fold_adapters(net)
     return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"],
                        temperature)
