@@ -22,9 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_default_run_learns_leaves_a_complete_run_directory_and_says_what_next(tmp_path):
-    """`python train.py`, cut to 1 of its 10 epochs: it learns the digits (0.32 here, chance
-    is 0.1; the README's 10-epoch figure comes from benchmarks/presets.py), shows and leaves
-    what a user looks at, and its directory is then never trained over."""
+    """`python train.py`, cut to 1 of its 10 epochs: it learns the digits (its training
+    accuracy over the epoch, 0.77-0.78 here with 1 or 2 threads, chance is 0.1; the
+    validation accuracy after one epoch at lr 0.05 swings with the CPU's kernels, 0.16-0.39,
+    and is not asserted; the README's 10-epoch figure comes from benchmarks/presets.py),
+    shows and leaves what a user looks at, and its directory is then never trained over."""
     result = run_cli(f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", plots=True)
     assert result.returncode == 0, result.stderr
     for name in ("metrics.csv", "summary.json", "params.tsv", "train.log", "curves.png",
@@ -32,10 +34,11 @@ def test_the_default_run_learns_leaves_a_complete_run_directory_and_says_what_ne
                  ".hydra/config.yaml"):
         assert (tmp_path / name).is_file(), name
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["epochs_completed"] == 1 and summary["best_val_acc"] >= 0.2  # 2x chance
+    assert summary["epochs_completed"] == 1 and 0 <= summary["best_val_acc"] <= 1
     assert 0 < summary["trainable_params"] < summary["total_params"]  # part of it is frozen
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1"]
+    assert float(rows[0]["train_acc"]) >= 0.5  # 5x chance, with a margin on every machine
     params = list(csv.DictReader(open(tmp_path / "params.tsv"), delimiter="\t"))
     assert params[0] == {"name": "pretrained.conv1.weight", "shape": "64x3x7x7", "numel": "9408",
                          "trainable": "False", "group": "-", "lr": "", "weight_decay": "",
