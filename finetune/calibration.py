@@ -126,8 +126,7 @@ def store(path: str, scores: dict[str, Any]) -> None:
 def run_calibration(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[str]) -> float:
     """mode=calibrate: fit T on the checkpoint's validation data, store it in the checkpoint,
     write calibration.json (and reliability.png); return T."""
-    from finetune.data import validation_data
-    from finetune.inference import evaluation_data, load_model
+    from finetune.inference import checkpoint_data, load_model
     from finetune.trainer import resolve_device
 
     path = os.path.expanduser(cfg.checkpoint)
@@ -136,8 +135,7 @@ def run_calibration(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[
     if model.multi_label:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} is a multi-label model: temperature "
                           "scaling here calibrates a softmax over the classes, not a sigmoid per class.")
-    data_cfg = evaluation_data(cfg, model.config["data"], overrides)
-    loader, _ = validation_data(data_cfg, model.input_spec, cfg.seed, pin_memory=device.type == "cuda")
+    loader, _, _ = checkpoint_data(cfg, model, overrides, pin_memory=device.type == "cuda")
     logits, labels = validation_logits(model.net, loader, device)
     scores = calibration_scores(logits, labels, fit_temperature(logits, labels))
     store(path, scores)

@@ -50,6 +50,9 @@ class DataConfig:
     fold: int = 0  # which fold validates (0..K-1); a sweep: -m data.fold=0,1,2,3,4
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) for the mixing weight, e.g. 0.2
     cutmix_alpha: float = 0.0  # CutMix's, e.g. 1.0
+    # PIL.Image.MAX_IMAGE_PIXELS for the run: an image file over twice it is refused before
+    # any decoder runs (a decompression bomb); null: PIL's own (89,478,485)
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -280,6 +283,25 @@ PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
 EARLY_STOPPING_MONITORS = ("val_loss", "val_acc", "val_map")
 TTA_SETTINGS = ("none", "hflip")
+# timm.create_model's and its builder's own arguments (which files and weights to load: a
+# checkpoint_path, a pretrained_cfg_overlay naming a file or url, a cache_dir), not the
+# model's: backbone.kwargs may not pass them (a checkpoint's saved config neither);
+# tests/test_timm.py checks this list against timm's signatures
+TIMM_BUILDER_KWARGS = ("cache_dir", "checkpoint_path", "feature_cfg", "kwargs", "kwargs_filter",
+                       "model_cfg", "model_cls", "model_name", "pretrained", "pretrained_cfg",
+                       "pretrained_cfg_overlay", "pretrained_filter_fn", "pretrained_model_args",
+                       "pretrained_strict", "variant")
+
+DATA_SCHEMAS = {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig,
+                "fake": FakeDataConfig, "csv": CsvDataConfig}
+
+
+def data_schema(name: Any) -> type:
+    """The schema of the data option `name` (data.name)."""
+    if name not in DATA_SCHEMAS:
+        raise ValueError(f"data.name={name!r} is not one of {', '.join(DATA_SCHEMAS)}")
+    return DATA_SCHEMAS[name]
+
 
 SCHEMAS = {
     (None, "config_schema"): Config,
@@ -481,6 +503,15 @@ def validate(cfg: DictConfig) -> None:
           "data.num_workers", workers, "use 0 or more loader processes, or auto (one per core "
           "this process may use but one)")
     check(cfg.data.image_size >= 1, "data.image_size", cfg.data.image_size, "use 1 or more")
+    check(cfg.data.max_image_pixels is None or cfg.data.max_image_pixels >= 1,
+          "data.max_image_pixels", cfg.data.max_image_pixels,
+          "use a number of pixels, or null (PIL's own limit)")
+    if str(cfg.backbone.name).startswith("timm/"):
+        refused = sorted(set(cfg.backbone.kwargs) & set(TIMM_BUILDER_KWARGS))
+        check(not refused, "backbone.kwargs", ", ".join(refused),
+              f"those are timm's builder's own arguments for {cfg.backbone.name} (which files and "
+              "weights to load), not the model's; backbone.kwargs may only shape the model "
+              "(img_size, drop_path_rate, ...). Load a local file with backbone.checkpoint=PATH")
     check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
     check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,
           "use 0 or more")

@@ -14,6 +14,7 @@ may then have no label at all (an empty cell, or 0 in every column). Its split, 
 split column, is a random one (scikit-learn cannot stratify label sets), again fixed.
 """
 
+import codecs
 import csv
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from finetune.errors import ConfigError
 SPLITS = ("train", "val")
 SPLIT_SEED = 0
 MAX_NAMED = 5  # bad rows named in one error
+CHUNK = 1 << 20  # bytes read at a time to find the line that is not UTF-8
 
 
 def csv_path(cfg: DictConfig) -> str:
@@ -43,20 +45,53 @@ def image_root(cfg: DictConfig) -> str:
 
 
 def read_rows(cfg: DictConfig) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) for every data row; the columns the config names must exist."""
+    """(line number, row) for every data row; the columns the config names must exist. A
+    file the csv module cannot parse, or that is not UTF-8, is named with its line."""
     path = csv_path(cfg)
+    tsv = path.endswith(".tsv")
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ",")
-        columns = reader.fieldnames or []
-        named = [(f"data.image_column={cfg.image_column!r}", cfg.image_column)]
-        if cfg.label_columns:
-            named += [(f"data.label_columns: {column!r}", column) for column in cfg.label_columns]
-        else:
-            named.append((f"data.label_column={cfg.label_column!r}", cfg.label_column))
-        for key, column in named:
-            if column not in columns:
-                raise ConfigError(f"{key} is not a column of {cfg.file}: its columns are {columns}.")
-        return [(reader.line_num, row) for row in reader]
+        reader = csv.DictReader(handle, delimiter="\t" if tsv else ",")
+        try:
+            return checked_rows(reader, cfg)
+        except csv.Error as error:  # a cell over csv.field_size_limit(), say
+            raise ConfigError(f"data.file={cfg.file!r}: line {reader.reader.line_num} cannot be "
+                              f"parsed ({error}); data=csv reads a {'TSV' if tsv else 'CSV'} file "
+                              f"with cells of at most {csv.field_size_limit():,} characters. Fix "
+                              "that line.") from error
+        except UnicodeDecodeError as error:  # decoded in chunks: the line is found again
+            raise ConfigError(f"data.file={cfg.file!r}: line {undecodable_line(path)} is not UTF-8 "
+                              f"({error.reason}); data=csv reads files as UTF-8 (a byte order mark "
+                              "allowed). Save the file as UTF-8 (in a spreadsheet: CSV UTF-8).") from error
+
+
+def undecodable_line(path: str) -> int:
+    """The line of the file's first byte that is not UTF-8, read in chunks (a file without
+    line breaks could be any size)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as stream:
+        while True:
+            chunk = stream.read(CHUNK)
+            try:  # final (at the end): a character cut short there is an error too
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:  # error.object: the bytes held over, then chunk
+                return line + error.object.count(b"\n", 0, error.start)
+            if not chunk:
+                return line
+            line += chunk.count(b"\n")
+
+
+def checked_rows(reader: csv.DictReader, cfg: DictConfig) -> list[tuple[int, dict[str, str]]]:
+    """The reader's rows, once the columns the config names are found in its header."""
+    columns = reader.fieldnames or []
+    named = [(f"data.image_column={cfg.image_column!r}", cfg.image_column)]
+    if cfg.label_columns:
+        named += [(f"data.label_columns: {column!r}", column) for column in cfg.label_columns]
+    else:
+        named.append((f"data.label_column={cfg.label_column!r}", cfg.label_column))
+    for key, column in named:
+        if column not in columns:
+            raise ConfigError(f"{key} is not a column of {cfg.file}: its columns are {columns}.")
+    return [(reader.line_num, row) for row in reader]
 
 
 def row_labels(row: dict[str, str], cfg: DictConfig) -> tuple[tuple[str, ...], str | None]:

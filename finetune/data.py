@@ -124,16 +124,33 @@ def decoder_name() -> str:
 
 def read_image(path: str) -> torch.Tensor:
     """An image file as an RGB uint8 tensor (3, H, W), its first frame if animated. PIL reads
-    what TorchCodec does not (BMP, TIFF) and names the files nobody can read."""
-    decode = image_decoder()
-    if decode is not None:
-        try:
-            image = decode(path, mode="RGB")
-            return image[0] if image.dim() == 4 else image
-        except (RuntimeError, ValueError):  # another format, or a broken file: PIL says which
-            pass
-    with Image.open(path) as image:
+    its header first (open_image: a file it cannot identify is refused, its size unknown),
+    then TorchCodec decodes it, else PIL (BMP, TIFF; a broken file, naming what is wrong)."""
+    with open_image(path) as image:
+        decode = image_decoder()
+        # TorchCodec decodes every frame of an animation: PIL decodes the first one alone
+        if decode is not None and not getattr(image, "is_animated", False):
+            try:
+                decoded = decode(path, mode="RGB")
+                return decoded[0] if decoded.dim() == 4 else decoded
+            except (RuntimeError, ValueError):  # another format, or a broken file: PIL says which
+                pass
         return v2.functional.pil_to_tensor(image.convert("RGB"))
+
+
+def open_image(path: str) -> Image.Image:
+    """The image's header (PIL reads no pixels yet), refused past PIL's decompression-bomb
+    limit before any decoder runs: TorchCodec has no limit of its own, and a small file can
+    declare gigabytes of pixels. PIL reads Image.MAX_IMAGE_PIXELS at each call and refuses
+    over twice it (PIL only warns below), so a user who raises or clears it is obeyed."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ConfigError(f"{path} is too large an image to decode safely: {error} PIL refuses "
+                          "images over twice PIL.Image.MAX_IMAGE_PIXELS pixels, and so does this "
+                          "tool whichever library decodes them. If you trust the file, raise "
+                          "PIL.Image.MAX_IMAGE_PIXELS in Python (None: no limit) before it is read, "
+                          "or make the image smaller.") from error
 
 
 class Prepared:
@@ -235,7 +252,7 @@ def unreadable(paths: list[str]) -> dict[str, str]:
     """The files PIL cannot open and verify, with the reason (checked in threads)."""
     def problem(path: str) -> str | None:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:  # past PIL's pixel limit: refused, with the advice
                 image.verify()
         except Exception as error:  # PIL raises many types for broken files
             return f"{type(error).__name__}: {error}"

@@ -85,11 +85,9 @@ def net_to_export(net: nn.Module, merge_adapters: bool) -> nn.Module:
 def parity_images(cfg: DictConfig, model: Any, overrides: list[str]) -> torch.Tensor:
     """Up to export.parity_images of the checkpoint's validation images, prepared as
     validation prepares them."""
-    from finetune.data import validation_data
-    from finetune.inference import evaluation_data
+    from finetune.inference import checkpoint_data
 
-    data_cfg = evaluation_data(cfg, model.config["data"], overrides)
-    loader, _ = validation_data(data_cfg, model.input_spec, cfg.seed)
+    loader, _, data_cfg = checkpoint_data(cfg, model, overrides)
     batches, count = [], 0
     for batch in loader:
         if batch is None:
@@ -202,12 +200,16 @@ class OnnxNet(nn.Module):
         return torch.from_numpy(logits).to(images.device)
 
 
+def description_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "model.json")
+
+
 def read_description(path: str) -> dict[str, Any]:
     """model.json beside an exported model, checked: JSON data of the kinds this tool
     writes, or a ConfigError naming the file."""
     from finetune.trust import check_plain, refuse_interpolations
 
-    source = os.path.join(os.path.dirname(os.path.abspath(path)), "model.json")
+    source = description_path(path)
     try:
         with open(source, encoding="utf-8") as handle:
             description = json.load(handle)
@@ -216,9 +218,11 @@ def read_description(path: str) -> dict[str, Any]:
                           f"beside it, and {source} cannot be read: {error}") from error
     kinds = {"class_names": list, "input_spec": dict, "multi_label": bool, "data": dict,
              "temperature": float}
-    wrong = [key for key, kind in kinds.items() if not isinstance(description.get(key), kind)]
-    if not isinstance(description, dict) or wrong:
-        raise ConfigError(f"{source}: its entries {', '.join(wrong) or '(all)'} are not what "
+    entries = description if isinstance(description, dict) else {}  # a list, a number: all wrong
+    wrong = [key for key, kind in kinds.items() if not isinstance(entries.get(key), kind)
+             or key == "class_names" and not all(isinstance(name, str) for name in entries[key])]
+    if wrong:
+        raise ConfigError(f"{source}: its entries {', '.join(wrong)} are not what "
                           "mode=export writes; the file is damaged or not this tool's.")
     check_plain(description, source, "model.json")
     refuse_interpolations(description["data"], source)
@@ -231,9 +235,41 @@ def load_exported(path: str) -> Any:
     from finetune.model import InputSpec
 
     description = read_description(path)
-    spec = InputSpec.from_dict(description["input_spec"], f"checkpoint={path!r}")
+    # InputSpec's own checks: sizes, mean and std (the ranges a file may give)
+    spec = InputSpec.from_dict(description["input_spec"], description_path(path))
     config = {"data": description["data"], "backbone": {"name": f"(exported: {os.path.basename(path)})"}}
     if not (math.isfinite(description["temperature"]) and description["temperature"] > 0):
         raise ConfigError(f"checkpoint={path!r}: the temperature in its model.json is not positive.")
-    return LoadedModel(OnnxNet(path).eval(), [str(name) for name in description["class_names"]],
-                       spec, config, description["temperature"])
+    net = OnnxNet(path).eval()
+    check_fits(net.session, description, spec, path)
+    return LoadedModel(net, list(description["class_names"]), spec, config, description["temperature"])
+
+
+def check_fits(session: Any, description: dict[str, Any], spec: Any, path: str) -> None:
+    """model.json against the ONNX model it describes, before any batch runs: the shapes the
+    session declares (a dimension given as a name or None is left to run time)."""
+    source, model = description_path(path), os.path.basename(path)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if (len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(float)"
+            or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2):
+        raise ConfigError(f"{path}: the ONNX model takes {ports(inputs)} and gives {ports(outputs)}, "
+                          "not images: float32 [batch, 3, size, size] in and logits [batch, classes] "
+                          "out (what mode=export writes).")
+    shape, logits = inputs[0].shape, outputs[0].shape[1]
+    if isinstance(shape[1], int) and shape[1] != 3:
+        raise ConfigError(f"{path}: the ONNX model takes images of {shape[1]} channels ({shape}); "
+                          "this tool gives it RGB images, 3 channels.")
+    if any(isinstance(side, int) and side != spec.image_size for side in shape[2:]):
+        raise ConfigError(f"{source}: input_spec.image_size={spec.image_size}, but {model} takes "
+                          f"images of {shape[2]}x{shape[3]} ({shape}); the two files do not belong "
+                          "together. Export the checkpoint again (mode=export) to write both.")
+    names = len(description["class_names"])
+    if isinstance(logits, int) and logits != names:
+        raise ConfigError(f"{source}: class_names has {names} names, but {model} gives {logits} "
+                          f"logits per image ({outputs[0].shape}); the two files do not belong "
+                          "together. Export the checkpoint again (mode=export) to write both.")
+
+
+def ports(arguments: list[Any]) -> str:
+    """An ONNX model's inputs or outputs, as its errors name them."""
+    return ", ".join(f"{item.name}: {item.type} {item.shape}" for item in arguments) or "nothing"

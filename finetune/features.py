@@ -22,7 +22,7 @@ from finetune.adapters import is_adapter_parameter
 from finetune.data import collate_readable, tensor_loader
 from finetune.digest import tensors_digest
 from finetune.errors import ConfigError
-from finetune.files import save_atomic
+from finetune.files import load_safe, save_atomic
 from finetune.freeze import trainable_names
 from finetune.trainer import autocast
 
@@ -151,21 +151,61 @@ def compute(backbone: nn.Module, dataset: Dataset, batch_size: int, workers: int
     return torch.cat(outputs), torch.cat(labels)
 
 
-def load_entry(path: str, key: str, sizes: tuple[int, int]) -> dict | None:
+def backbone_width(backbone: nn.Module, dataset: Dataset, device: torch.device,
+                   precision: str) -> int | None:
+    """How many features the backbone gives an image: one of `dataset`'s through it (None
+    when that one cannot be read)."""
+    sample = collate_readable([dataset[0]]) if len(dataset) else None
+    if sample is None:
+        return None
+    backbone.eval()
+    with torch.inference_mode(), autocast(device, precision):
+        return backbone(sample[0].to(device)).shape[-1]
+
+
+def split_problem(name: str, features: torch.Tensor, labels: torch.Tensor, dataset: Dataset,
+                  width: int) -> str | None:
+    """What is wrong with a split's cached tensors, if anything: they must be what compute
+    gives, float32 rows of the backbone's width, one per image, and the dataset's labels."""
+    from finetune.loss import dataset_labels
+
+    shape = (len(dataset), width)
+    if features.dtype != torch.float32 or features.shape != shape:
+        return f"its {name} features are {features.dtype} {tuple(features.shape)}, not torch.float32 {shape}"
+    if not torch.isfinite(features).all():
+        return f"its {name} features are not all finite"
+    expected = dataset_labels(dataset)  # the key covers them: an entry's are these exactly
+    if labels.dtype != expected.dtype or labels.shape != expected.shape or not torch.equal(labels, expected):
+        return (f"its {name} labels ({labels.dtype} {tuple(labels.shape)}) are not the data's "
+                f"({expected.dtype} {tuple(expected.shape)})")
+    return None
+
+
+def entry_problem(entry: dict, key: str, splits: tuple[Dataset, Dataset], width: int | None) -> str | None:
+    """What keeps a cache entry from being this run's, if anything. `width`: the backbone's
+    (None: unknown, then the val split's must be the train split's)."""
+    if entry["key"] != key:
+        return "it has another key"
+    width = entry["train"].shape[-1] if width is None else width
+    for name, dataset in zip(("train", "val"), splits, strict=True):
+        problem = split_problem(name, entry[name], entry[f"{name}_labels"], dataset, width)
+        if problem is not None:
+            return problem
+    return None
+
+
+def load_entry(path: str, key: str, splits: tuple[Dataset, Dataset], width: int | None) -> dict | None:
     """A cache entry that is complete and belongs to `key`, else None (it gets rebuilt)."""
     if not os.path.isfile(path):
         return None
     try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        valid = (entry["key"] == key
-                 and (len(entry["train"]), len(entry["val"])) == sizes
-                 and len(entry["train_labels"]) == sizes[0] and len(entry["val_labels"]) == sizes[1]
-                 and torch.isfinite(entry["train"]).all() and torch.isfinite(entry["val"]).all())
+        entry = load_safe(path, "feature cache")  # weights only, its zip index checked first
+        problem = entry_problem(entry, key, splits, width)
     except Exception as error:  # truncated, corrupt or from another format
         log.warning("feature cache %s is unreadable (%s); rebuilding it", path, error)
         return None
-    if not valid:
-        log.warning("feature cache %s does not match this run; rebuilding it", path)
+    if problem is not None:  # a stale entry, or other tensors under this key: never trained on
+        log.warning("feature cache %s does not match this run (%s); rebuilding it", path, problem)
         return None
     return entry
 
@@ -177,7 +217,8 @@ def cached_features(backbone: nn.Module, train: Dataset, val: Dataset, fingerpri
     and the entry."""
     key = cache_key(backbone, fingerprints, device, precision)
     path = os.path.join(os.path.expanduser(cache_dir), f"{key}.pt")
-    entry, written = load_entry(path, key, (len(train), len(val))), False
+    width = backbone_width(backbone, val, device, precision) if os.path.isfile(path) else None
+    entry, written = load_entry(path, key, (train, val), width), False
     if entry is not None:
         log.info("feature cache: loaded %s", path)
     else:

@@ -1,10 +1,12 @@
 """Files a run writes and reads: atomic writes (a reader or a crash never sees half a file)
-and safe loads (torch.load with weights_only=True, so no code in a file runs)."""
+and safe loads (torch.load with weights_only=True, so no code in a file runs, of a file whose
+zip index was checked first, so nothing in it inflates past the file's own size)."""
 
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -96,6 +98,7 @@ def load_safe(path: str, key: str = "checkpoint") -> Any:
         raise ConfigError(f"{key}={path!r} does not exist: give the path of a .pt/.pth file.")
     if path.endswith(".safetensors"):
         return load_safetensors(path, key)
+    check_archive(path, key)
     import torch
 
     try:
@@ -105,13 +108,67 @@ def load_safe(path: str, key: str = "checkpoint") -> Any:
                           f"weights_only=True refused it): {error}") from error
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # what torch.load looks for to read a file as a zip archive
+METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
+def check_archive(path: str, key: str) -> None:
+    """Refuse a .pt file whose zip index declares more than the file can hold, before
+    torch.load inflates anything: torch.save stores every entry uncompressed, so a
+    compressed entry (a zip bomb: megabytes on disk, gigabytes in memory) or entries adding
+    up to more bytes than the file (overlapping ones) mean a file crafted or damaged."""
+    index = zip_index(path, key)
+    if index is None:
+        return
+    entries, size = index
+    compressed = [entry for entry in entries if entry.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        entry = max(compressed, key=lambda entry: entry.file_size)
+        method = METHODS.get(entry.compress_type, f"zip method {entry.compress_type}")
+        raise ConfigError(f"{key}={path!r} holds {len(compressed)} compressed entries, the largest "
+                          f"{entry.filename!r} ({method}: {entry.compress_size:,} bytes that inflate "
+                          f"to {entry.file_size:,}); torch.save stores every entry uncompressed, so "
+                          "the file was re-packed, perhaps to exhaust memory when loaded. If you "
+                          "trust it, load it with torch.load and save it again with torch.save.")
+    declared = sum(entry.file_size for entry in entries)
+    if declared > size:
+        largest = max(entries, key=lambda entry: entry.file_size)
+        raise ConfigError(f"{key}={path!r} declares {declared:,} bytes of entries in a file of "
+                          f"{size:,} bytes (the largest, {largest.filename!r}: "
+                          f"{largest.file_size:,}); the uncompressed entries torch.save writes "
+                          "fit in their file, so it is damaged or crafted to exhaust memory. "
+                          "If you trust it, load it with torch.load and save it again with "
+                          "torch.save.")
+
+
+def zip_index(path: str, key: str) -> tuple[list[zipfile.ZipInfo], int] | None:
+    """The entries a zip archive's central directory declares (nothing is inflated) and the
+    file's size; None for a file torch.load does not read as a zip archive."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                # torch's legacy format (before 1.6), read as such: it compresses nothing,
+                # and each storage's size, declared in the pickle and again in the stream
+                # (torch checks they agree), is read from the stream: memory stays within
+                # the file
+                return None
+            with zipfile.ZipFile(stream) as archive:
+                return archive.infolist(), os.fstat(stream.fileno()).st_size
+    except OSError as error:
+        raise ConfigError(f"{key}={path!r} cannot be read: {error}") from error
+    except Exception as error:  # BadZipFile, or another type for a crafted index
+        raise ConfigError(f"{key}={path!r} starts as a zip archive (torch.save's format) but its "
+                          f"zip index cannot be read ({error}): the file is damaged; save it "
+                          "again with torch.save.") from error
+
+
 def load_safetensors(path: str, key: str) -> dict[str, Any]:
     try:
         from safetensors.torch import load_file
     except ImportError as error:
         raise ConfigError(f"{key}={path!r} is a .safetensors file: pip install safetensors "
                           "(timm's extra brings it).") from error
-    try:
+    try:  # safetensors refuses a header whose tensors do not exactly cover the file
         return load_file(path, device="cpu")
     except Exception as error:
         raise ConfigError(f"{key}={path!r} is not a readable safetensors file: {error}") from error

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torchvision
 
-from finetune.data import decoder_name
+from finetune.data import decoder_name, open_image
 from finetune.errors import ConfigError
-from finetune.files import atomic_write, save_atomic
+from finetune.files import atomic_write, load_safe, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,29 @@ def entry_key(paths: list[str], fixed: object) -> str:
     return digest.hexdigest()
 
 
-def estimated_bytes(paths: list[str], fixed: object) -> int:
-    """The entry's size from the image headers alone (nothing decoded): 3 x the output
-    height x width per image, after a center crop's fixed size or a short-side resize."""
-    from PIL import Image
+def fixed_size(fixed: object) -> tuple[int, int] | int:
+    """What the fixed part makes of an image: a center crop's (height, width), else the
+    short side of its resize."""
     from torchvision.transforms import v2
 
     steps = fixed.transforms
     crop = next((step.size for step in steps if isinstance(step, v2.CenterCrop)), None)
     if crop is not None:
-        return len(paths) * 3 * crop[0] * crop[1]
+        return tuple(crop)
     short = next(step.size for step in steps if isinstance(step, v2.Resize))
-    short = short[0] if isinstance(short, list | tuple) else short
-    total = 0
+    return short[0] if isinstance(short, list | tuple) else short
+
+
+def estimated_bytes(paths: list[str], fixed: object) -> int:
+    """The entry's size from the image headers alone (nothing decoded): 3 x the output
+    height x width per image, after a center crop's fixed size or a short-side resize."""
+
+    size = fixed_size(fixed)
+    if isinstance(size, tuple):
+        return len(paths) * 3 * size[0] * size[1]
+    short, total = size, 0
     for path in paths:
-        with Image.open(path) as image:
+        with open_image(path) as image:  # the header alone, refused past PIL's pixel limit
             width, height = image.size
         total += 3 * short * short * max(width, height) // max(min(width, height), 1)
     return total
@@ -141,24 +149,48 @@ def decide(setting: str, images: int, size: int, max_gb: float) -> Decision:
                           "MiB under trainer.cache_dir/images), then read back each epoch")
 
 
-def load_index(index_path: str, data_path: str, key: str, count: int) -> torch.Tensor | None:
+def load_index(index_path: str, data_path: str, key: str, count: int, fixed: object) -> torch.Tensor | None:
     """A complete entry's index, else None (a miss: built again)."""
     if not (os.path.isfile(index_path) and os.path.isfile(data_path)):
         return None
     try:
-        saved = torch.load(index_path, map_location="cpu", weights_only=True)
-        index = saved["index"]
-        sizes = index[:, 1] * index[:, 2] * index[:, 3]
-        # the file is untrusted: images laid end to end, as build_entry writes them
+        saved = load_safe(index_path, "image cache")  # weights only, its zip index checked first
+        index, data_size = saved["index"], os.path.getsize(data_path)
+        # the file is untrusted: images laid end to end, as build_entry writes them, no
+        # number in it past the data file's size
         valid = (saved["key"] == key and index.shape == (count, 4) and index.dtype == torch.long
-                 and bool((index >= 0).all()) and torch.equal(index[:, 0], sizes.cumsum(0) - sizes)
-                 and os.path.getsize(data_path) == int(sizes.sum()))
+                 and bool((index >= 0).all()) and bool((index <= data_size).all()))
+        sizes = index[:, 1] * index[:, 2] * index[:, 3]
+        valid = (valid and torch.equal(index[:, 0], sizes.cumsum(0) - sizes)
+                 and data_size == int(sizes.sum()))
     except Exception as error:  # truncated, corrupt or another format
         log.warning("image cache %s is unreadable (%s); rebuilding it", index_path, error)
         return None
     if not valid:
         log.warning("image cache %s is incomplete or stale; rebuilding it", data_path)
-    return index if valid else None
+        return None
+    wrong = unexpected_shapes(index, fixed)
+    if wrong:
+        log.warning("image cache %s holds images of other shapes than the transform gives (%s); "
+                    "rebuilding it", data_path, wrong)
+        return None
+    return index
+
+
+def unexpected_shapes(index: torch.Tensor, fixed: object) -> str:
+    """The first image shapes in an index that the fixed part does not give ('': none):
+    3 channels and its size, or (0, 0, 0) for a file that could not be read."""
+    shapes = index[:, 1:]
+    size = fixed_size(fixed)
+    if isinstance(size, tuple):
+        fits = (shapes[:, 1] == size[0]) & (shapes[:, 2] == size[1])
+        wanted = f"(3, {size[0]}, {size[1]})"
+    else:
+        fits = shapes[:, 1:].min(dim=1).values == size
+        wanted = f"3 channels, the shorter side {size}"
+    fits = (fits & (shapes[:, 0] == 3)) | (shapes == 0).all(dim=1)
+    wrong = [tuple(shape) for shape in shapes[~fits][:3].tolist()]
+    return f"{', '.join(map(str, wrong))}, not {wanted}" if wrong else ""
 
 
 def decode_all(paths: list[str], fixed: object, loader, skip: bool) -> list[torch.Tensor | None]:
@@ -234,7 +266,7 @@ def cached_images(dataset, cache_dir: str, max_gb: float, size: int) -> tuple[De
     os.makedirs(folder, exist_ok=True)
     key = entry_key(paths, fixed)
     data_path, index_path = os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt")
-    index = load_index(index_path, data_path, key, len(paths))
+    index = load_index(index_path, data_path, key, len(paths), fixed)
     built = index is None
     if built:
         removed = make_room(folder, size, max_gb, key)

@@ -36,7 +36,7 @@ from finetune.multilabel import MultiLabelScores
 from finetune.plots import draw_or_warn, plot_confusion
 from finetune.stages import resolve_aliases
 from finetune.trainer import Step, evaluate, resolve_device
-from finetune.trust import check_targets, refuse_interpolations
+from finetune.trust import config_from_file
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,11 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
         return model
     checkpoint = read_run_checkpoint(path, key)
     record, source = checkpoint["run"], f"{key}={path!r}"
-    refuse_interpolations(record["config"], source)
-    check_targets(record["config"], source, trust)
-    cfg = OmegaConf.create(record["config"])
+    cfg = config_from_file(record["config"], source, trust)
     spec = InputSpec.from_dict(record["input_spec"], source)
     temperature = stored_temperature(checkpoint, source)
     net = build_net(build_backbone(cfg.backbone, NO_DOWNLOAD), cfg.head,
-                    len(record["class_names"]), spec.image_size)
+                    len(record["class_names"]), spec.image_size, list(trust))
     # the run's adapter layers first, so its state dict's names fit
     adapters = adapted(net, cfg.get("adapter"), resolve_aliases(net.pretrained), spec.image_size)
     try:
@@ -155,7 +153,7 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
                           f"{error}") from error
     if adapters is not None and merge_adapters:
         fold_adapters(net)
-    return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, record["config"],
+    return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, OmegaConf.to_container(cfg),
                        temperature)
 
 
@@ -171,8 +169,7 @@ def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False,
              model.config["data"]["name"])
     os.makedirs(run_dir, exist_ok=True)
     if cfg.mode == "evaluate":
-        data = evaluation_data(cfg, model.config["data"], overrides)
-        return evaluate_checkpoint(cfg, data, model, device, run_dir, plots)
+        return evaluate_checkpoint(cfg, overrides, model, device, run_dir, plots)
     return predict_folder(cfg, model, device, run_dir)
 
 
@@ -200,6 +197,29 @@ def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
     return data
 
 
+def checkpoint_data(cfg: DictConfig, model: "LoadedModel", overrides: Sequence[str],
+                    **options: Any) -> tuple[DataLoader, list[str], DictConfig]:
+    """The validation loader (`options`: data.validation_data's), class names and data
+    config of what `model` is evaluated on (evaluation_data). Where the paths came from the
+    checkpoint, an error reading them says so and quotes nothing of what was read: the
+    user named none of those files."""
+    data_cfg = evaluation_data(cfg, model.config["data"], overrides)
+    trained_on = model.config["data"]
+    from_file = [f"data.{key}={data_cfg[key]!r}" for key in ("root", "file")
+                 if data_cfg.get(key) is not None and data_cfg.get(key) == trained_on.get(key)]
+    try:
+        loader, classes = validation_data(data_cfg, model.input_spec, cfg.seed, **options)
+    except ConfigError as error:
+        if not from_file:
+            raise
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r}: the data it was trained on could not "
+                          f"be read as data={data_cfg.name} ({type(error).__name__}); "
+                          f"{' and '.join(from_file)} came from the checkpoint's saved config, not "
+                          "from your command line. Name the data to use: data.root=... (or "
+                          "data.file=...), or data=OPTION with its keys.") from None
+    return loader, classes, data_cfg
+
+
 def report_multi_label(cfg: DictConfig, result: dict[str, Any], scores: MultiLabelScores,
                        class_names: list[str], run_dir: str) -> float:
     """evaluation.json and per_class.csv for multi-label data; returns the mAP."""
@@ -224,18 +244,18 @@ def report_multi_label(cfg: DictConfig, result: dict[str, Any], scores: MultiLab
     return scores.map
 
 
-def evaluate_checkpoint(cfg: DictConfig, data_cfg: DictConfig, model: LoadedModel,
+def evaluate_checkpoint(cfg: DictConfig, overrides: Sequence[str], model: LoadedModel,
                         device: torch.device, run_dir: str, plots: bool = False) -> float:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the data's validation
     split (its training images are not read); for multi-label data, mAP, F1 and per-class
     AP instead."""
     net, class_names = model.net, model.class_names
+    loader, data_classes, data_cfg = checkpoint_data(cfg, model, overrides,
+                                                     pin_memory=device.type == "cuda",
+                                                     shard=distributed.shard())  # under torchrun: summed
     where = f" (data.root={data_cfg.root})" if data_cfg.get("root") else ""
     log.info("evaluating on the validation split of data=%s%s%s", data_cfg.name, where,
              "" if cfg.tta == "none" else f", test-time augmentation: {cfg.tta}")
-    loader, data_classes = validation_data(data_cfg, model.input_spec, cfg.seed,
-                                           pin_memory=device.type == "cuda",
-                                           shard=distributed.shard())  # under torchrun: summed
     if data_classes != class_names:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint!r} was trained on {len(class_names)} classes "

@@ -24,6 +24,7 @@ from finetune.config import OPTIMIZED_METRICS, dotted_scalars
 from finetune.errors import ConfigError
 from finetune.files import atomic_write
 from finetune.hooks import Hook
+from finetune.trust import load_class
 
 
 class Logger(Protocol):
@@ -36,32 +37,35 @@ class Logger(Protocol):
     def close(self) -> None: ...
 
 
-def build_loggers(configs: DictConfig, run_dir: str, start_step: int) -> list[Logger]:
-    """The loggers `logger=...` names, built in order; a bad one is a ConfigError naming it."""
-    from hydra.utils import instantiate
-
+def build_loggers(configs: DictConfig, run_dir: str, start_step: int,
+                  trust: Sequence[str] | None = None) -> list[Logger]:
+    """The loggers `logger=...` names, built in order; a bad one is a ConfigError naming it.
+    `trust` not None: the configs are a file's (trust.load_class)."""
     loggers = []
     for name, entry in configs.items():
+        cls = load_class(f"logger.{name}._target_", entry._target_, trust)
+        arguments = {key: value for key, value in OmegaConf.to_container(entry, resolve=True).items()
+                     if key != "_target_"}
         try:
-            loggers.append(instantiate(entry, run_dir=run_dir, start_step=start_step))
-        except Exception as error:  # instantiate wraps what the class raised
-            if isinstance(error.__cause__, ConfigError):
-                raise error.__cause__ from None
+            loggers.append(cls(**arguments, run_dir=run_dir, start_step=start_step))
+        except ConfigError:
+            raise
+        except Exception as error:
             raise ConfigError(f"logger.{name} (_target_={entry.get('_target_')!r}) could not be "
                               f"built: {error}") from error
     return loggers
 
 
-def check_loggers(configs: DictConfig) -> None:
+def check_loggers(configs: DictConfig, trust: Sequence[str] | None = None) -> None:
     """At start-up, before anything is built: each _target_ imports, and what it needs (its
     class's `requires`, a module name) is installed."""
     import importlib.util
 
-    from hydra.utils import get_class
-
     for name, entry in configs.items():
         try:
-            cls = get_class(entry._target_)
+            cls = load_class(f"logger.{name}._target_", entry._target_, trust)
+        except ConfigError:
+            raise
         except Exception as error:
             raise ConfigError(f"logger.{name} (_target_={entry._target_!r}) cannot be imported: "
                               f"{error}. Give a class importable from PYTHONPATH.") from error

@@ -6,6 +6,7 @@ and `add_layers.0.weight`; those names are the language of freeze patterns.
 
 import inspect
 import logging
+import math
 import os
 import re
 import socket
@@ -15,7 +16,6 @@ from typing import Any
 
 import torch
 import torchvision
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.models import WeightsEnum
@@ -30,6 +30,7 @@ from finetune.timm_backbone import (
     is_timm,
     timm_weights,
 )
+from finetune.trust import load_class
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,28 @@ class InputSpec:
         """The spec a checkpoint saved, checked: a file's values, not ours until then."""
         try:
             spec = cls(**{**values, "interpolation": InterpolationMode(values["interpolation"])})
-            sizes = (spec.image_size, spec.resize_size)
-            channels = [float(value) for value in (*spec.mean, *spec.std)]
-            if not all(isinstance(size, int) and size >= 1 for size in sizes) or len(channels) != 6:
-                raise ValueError("sizes must be positive integers, mean and std 3 numbers each")
+            check_spec_values(spec)
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"{source}: its saved input spec {values!r} is not valid "
                               f"({error}); the file is damaged or not this tool's.") from error
         return spec
+
+
+MAX_IMAGE_SIZE = 4096  # a file's input spec: what one image may cost (4096^2 x 3 floats: 200 MB)
+
+
+def check_spec_values(spec: InputSpec) -> None:
+    """Sizes whole numbers in 1..MAX_IMAGE_SIZE (resizing before a center crop: up to twice
+    that), mean and std three finite numbers each, std positive (a ValueError)."""
+    sizes = ((spec.image_size, MAX_IMAGE_SIZE), (spec.resize_size, 2 * MAX_IMAGE_SIZE))
+    if not all(type(size) is int and 1 <= size <= limit for size, limit in sizes):
+        raise ValueError(f"image_size must be a whole number from 1 to {MAX_IMAGE_SIZE}, "
+                         "resize_size from 1 to twice that")
+    channels = [*spec.mean, *spec.std]
+    if (len(spec.mean) != 3 or len(spec.std) != 3
+            or not all(type(value) in (int, float) and math.isfinite(value) for value in channels)
+            or min(spec.std) <= 0):
+        raise ValueError("mean and std must be 3 finite numbers each, std positive")
 
 
 def classification_model_names() -> list[str]:
@@ -337,9 +352,11 @@ def output_width(module: nn.Module, sample: torch.Tensor, what: str) -> int:
     return out.shape[1]
 
 
-def layer_class(spec: dict[str, Any], index: int) -> type:
+def layer_class(spec: dict[str, Any], index: int, trust: Sequence[str] | None) -> type:
     try:
-        return get_class(spec["_target_"])
+        return load_class(f"head.layers[{index}]._target_", spec["_target_"], trust)
+    except ConfigError:
+        raise
     except Exception as error:
         raise ConfigError(f"head.layers[{index}]._target_={spec['_target_']!r} is not an "
                           f"importable class: {error}") from error
@@ -361,10 +378,11 @@ def layer_arguments(spec: dict[str, Any], accepted: Sequence[str], width: int, i
 
 
 def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int | None,
-               device: torch.device) -> nn.Sequential:
-    """Net.add_layers from `_target_` specs, sizes inferred from the backbone and the data."""
+               device: torch.device, trust: Sequence[str] | None = None) -> nn.Sequential:
+    """Net.add_layers from `_target_` specs, sizes inferred from the backbone and the data;
+    `trust` not None: the specs are a file's (trust.load_class)."""
     specs = [OmegaConf.to_container(spec) for spec in layer_specs]
-    classes = [layer_class(spec, index) for index, spec in enumerate(specs)]
+    classes = [layer_class(spec, index, trust) for index, spec in enumerate(specs)]
     accepted = [inspect.signature(cls).parameters for cls in classes]
     # The last layer that has an out_features argument produces the class logits.
     last_sized = max((i for i, names in enumerate(accepted) if "out_features" in names), default=-1)
@@ -387,11 +405,12 @@ def build_head(layer_specs: Sequence[Any], in_width: int, num_classes: int | Non
 
 
 def build_net(backbone: nn.Module, head_cfg: DictConfig, num_classes: int | None,
-              image_size: int) -> Net:
+              image_size: int, trust: Sequence[str] | None = None) -> Net:
     """The backbone with the head on top; num_classes None: the data's count is not known
-    yet (a shape-only build on the meta device, to check patterns early)."""
+    yet (a shape-only build on the meta device, to check patterns early). `trust` not
+    None: the head config is a file's, whose classes that trust list rules."""
     device = next(backbone.parameters()).device
     sample = torch.zeros(1, 3, image_size, image_size, device=device)
     width = output_width(backbone, sample, "the backbone")
-    add_layers = build_head(head_cfg.layers, width, num_classes, device)
+    add_layers = build_head(head_cfg.layers, width, num_classes, device, trust)
     return Net(pretrained=backbone, add_layers=add_layers)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -21,6 +20,7 @@ from finetune.errors import ConfigError
 from finetune.freeze import trainable_names
 from finetune.patterns import matching, under_any
 from finetune.stages import Aliases
+from finetune.trust import load_class
 
 OWN_KEYS = ("_target_", "decay_bias_and_norm")  # read here, not passed to the optimizer
 RESERVED_NAME = re.compile(r"default|@.*|unfreeze\d+")  # names the tool gives groups itself
@@ -116,33 +116,37 @@ def parameter_groups(net: nn.Module, rules: Sequence[GroupRule],
                                           chosen[key].weight_decay, cfg)]
 
 
-def target_class(cfg: DictConfig, key: str) -> type:
+def target_class(cfg: DictConfig, key: str, trust: Sequence[str] | None) -> type:
+    """`trust` not None: the config is a file's (trust.load_class)."""
     try:
-        return get_class(cfg._target_)
+        return load_class(f"{key}._target_", cfg._target_, trust)
+    except ConfigError:
+        raise
     except Exception as error:
         raise ConfigError(f"{key}._target_={cfg._target_!r} is not an importable class: "
                           f"{error}") from error
 
 
-def build_optimizer(net: nn.Module, cfg: DictConfig,
-                    rules: Sequence[GroupRule] = ()) -> torch.optim.Optimizer:
+def build_optimizer(net: nn.Module, cfg: DictConfig, rules: Sequence[GroupRule] = (),
+                    trust: Sequence[str] | None = None) -> torch.optim.Optimizer:
     arguments = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
                  if key not in OWN_KEYS}
     groups = parameter_groups(net, rules, cfg)
     try:
-        return target_class(cfg, "optimizer")(groups, **arguments)
+        return target_class(cfg, "optimizer", trust)(groups, **arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer={arguments} is not valid for {cfg._target_}: {error}") from error
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, adds_groups: bool):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, adds_groups: bool,
+                    trust: Sequence[str] | None = None):
     """The epoch-wise learning-rate scheduler, or None for a constant rate."""
     if cfg._target_ is None:
         return None
     arguments = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
                  if key != "_target_"}
     try:
-        scheduler = target_class(cfg, "scheduler")(optimizer, **arguments)
+        scheduler = target_class(cfg, "scheduler", trust)(optimizer, **arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"scheduler={arguments} is not valid for {cfg._target_}: {error}") from error
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

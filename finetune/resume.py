@@ -2,8 +2,8 @@
 
 `resume=<run directory>` or `resume=latest` (the newest run under outputs/ with a
 checkpoint). The run goes on with its saved config; the command line may only raise
-trainer.max_epochs (and say what it trusts). The checkpoint restores every part of the run
-(finetune/checkpoint.py), so the resumed run ends as the uninterrupted one would have.
+trainer.max_epochs, set data.num_workers (and say what it trusts). The checkpoint restores
+every part of the run (finetune/checkpoint.py), so the resumed run ends as the uninterrupted one would have.
 """
 
 import logging
@@ -13,15 +13,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import CONFIG_GROUPS, dotted_scalars
+from finetune.config import CONFIG_GROUPS, DATA_SCHEMAS, dotted_scalars
 from finetune.errors import ConfigError
-from finetune.trust import check_file_overrides, check_targets, refuse_interpolations
+from finetune.trust import check_file_overrides, config_from_file
 
 log = logging.getLogger(__name__)
 
 OUTPUTS_ROOT = "outputs"  # Hydra's default hydra.run.dir is outputs/<date>/<time>
 LAST = os.path.join("checkpoints", "last.pt")
 MAY_CHANGE = {"trainer.max_epochs",  # and only upwards
+              "data.num_workers",  # this machine's loader processes (with random
+              # augmentation, other draws: the docs say so)
               "trust", "trainer.cache_dir"}  # taken from the command line, never from the file
 
 
@@ -72,45 +74,69 @@ def changed_keys(before: dict, after: dict) -> list[str]:
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
+def resolved(config: dict) -> dict:
+    """A config composed from conf/ and the user's command line (trusted), resolved."""
+    return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+
+
+def requested_changes(saved: dict, defaults: dict, with_new: dict, ours: dict,
+                      new_overrides: Sequence[str]) -> list[str]:
+    """The keys whose value the command line asks to differ from the saved run's: those
+    its overrides change from the run's group defaults (compared unresolved, so a raised
+    max_epochs is not also a new T_max), and those it names."""
+    named = {item.lstrip("+~").partition("=")[0] for item in new_overrides}
+    new, old = dotted_scalars(ours), dotted_scalars(saved)
+    candidates = set(changed_keys(defaults, with_new))
+    candidates |= {key for key in new if any(key == name or key.startswith(name + ".")
+                                             for name in named)}
+    return sorted(key for key in candidates if new.get(key) != old.get(key))
+
+
 def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence[str],
                    compose: Callable[[list[str]], dict[str, Any]]) -> DictConfig:
-    """The saved config (checkpoint["run"]) with the command line's trainer.max_epochs; any
-    other change is an error naming the keys. `compose(overrides)` gives a config for
-    overrides: the saved run's overrides with and without the new ones show what the new
-    ones change. The saved config and overrides are a file's, so they are checked first
-    (finetune/trust.py); `trust` and `trainer.cache_dir` come from this command line only."""
+    """The saved config (checkpoint["run"]) with the command line's trainer.max_epochs
+    (raised) and data.num_workers; any other change is an error naming the keys.
+
+    The saved config is a file's, read through trust.config_from_file; keys it did not save
+    (added by later versions) take the schema's defaults. Nothing of the file is composed:
+    `compose(overrides)` composes the command line's overrides (with the run's data option,
+    so its data keys exist) to see what they change. `trust` and `trainer.cache_dir` come
+    from this command line only."""
     source = f"resume={run_dir!r}"
-    saved, saved_overrides = record["config"], record["overrides"]
+    saved = record["config"]
     new_overrides = [item for item in new_overrides if not item.lstrip("+~").startswith("resume=")]
-    live = compose(new_overrides)  # the user's own: what may be trusted, and this machine's
-    check_file_overrides(saved_overrides, source, CONFIG_GROUPS)
-    refuse_interpolations(saved, source)
-    check_targets(saved, source, live["trust"])
-    try:  # a file's overrides: a failure is the file's, named as such
-        with_new = compose([*saved_overrides, *new_overrides])
-        changed = changed_keys(compose(list(saved_overrides)), with_new)
+    data = saved.get("data")
+    name = data.get("name") if isinstance(data, dict) else None
+    choices = [f"data={name}"] if name in DATA_SCHEMAS else []  # a plain name of conf/data/
+    try:
+        defaults, with_new = compose(choices), compose([*choices, *new_overrides])
     except Exception as error:
-        raise ConfigError(f"{source}: its saved overrides {saved_overrides} do not compose "
-                          f"with this version's conf/ ({type(error).__name__}: {error}).") from error
+        raise ConfigError(f"resume={run_dir!r}: the command line's overrides {new_overrides} do "
+                          f"not apply to the run's data={name} ({type(error).__name__}: "
+                          f"{error}).") from error
+    ours = resolved(with_new)
+    changed = requested_changes(saved, defaults, with_new, ours, new_overrides)
+    settings = {"trust": ours["trust"], "trainer.cache_dir": ours["trainer"]["cache_dir"],
+                "resume": run_dir}
+    if "data.num_workers" in changed:
+        settings["data.num_workers"] = ours["data"]["num_workers"]
+    config = config_from_file(saved, source, ours["trust"], settings=settings)
+    check_file_overrides(record["overrides"], source, CONFIG_GROUPS, saved)
     refused = [key for key in changed if key not in MAY_CHANGE]
     if refused:
         values = dotted_scalars(saved)
         shown = ", ".join(f"{key} (saved {values.get(key)!r})" for key in refused[:8])
         raise ConfigError(f"resume={run_dir!r} continues the run with its saved config; these "
                           f"overrides change it: {shown}. Only trainer.max_epochs may be "
-                          "raised. Drop the other overrides, or start a new run.")
-    if saved.get("mode", "train") != "train":
-        raise ConfigError(f"{source}: its checkpoint saved mode={saved['mode']!r}, not a "
+                          "raised (and data.num_workers set). Drop the other overrides, or "
+                          "start a new run.")
+    if config.mode != "train":
+        raise ConfigError(f"{source}: its checkpoint saved mode={config.mode!r}, not a "
                           "training run; refusing it.")
-    # keys this version added since the run was saved (plots, logger, ...) take today's values
-    config = OmegaConf.merge(OmegaConf.create(with_new), OmegaConf.create(saved))
-    config.trust, config.trainer.cache_dir = live["trust"], live["trainer"]["cache_dir"]
-    check_targets(OmegaConf.to_container(config), source, live["trust"])  # + what overrides added
-    epochs = (with_new["trainer"]["max_epochs"] if "trainer.max_epochs" in changed
-              else saved["trainer"]["max_epochs"])
-    if epochs < saved["trainer"]["max_epochs"]:
+    saved_epochs = config.trainer.max_epochs
+    epochs = ours["trainer"]["max_epochs"] if "trainer.max_epochs" in changed else saved_epochs
+    if epochs < saved_epochs:
         raise ConfigError(f"resume={run_dir!r}: trainer.max_epochs={epochs} is below the run's "
-                          f"{saved['trainer']['max_epochs']}; it may only be raised.")
+                          f"{saved_epochs}; it may only be raised.")
     config.trainer.max_epochs = epochs
-    config.resume = run_dir
     return config

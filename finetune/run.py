@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from finetune import distributed
@@ -137,6 +138,12 @@ class Setup:
         return parameter_rows(self.net, self.optimizer)
 
 
+def file_trust(cfg: DictConfig) -> list[str] | None:
+    """Whose classes the config names: a resumed run's config is its checkpoint's (the
+    command line's trust list rules what it may build); any other is the user's own."""
+    return list(cfg.trust) if cfg.resume else None
+
+
 def build(cfg: DictConfig) -> Setup:
     """Validate the config and build every stage in order; train nothing, write nothing."""
     validate(cfg)
@@ -154,7 +161,7 @@ def build(cfg: DictConfig) -> Setup:
                       cfg.data.get("use_weights_transform", False))
     data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
                       shard=distributed.shard(), cache_dir=cfg.trainer.cache_dir)
-    net = build_net(backbone, cfg.head, data.num_classes, spec.image_size)
+    net = build_net(backbone, cfg.head, data.num_classes, spec.image_size, file_trust(cfg))
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
     adapters = adapted(net, cfg.adapter, aliases, spec.image_size)
@@ -163,8 +170,8 @@ def build(cfg: DictConfig) -> Setup:
     plan = plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
     net.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last
            else torch.preserve_format)
-    optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, net, aliases))
-    scheduler = build_scheduler(optimizer, cfg.scheduler, adds_groups=bool(plan))
+    optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, net, aliases), file_trust(cfg))
+    scheduler = build_scheduler(optimizer, cfg.scheduler, bool(plan), file_trust(cfg))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
                    bool(plan), distributed.active())
@@ -184,7 +191,7 @@ def check_patterns(cfg: DictConfig) -> None:
             backbone = build_backbone(cfg.backbone, Weights(None, "shapes only"))
             size = getattr(backbone, "image_size", None)  # ViT takes one size; any other, 224
             size = size if isinstance(size, int) else 224
-            net = build_net(backbone, cfg.head, None, size)
+            net = build_net(backbone, cfg.head, None, size, file_trust(cfg))
     except Exception as error:  # what the meta device cannot build (regnet computes its
         # widths from tensors), the real build reports on its own, before the patterns
         log.debug("patterns are checked after the build: %s", error)
@@ -331,7 +338,9 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     run). `overrides` are the command line's, kept for resuming; a resumed
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
-    check_loggers(cfg.logger)
+    check_loggers(cfg.logger, file_trust(cfg))
+    if cfg.data.max_image_pixels is not None:  # before any image is opened; loader workers
+        Image.MAX_IMAGE_PIXELS = cfg.data.max_image_pixels  # fork with it
     plots = plots_enabled(cfg.plots)
     if not plots and str(cfg.plots).lower() == "auto":
         log.info("plots: off (matplotlib is not installed: pip install -e '.[plots]')")
@@ -497,7 +506,7 @@ def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: st
     """Rank 0's loggers (a resumed run's go on after its last step) and, with plots on,
     curves.png (marking the unfreeze phases)."""
     steps = training.step.steps_per_epoch(len(training.loaders[0]))
-    return RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * steps), steps,
+    return RunLog(build_loggers(cfg.logger, run_dir, progress.epoch * steps, file_trust(cfg)), steps,
                   os.path.join(run_dir, "curves.png") if plots else None,
                   [phase.epoch for phase in setup.unfreeze.plan])
 

@@ -33,13 +33,31 @@ COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrid
 REPEATS = ("data.fold=", "seed=")  # overrides that repeat one setting: grouped, mean +- std
 
 
+SUMMARY_MAX_BYTES = 1 << 20  # a run writes a few hundred bytes
+SUMMARY_TYPES = {"status": str, "overrides": list, "error": str, "stop_reason": str,
+                 "best_epoch": int, "epochs_completed": int, "seconds": int | float}
+
+
 def read_summary(job_dir: str) -> dict[str, Any] | None:
+    """A run's summary.json, or None where there is none or it is not one this tool writes
+    (a file: its entries are checked before anything reads them)."""
+    path = os.path.join(job_dir, "summary.json")
     try:
-        with open(os.path.join(job_dir, "summary.json")) as handle:
+        if os.path.getsize(path) > SUMMARY_MAX_BYTES:
+            return None
+        with open(path) as handle:
             summary = json.load(handle)
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) and "status" in summary else None
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        return None
+    wrong = [key for key, kind in SUMMARY_TYPES.items()
+             if key in summary and not isinstance(summary[key], kind)]
+    wrong += [key for key, value in summary.items() if key.startswith(("best_", "last_"))
+              and key != "best_epoch" and not isinstance(value, int | float | None)]
+    if wrong or not all(isinstance(item, str) for item in summary.get("overrides", [])):
+        return None
+    return summary
 
 
 def read_overrides(path: str) -> list[str]:
@@ -99,7 +117,8 @@ def job_rows(sweep_dir: str, metric: str) -> list[dict[str, Any]]:
         if not os.path.isfile(overrides_file):
             continue
         summary = read_summary(job_dir) or {
-            "status": "failed", "error": "no summary.json: the job was stopped before it ended"}
+            "status": "failed", "error": "no readable summary.json: the job was stopped before it "
+            "ended (or the file is not this tool's)"}
         overrides = read_overrides(overrides_file)  # what Hydra ran there last
         if summary.get("overrides", overrides) != overrides:
             summary = {"status": "failed", "error": "refused: its directory holds the result of "

@@ -405,6 +405,18 @@ class Progress:
         self.history = [EpochMetrics(**row) for row in state["history"]]
         self.best_confusion = state.get("best_confusion", [])
         self.stop_reason = state.get("stop_reason")
+        self.check()
+
+    def check(self) -> None:
+        """A file's progress must add up: an epoch per history row in order, the best one
+        among them (a ValueError: restore names the file)."""
+        epochs = [row.epoch for row in self.history]
+        if (type(self.epoch) is not int or epochs != list(range(1, self.epoch + 1))
+                or type(self.best_epoch) is not int or not 0 <= self.best_epoch <= self.epoch
+                or (self.epoch > 0) != (self.best_epoch > 0)
+                or not isinstance(self.stop_reason, str | None)):
+            raise ValueError(f"epoch {self.epoch!r}, best epoch {self.best_epoch!r} and the "
+                             f"epochs of its history {epochs[:5]} do not add up")
 
 
 class RandomStreams:

@@ -100,3 +100,36 @@ def test_an_unreadable_image_is_left_out_and_named(photos, caplog):
     setup = build(make_config(*SMALL, "data=csv", f"data.file={photos}/photos.csv"))
     assert len(setup.data.train_loader.dataset) == 23
     assert "bees/0.png" in caplog.text and "data.bad_images=skip" in caplog.text
+
+
+def test_a_cell_over_the_csv_field_limit_is_named_by_its_line(photos):
+    text = (photos / "photos.csv").read_text().splitlines()
+    text[3] += "x" * 200_000  # line 4's last cell
+    (photos / "long.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(ConfigError, match=rf"data.file='{photos}/long.csv': line 4 cannot be parsed "
+                                          r"\(field larger than field limit .*131,072 characters") as error:
+        build(make_config(*SMALL, "data=csv", f"data.file={photos}/long.csv"))
+    assert "xxx" not in str(error.value)  # the file's contents are not quoted
+
+
+def test_a_file_that_is_not_utf8_is_named_by_its_line(photos):
+    rows = [row for row in csv.DictReader(open(photos / "photos.csv"))]
+    rows[4]["label"] = "abeille"
+    write_csv(photos / "latin1.csv", rows)
+    content = (photos / "latin1.csv").read_bytes().replace(b"abeille", "abeillé".encode("latin-1"))
+    (photos / "latin1.csv").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"data.file='{photos}/latin1.csv': line 6 is not UTF-8 "
+                                          r"\(invalid continuation byte\); data=csv reads files as UTF-8"):
+        build(make_config(*SMALL, "data=csv", f"data.file={photos}/latin1.csv"))
+
+
+def test_the_line_that_is_not_utf8_is_found_whatever_the_chunks(tmp_path, monkeypatch):
+    from finetune import csv_data
+
+    path = tmp_path / "mixed.csv"
+    path.write_bytes("image,label\ncafé.png,€\n".encode() + b"b.png,caf\xe9\nc.png,ok\n")
+    for chunk in range(1, 12):  # characters and the bad byte cut across chunks
+        monkeypatch.setattr(csv_data, "CHUNK", chunk)
+        assert csv_data.undecodable_line(str(path)) == 3, chunk
+    path.write_bytes("image,label\na.png,€".encode()[:-1])  # a character cut at the end
+    assert csv_data.undecodable_line(str(path)) == 2

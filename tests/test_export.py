@@ -100,3 +100,33 @@ def test_an_exported_models_description_is_checked(onnx_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"needs the model.json written beside it"):
         run(make_config(*FAST, "mode=evaluate", f"checkpoint={tmp_path / 'onnx' / 'model.onnx'}"),
             str(tmp_path / "eval"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"class_names": ["cat", "dog", "bird"]}, r"model.json: class_names has 3 names, but model.onnx gives "
+                                              r"10 logits per image"),
+    ({"input_spec": {"image_size": 64, "resize_size": 73}},
+     r"model.json: input_spec.image_size=64, but model.onnx takes images of 32x32"),
+    ({"input_spec": {"image_size": 10**6, "resize_size": 10**6}},  # refused before an image that size
+     r"model.json: its saved input spec .*1000000.* is not valid"),
+    ({"input_spec": {"std": [0.2, 0.0, 0.2]}}, r"model.json: its saved input spec .* is not valid"),
+    ({"class_names": list(range(10))}, r"model.json: its entries class_names are not"),
+])
+def test_a_description_that_does_not_fit_its_onnx_model_is_refused(onnx_folder, tmp_path, changes, message):
+    shutil.copytree(onnx_folder[0], tmp_path / "onnx")
+    description = tmp_path / "onnx" / "model.json"
+    entries = json.loads(description.read_text())
+    entries.update(changes, input_spec={**entries["input_spec"], **changes.get("input_spec", {})})
+    description.write_text(json.dumps(entries))
+    with pytest.raises(ConfigError, match=message):
+        finetune.load_model(str(tmp_path / "onnx" / "model.onnx"))
+    with pytest.raises(ConfigError, match=message):  # before the first batch
+        run(make_config(*FAST, "mode=evaluate", f"checkpoint={tmp_path / 'onnx' / 'model.onnx'}"),
+            str(tmp_path / "eval"))
+
+
+def test_a_description_that_is_not_an_object_is_refused(onnx_folder, tmp_path):
+    shutil.copytree(onnx_folder[0], tmp_path / "onnx")
+    (tmp_path / "onnx" / "model.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"model.json: its entries class_names, input_spec, .* are not"):
+        finetune.load_model(str(tmp_path / "onnx" / "model.onnx"))

@@ -165,3 +165,34 @@ def test_tensor_digest_is_the_same_on_any_number_of_cores_and_sees_every_byte(mo
     changed[-1] += 1
     assert digest.tensors_digest([changed, tensors[1]]) != one_core
     assert digest.tensors_digest([tensors[0].view(10, 100), tensors[1]]) != one_core  # shape
+
+
+@pytest.mark.slow
+def test_an_entry_of_another_width_dtype_or_labels_is_rebuilt_never_used(tmp_path, caplog, monkeypatch):
+    """Tensors under the right key that are not what the backbone and the data give: each
+    entry is rebuilt with a warning naming the problem, and the run trains as the first."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    overrides = (*PROBE, "trainer.max_epochs=1")
+    run(make_config(*overrides), str(tmp_path / "first"))
+    (entry,) = cache_files(home)
+    width = torch.load(entry, weights_only=True)["train"].shape[1]
+    damages = {  # both splits alike (the other split cannot tell), the dtype, labels
+        "width": (lambda saved: {name: saved[name][:, :100] for name in ("train", "val")},
+                  f"its train features are torch.float32 (64, 100), not torch.float32 (64, {width})"),
+        "dtype": (lambda saved: {"val": saved["val"].double()}, "its val features are torch.float64"),
+        "range": (lambda saved: {"train_labels": saved["train_labels"] + 5},  # 5..14 of 10 classes
+                  "its train labels (torch.int64 (64,)) are not the data's"),
+        "multi-label": (lambda saved: {"val_labels": torch.nn.functional.one_hot(saved["val_labels"], 10)
+                                       .float()},
+                        "its val labels (torch.float32 (32, 10)) are not the data's (torch.int64 (32,))"),
+    }
+    for name, (damage, problem) in damages.items():
+        saved = torch.load(entry, weights_only=True)
+        torch.save({**saved, **damage(saved)}, entry)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            run(make_config(*overrides), str(tmp_path / name))
+        assert f"feature cache {entry} does not match this run ({problem}" in caplog.text, name
+        assert "feature cache: computed" in caplog.text
+        assert metrics(tmp_path / name) == metrics(tmp_path / "first")

@@ -130,3 +130,37 @@ def test_a_file_that_became_unreadable_is_still_named(jpegs, tmp_path, caplog):
         again = setup(jpegs, tmp_path / "cache")
     assert "leaving out 1 unreadable image file(s)" in caplog.text and "dogs/3.jpg" in caplog.text
     assert len(again.data.train_loader.dataset) == 11
+
+
+def rewrite_images(index_file, data_file, change) -> None:
+    """An entry with `change` applied to each image, its offsets laid out again: a whole
+    entry, as build_entry writes one, of other images."""
+    saved = torch.load(index_file, weights_only=True)
+    data = torch.frombuffer(bytearray(data_file.read_bytes()), dtype=torch.uint8)
+    images, offset = [], 0
+    for row, (start, *shape) in enumerate(saved["index"].tolist()):
+        image = change(data[start:start + shape[0] * shape[1] * shape[2]].view(shape)).contiguous()
+        images.append(image.flatten())
+        saved["index"][row] = torch.tensor([offset, *image.shape])
+        offset += image.numel()
+    data_file.write_bytes(torch.cat(images).numpy().tobytes())
+    torch.save(saved, index_file)
+
+
+@pytest.mark.parametrize("augment, wanted", [("none", "not (3, 32, 32)"),  # a center crop's size
+                                             ("trivialaugment", "not 3 channels, the shorter side 37")])
+@pytest.mark.parametrize("damage, found", [("one channel", "((1, 3"), ("smaller", "((3, 16, 16), ")])
+def test_an_entry_of_other_image_shapes_is_rebuilt(jpegs, tmp_path, caplog, augment, wanted, damage, found):
+    setup(jpegs, tmp_path / "cache", f"data.augment={augment}")
+    change = (lambda image: image[:1]) if damage == "one channel" else (lambda image: image[:, :16, :16])
+    for entry in (tmp_path / "cache" / "images").glob("*.u8"):
+        rewrite_images(entry.with_name(entry.name.replace(".u8", ".idx.pt")), entry, change)
+    with caplog.at_level(logging.WARNING):
+        again = setup(jpegs, tmp_path / "cache", f"data.augment={augment}")
+    assert "incomplete or stale" not in caplog.text  # the offsets add up: the shapes are wrong
+    for entry in (tmp_path / "cache" / "images").glob("*.u8"):  # train and val
+        assert f"image cache {entry} holds images of other shapes than the transform gives {found}" in (
+            caplog.text)
+    assert f"{wanted}); rebuilding it" in caplog.text and "built now" in again.data.image_cache
+    expected = batches(setup(jpegs, tmp_path / "other", "data.cache_images=false"), "val")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches(again, "val"), expected, strict=True))

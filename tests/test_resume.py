@@ -233,25 +233,24 @@ def test_nothing_to_resume_is_named(tmp_path, value, message):
 
 
 def test_only_raising_max_epochs_is_allowed():
-    saved = {"config": {"trainer": {"max_epochs": 5, "cache_dir": "c"}, "optimizer": {"lr": 0.1},
-                        "resume": None, "trust": []}, "overrides": []}
-
-    def compose(overrides):
-        cfg = {"trainer": {"max_epochs": 5, "cache_dir": "c"}, "optimizer": {"lr": 0.1},
-               "resume": None, "trust": []}
-        for item in overrides:
-            key, value = item.split("=")
-            section, name = key.split(".")
-            cfg[section][name] = type(cfg[section][name])(value)
-        return cfg
-
-    cfg = resumed_config("/run", saved, ["resume=/run", "trainer.max_epochs=8"], compose)
-    assert cfg.trainer.max_epochs == 8 and cfg.resume == "/run"
-    assert resumed_config("/run", saved, ["optimizer.lr=0.1"], compose).trainer.max_epochs == 5
-    with pytest.raises(ConfigError, match=r"optimizer.lr \(saved 0.1\).*Only trainer.max_epochs"):
-        resumed_config("/run", saved, ["optimizer.lr=0.5"], compose)
-    with pytest.raises(ConfigError, match="trainer.max_epochs=4 is below the run's 5"):
-        resumed_config("/run", saved, ["trainer.max_epochs=4"], compose)
+    config = OmegaConf.to_container(make_config(*FAST, "trainer.max_epochs=5", "optimizer.lr=0.1"),
+                                    resolve=True)
+    saved = {"config": config, "overrides": ["trainer.max_epochs=5", "optimizer.lr=0.1"]}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = resumed_config("/run", saved, ["resume=/run", "trainer.max_epochs=8"],
+                             compose_unresolved)
+        assert cfg.trainer.max_epochs == 8 and cfg.resume == "/run"
+        assert resumed_config("/run", saved, ["optimizer.lr=0.1"],
+                              compose_unresolved).trainer.max_epochs == 5
+        with pytest.raises(ConfigError, match=r"optimizer.lr \(saved 0.1\).*Only trainer.max_epochs"):
+            resumed_config("/run", saved, ["optimizer.lr=0.5"], compose_unresolved)
+        with pytest.raises(ConfigError, match=r"seed \(saved 3\)"):  # named, though a default
+            resumed_config("/run", {**saved, "config": {**config, "seed": 3}}, ["seed=0"],
+                           compose_unresolved)
+        with pytest.raises(ConfigError, match="trainer.max_epochs=4 is below the run's 5"):
+            resumed_config("/run", saved, ["trainer.max_epochs=4"], compose_unresolved)
+        assert resumed_config("/run", saved, ["data.num_workers=2"],
+                              compose_unresolved).data.num_workers == 2  # this machine's
 
 
 # --- SIGKILL at random moments -------------------------------------------------------------
@@ -304,9 +303,11 @@ def test_a_checkpoint_saved_before_plots_and_loggers_existed_resumes(tmp_path):
     run(make_config(*overrides), str(tmp_path), overrides)
     saved = load_last(str(tmp_path))
     del saved["run"]["config"]["plots"], saved["run"]["config"]["logger"]  # as saved before
+    saved["run"]["overrides"].remove("plots=false")  # no such key then
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = resumed_config(str(tmp_path), saved["run"], ["trainer.max_epochs=2"],
                              compose_unresolved)
-    assert str(cfg.plots).lower() == "false" and cfg.logger == {}  # from the run's overrides
+    # keys added since take their schema defaults (a file's overrides are never composed)
+    assert cfg.plots == "auto" and cfg.logger == {}
     run(cfg, str(tmp_path), saved["run"]["overrides"], checkpoint=saved)
     assert json.loads((tmp_path / "summary.json").read_text())["epochs_completed"] == 2

@@ -143,3 +143,23 @@ def test_a_safetensors_checkpoint_loads_and_a_damaged_one_is_named(tmp_path):
     (tmp_path / "damaged.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ConfigError, match="damaged.safetensors.*not a readable safetensors file"):
         timm_backbone("resnet18", f"backbone.checkpoint={tmp_path}/damaged.safetensors")
+
+
+def test_the_builders_own_arguments_are_refused_in_backbone_kwargs():
+    """config.TIMM_BUILDER_KWARGS is every argument of timm's builder but the layer flags,
+    so a timm that adds one (a new way to name a file) fails here, not in a user's run."""
+    import inspect
+
+    import timm
+    from timm.models import build_model_with_cfg
+
+    from finetune.config import TIMM_BUILDER_KWARGS, validate
+
+    builder = {*inspect.signature(timm.create_model).parameters,
+               *inspect.signature(build_model_with_cfg).parameters}
+    assert set(TIMM_BUILDER_KWARGS) == builder - {"scriptable", "exportable", "no_jit"}
+    cfg = make_config("backbone.name=timm/resnet10t", "+backbone.kwargs.checkpoint_path=/etc/passwd",
+                      "+backbone.kwargs.drop_path_rate=0.1")
+    with pytest.raises(ConfigError, match="backbone.kwargs='checkpoint_path' is not valid"):
+        validate(cfg)
+
