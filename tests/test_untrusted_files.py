@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,24 @@ def partial_logger(record, place):
         "_target_": "finetune.loggers.TensorBoardLogger", "_partial_": True}}
 
 
+def deflated(run_dir: Path, place) -> None:
+    """The checkpoints re-zipped with deflate, and 64 MiB of zeros added in a few kilobytes:
+    a zip bomb (tests/test_untrusted_inputs_memory.py measures that loading one stays small)."""
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / "checkpoints" / name
+        with zipfile.ZipFile(path) as original:
+            entries = {info.filename: original.read(info) for info in original.infolist()}
+        path.unlink()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+            for entry, content in entries.items():
+                bomb.writestr(entry, content)
+            with bomb.open(f"{next(iter(entries)).split('/')[0]}/zeros", "w") as stream:
+                for _ in range(64):
+                    stream.write(bytes(1 << 20))
+
+
+deflated.whole_file = True  # an edit of the file, not of what it holds
+
 # name -> (the edit, the entry points that read what it edits, what the message says)
 # evaluate, predict, export and calibrate read a checkpoint through load_model: each of them
 # with the payloads that reach their own code, load_model itself with all
@@ -160,12 +179,16 @@ PAYLOADS = {
     "best epoch past the history": (progress_change(best_epoch=7), ("resume",), "progress state"),
     "evaluate reads a file it names": (config_change("data", data_from), ("evaluate",),
                                        "came from the checkpoint's saved config"),
+    "zip bomb": (deflated, ("resume", "evaluate", "load_model"), "compressed entries"),
 }
 
 
 def crafted(trained: Path, folder: Path, edit: Callable, place: Place) -> Path:
     run_dir = folder / "crafted"
     shutil.copytree(trained, run_dir)
+    if getattr(edit, "whole_file", False):
+        edit(run_dir, place)
+        return run_dir
     for name in ("last.pt", "best.pt"):
         path = run_dir / "checkpoints" / name
         record = load_safe(str(path))
@@ -258,3 +281,27 @@ def test_a_crafted_summary_in_a_sweep_is_a_failed_job(tmp_path):
     rows = job_rows(str(tmp_path), "best_val_acc")
     assert [row["status"] for row in rows] == ["failed"] * 3
     assert all("no readable summary.json" in row["error"] for row in rows)
+
+
+CSV_PAYLOADS = {
+    "a cell over the csv module's limit": (b"image,label\n" + b"x" * 200_000 + b".png,a\n",
+                                           "line 2 cannot be parsed"),
+    "not UTF-8": ("image,label\na.png,caf\u00e9\n".encode("latin-1"), "line 2 is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+@pytest.mark.parametrize("payload", CSV_PAYLOADS)
+def test_a_crafted_csv_is_refused_by_every_reader(trained, tmp_path, payload, entry):
+    content, expected = CSV_PAYLOADS[payload]
+    (tmp_path / "labels.csv").write_bytes(content)
+    data = ["data=csv", f"data.file={tmp_path / 'labels.csv'}", "data.num_workers=0"]
+    if entry == "train":
+        result = run_cli(*FAST[:2], "trainer.device=cpu", *data, f"hydra.run.dir={tmp_path / 'run'}")
+    else:
+        result = run_cli("mode=evaluate", f"checkpoint={trained / 'checkpoints' / 'best.pt'}", *data,
+                         f"hydra.run.dir={tmp_path / 'evaluated'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(f"data.file='{tmp_path / 'labels.csv'}': {expected}", result.stderr)
+    assert "xxxxxxxx" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
