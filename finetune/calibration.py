@@ -3,7 +3,8 @@ probabilities can be trusted for a threshold (Guo et al., 2017, "On Calibration 
 Neural Networks").
 
 T is fitted on the validation logits by minimizing the negative log-likelihood of
-softmax(logits / T) (LBFGS on log T, so T stays positive). Dividing by one positive number
+softmax(logits / T) (LBFGS on log T, so T stays positive), and scored on the test split
+when the data has one (else on the validation images themselves, in-sample). Dividing by one positive number
 never changes which class is predicted: accuracy stays, only the confidence moves.
 
 `mode=calibrate checkpoint=.../best.pt` (or `calibrate=true` after training) stores T in
@@ -123,9 +124,16 @@ def store(path: str, scores: dict[str, Any]) -> None:
     save_atomic(state, path)
 
 
+EXTREME = (0.25, 4.0)  # a temperature outside: the model's confidence is far off (warned)
+
+
 def run_calibration(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[str]) -> float:
     """mode=calibrate: fit T on the checkpoint's validation data, store it in the checkpoint,
-    write calibration.json (and reliability.png); return T."""
+    write calibration.json (and reliability.png); return T. The scores before and after are
+    on the test split when the data has one (images T never saw), else on the validation
+    images themselves (in-sample, said so); a T that makes them worse, or an extreme one,
+    is warned of."""
+    from finetune.data import has_test_split
     from finetune.inference import checkpoint_data, load_model
     from finetune.trainer import resolve_device
 
@@ -135,9 +143,15 @@ def run_calibration(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[
     if model.multi_label:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} is a multi-label model: temperature "
                           "scaling here calibrates a softmax over the classes, not a sigmoid per class.")
-    loader, _, _ = checkpoint_data(cfg, model, overrides, pin_memory=device.type == "cuda")
+    loader, _, data_cfg = checkpoint_data(cfg, model, overrides, pin_memory=device.type == "cuda")
     logits, labels = validation_logits(model.net, loader, device)
-    scores = calibration_scores(logits, labels, fit_temperature(logits, labels))
+    temperature, held_out = fit_temperature(logits, labels), has_test_split(data_cfg)
+    if held_out:
+        test = checkpoint_data(cfg, model, overrides, split="test", pin_memory=device.type == "cuda")
+        logits, labels = validation_logits(model.net, test[0], device)
+    scores = calibration_scores(logits, labels, temperature)
+    scores["fitted_on"] = "val"
+    scores["scored_on"] = "test" if held_out else "val (in-sample: the images T was fitted on)"
     store(path, scores)
     os.makedirs(run_dir, exist_ok=True)
     write_json(scores, os.path.join(run_dir, "calibration.json"))
@@ -145,9 +159,28 @@ def run_calibration(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[
         from finetune.plots import draw_or_warn, plot_reliability
 
         draw_or_warn(plot_reliability, scores, os.path.join(run_dir, "reliability.png"))
-    log.info("calibrated %s on %d validation images: temperature %.4f; NLL %.4f -> %.4f, ECE "
-             "(%d bins) %.4f -> %.4f; stored in the checkpoint (mode=predict, mode=evaluate and "
-             "load_model use it), details in %s", cfg.checkpoint, len(labels), scores["temperature"],
-             scores["nll_before"], scores["nll_after"], BINS, scores["ece_before"],
-             scores["ece_after"], os.path.join(run_dir, "calibration.json"))
-    return scores["temperature"]
+    log.info("calibrated %s: temperature %.4f fitted on the validation split; on %d images of "
+             "the %s split, NLL %.4f -> %.4f, ECE (%d bins) %.4f -> %.4f. Stored in this file "
+             "(mode=predict, mode=evaluate and load_model use it; a run's last.pt is not "
+             "changed, so it now predicts uncalibrated probabilities), details in %s",
+             cfg.checkpoint, temperature, len(labels), scores["scored_on"], scores["nll_before"],
+             scores["nll_after"], BINS, scores["ece_before"], scores["ece_after"],
+             os.path.join(run_dir, "calibration.json"))
+    warn_if_doubtful(scores)
+    return temperature
+
+
+def warn_if_doubtful(scores: dict[str, Any]) -> None:
+    """A temperature that made the scores worse, or one far from 1, is kept (it is the best
+    fit on validation) but said: probabilities after it may mislead."""
+    low, high = EXTREME
+    if scores["ece_after"] > scores["ece_before"]:
+        log.warning("calibration made the expected calibration error worse on the %s split "
+                    "(%.4f -> %.4f): the validation split may be too small or unlike the "
+                    "data; mode=calibrate on another checkpoint or more validation images",
+                    scores["scored_on"], scores["ece_before"], scores["ece_after"])
+    if not low <= scores["temperature"] <= high:
+        log.warning("the temperature %.4g is extreme (outside %g-%g): the model's confidence "
+                    "is far off at this checkpoint (trained briefly, or overfitted), and "
+                    "calibrated probabilities are nearly %s", scores["temperature"], low, high,
+                    "uniform" if scores["temperature"] > high else "one-hot")

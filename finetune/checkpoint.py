@@ -17,15 +17,18 @@ Format 2 (the release before) kept the same things under flat keys; `upgrade` ma
 
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from finetune.ema import inference_weights
 from finetune.errors import ConfigError
+from finetune.files import save_atomic
 from finetune.hooks import Hook
-from finetune.saver import RunCheckpoints, read_joined
+from finetune.saver import FROZEN_FILE, RunCheckpoints, read_joined
 from finetune.trust import check_plain
 
 log = logging.getLogger(__name__)
@@ -169,3 +172,30 @@ class CheckpointHook(Hook):
 
     def on_fit_end(self, progress: Any) -> None:  # also on Ctrl-C: the last one is finished
         self.folder.wait()
+
+
+def keep_checkpoints(run_dir: str, policy: str) -> str | None:
+    """What a finished run keeps of checkpoints/ (trainer.checkpoints), and the file to use
+    it by (None: nothing kept). `all`: last.pt (resumable), best.pt and frozen.pt as
+    written; `last`: last.pt and frozen.pt; `best`: best.pt alone, as the weights it
+    predicts with and the run's record (load_model, evaluate, predict, export, calibrate
+    read it; nothing to resume: a sweep's jobs keep this much); `none`: nothing."""
+    folder = os.path.join(run_dir, "checkpoints")
+    best, last = os.path.join(folder, "best.pt"), os.path.join(folder, "last.pt")
+    if policy == "all":
+        return best
+    if policy == "last":
+        os.remove(best)
+        return last
+    if policy == "none":
+        shutil.rmtree(folder)
+        return None
+    checkpoint = read_run_checkpoint(best)
+    kept = {"format": FORMAT, "run": checkpoint["run"], "state": {},
+            "model": inference_weights(checkpoint, best)}
+    if "calibration" in checkpoint:
+        kept["calibration"] = checkpoint["calibration"]
+    save_atomic(kept, best)  # a file of its own: no longer last.pt's hard link
+    for name in ("last.pt", FROZEN_FILE):
+        os.remove(os.path.join(folder, name))
+    return best

@@ -149,7 +149,8 @@ def start(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
         saved = load_last(cfg.resume)
         cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
         overrides = saved["run"]["overrides"]
-        log.info("config: the resumed run's, with its overrides: %s", " ".join(overrides))
+        log.info("config: the resumed run's, %s", f"with its overrides: {' '.join(overrides)}"
+                 if overrides else "with no overrides (the defaults of its version)")
     elif cfg.mode in ("train", "lr_find"):
         log.info("%s", describe_config(cfg))
     return run(cfg, run_dir, overrides, checkpoint=saved)
@@ -166,7 +167,12 @@ def log_to_file(message: str, exc_info: bool = False) -> None:
 
 
 def main() -> float | None:
-    """`python train.py ...` and the `finetune` console script."""
+    """`python train.py ...` and the `finetune` console script (`finetune cache`: the
+    caches' sizes, or clearing them)."""
+    if sys.argv[1:2] == ["cache"]:
+        from finetune.cache_command import main as cache_main
+
+        sys.exit(cache_main(sys.argv[2:]))
     try:
         sys.argv = with_resume_dir(sys.argv)
         check_command_line(sys.argv, CONFIG_DIR)

@@ -99,7 +99,8 @@ def diagnose(parsed: list[Override], error: Exception, config_dir: str) -> str:
     for override in parsed:
         if (override.type in (OverrideType.CHANGE, OverrideType.DEL) and not is_group(override)
                 and not is_hydras(override) and lookup(base, override.key_or_group) is NOT_FOUND):
-            return missing_key(override, base, groups, config_dir)
+            given = [line.key_or_group for line in parsed if not is_group(line)]
+            return missing_key(override, base, groups, given, config_dir)
     return one_paragraph(str(error) + (f" {error.__cause__}" if error.__cause__ else ""))
 
 
@@ -115,25 +116,43 @@ def missing_option(override: Override, config_dir: str) -> str | None:
             + f". Each option is a file in conf/{group}/.")
 
 
-def missing_key(override: Override, base: DictConfig, groups: list[str], config_dir: str) -> str:
+def missing_key(override: Override, base: DictConfig, groups: list[str], given: list[str],
+                config_dir: str) -> str:
     key = override.key_or_group
     chosen = OmegaConf.to_container(base.hydra.runtime.choices)  # group -> option in use
     group = key.split(".")[0]
     parts = [f"{override.input_line}: there is no key {key}"
              + (f" in {group}={chosen.get(group)}" if group in CONFIG_GROUPS else "") + "."]
-    owners = [option for option in other_options(group, chosen, config_dir)
-              if lookup(compose(config_name="config", overrides=[
-                  *[line for line in groups if line.split("=")[0] != group],
-                  f"{group}={option}"]), key) is not NOT_FOUND]
+    owners = owning_options(key, groups, given, chosen, config_dir)
     if owners:
         parts.append(f"It belongs to {' and '.join(f'{group}={o}' for o in owners)}: add "
                      f"{group}={owners[0]} before it.")
-    meant = closest(key, [name for name in every_key(OmegaConf.to_container(base))
+    # a section is a key only for a mapping (trainer.early_stopping={patience: 3})
+    sections = override.type == OverrideType.CHANGE and isinstance(override.value(), dict)
+    meant = closest(key, [name for name in every_key(OmegaConf.to_container(base), sections=sections)
                           if not name.startswith("hydra")])
     if meant and not owners:
         parts.append(f"Did you mean {', '.join(meant)}?")
     parts.append("python train.py --cfg job lists every key.")
     return " ".join(parts)
+
+
+def owning_options(key: str, groups: list[str], given: list[str], chosen: dict[str, str],
+                   config_dir: str) -> list[str]:
+    """The other options of key's group that have it, the closest fit first: the one with the
+    most of the group's keys given on the command line (data.root and data.file: data=csv),
+    then the one with the fewest keys of its own (data.root alone: data=imagefolder; csv
+    also needs data.file)."""
+    group = key.split(".")[0]
+    others = [line for line in groups if line.split("=")[0] != group]
+    fits = []
+    for option in other_options(group, chosen, config_dir):
+        config = compose(config_name="config", overrides=[*others, f"{group}={option}"])
+        if lookup(config, key) is not NOT_FOUND:
+            held = sum(lookup(config, name) is not NOT_FOUND
+                       for name in given if name.startswith(f"{group}."))
+            fits.append((-held, len(every_key(OmegaConf.to_container(config[group]))), option))
+    return [option for *_, option in sorted(fits)]
 
 
 def other_options(group: str, chosen: dict[str, str], config_dir: str) -> list[str]:
@@ -147,14 +166,16 @@ def lookup(config: DictConfig, key: str) -> Any:
     return OmegaConf.select(config, key, default=NOT_FOUND, throw_on_resolution_failure=False)
 
 
-def every_key(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a config, its sections included."""
+def every_key(node: Any, prefix: str = "", sections: bool = False) -> list[str]:
+    """Every dotted key of a config that takes a plain value (optimizer.lr, not optimizer);
+    with `sections` its sections too, which take a mapping."""
     if not isinstance(node, dict):
         return []
     keys = []
     for name, value in node.items():
-        keys.append(f"{prefix}{name}")
-        keys += every_key(value, f"{prefix}{name}.")
+        if not (isinstance(value, dict) and value) or sections:  # {} takes entries: a key
+            keys.append(f"{prefix}{name}")
+        keys += every_key(value, f"{prefix}{name}.", sections)
     return keys
 
 

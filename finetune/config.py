@@ -27,7 +27,7 @@ class BackboneConfig:
     weights: str | None = "auto"  # auto | DEFAULT | IMAGENET1K_V1 | ... | null (random init)
     checkpoint: str | None = None  # local state-dict file loaded over the weights
     keep_classifier: bool = False  # keep the backbone's own classifier (the seed's alexnet)
-    allow_download: bool = True  # False: use only the local torch cache, never the network
+    allow_download: bool = True  # False: only the local torch / Hugging Face caches, never the network
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra torchvision builder args
 
 
@@ -53,6 +53,9 @@ class DataConfig:
     # PIL.Image.MAX_IMAGE_PIXELS for the run: an image file over twice it is refused before
     # any decoder runs (a decompression bomb); null: PIL's own (89,478,485)
     max_image_pixels: int | None = None
+    # the split mode=evaluate reads: val, or test (imagefolder's test/ folder, or a CSV's
+    # split=test rows: images training never sees); training validates on val
+    split: str = "val"
 
 
 @dataclass
@@ -65,7 +68,8 @@ class DigitsDataConfig(DataConfig):
 @dataclass
 class ImageFolderDataConfig(DataConfig):
     name: str = "imagefolder"
-    root: str | None = None  # holds train/<class>/* and val/<class>/*
+    root: str | None = None  # holds train/<class>/* and val/<class>/* (test/<class>/*), or <class>/*
+    val_fraction: float = 0.2  # <class>/* directly under root: this share of each class validates
     # training images only: none | flip | light (random resized crop + flip) | randaugment |
     # trivialaugment | autoaugment (the last three: light, then that torchvision policy)
     augment: str = "none"
@@ -166,6 +170,9 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     ema_decay: float | None = None  # e.g. 0.999: validate and save an EMA of the weights
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # what a finished run keeps in checkpoints/: all (last.pt to resume, best.pt) | last |
+    # best (best.pt's weights alone) | none; auto: all, and best for a sweep's jobs
+    checkpoints: str = "auto"
 
 
 @dataclass
@@ -199,6 +206,7 @@ class PredictConfig:
     # multi-label data: a label is predicted when its probability is at least this (also the
     # F1 scores' threshold in validation and mode=evaluate)
     threshold: float = 0.5
+    top_k: int = 1  # mode=predict, single-label data: the k most probable classes per image
 
 
 @dataclass
@@ -269,10 +277,11 @@ CONFIG_GROUPS = ("backbone", "head", "data", "optimizer", "scheduler", "logger",
                  "experiment", "hparams_search")  # conf/'s groups, in the order of conf/config.yaml
 CACHE_SETTINGS = ("auto", "true", "false")
 PRECISIONS = {"32": None, "bf16": "bfloat16", "16-mixed": "float16"}  # -> the autocast dtype
-# single-label data: accuracy, balanced accuracy, macro F1; multi-label: mean average
-# precision, micro and macro F1 at predict.threshold (the others are NaN there)
+# single-label data: accuracy, balanced accuracy, macro F1, top-5 accuracy (over 5 classes);
+# multi-label: mean average precision, micro and macro F1 at predict.threshold (the others
+# are NaN there)
 EPOCH_SCORES = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "val_map",
-                "val_micro_f1")
+                "val_micro_f1", "val_top5_acc")
 MULTI_LABEL_SCORES = ("val_loss", "val_macro_f1", "val_map", "val_micro_f1")
 OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which in ("best", "last"))
 FROZEN_MODULE_MODES = ("eval", "train")
@@ -283,6 +292,8 @@ PLOT_SETTINGS = ("auto", "true", "false")
 AUGMENT_POLICIES = ("none", "flip", "light", "randaugment", "trivialaugment", "autoaugment")
 EARLY_STOPPING_MONITORS = ("val_loss", "val_acc", "val_map")
 TTA_SETTINGS = ("none", "hflip")
+DATA_SPLITS = ("val", "test")
+CHECKPOINT_POLICIES = ("auto", "all", "last", "best", "none")
 # timm.create_model's and its builder's own arguments (which files and weights to load: a
 # checkpoint_path, a pretrained_cfg_overlay naming a file or url, a cache_dir), not the
 # model's: backbone.kwargs may not pass them (a checkpoint's saved config neither);
@@ -457,6 +468,11 @@ def validate(cfg: DictConfig) -> None:
               cfg.data.cache_images, "use auto, true or false")
         check(cfg.data.cache_max_gb > 0, "data.cache_max_gb", cfg.data.cache_max_gb,
               "use a positive number of GiB")
+    check(cfg.trainer.checkpoints in CHECKPOINT_POLICIES, "trainer.checkpoints",
+          cfg.trainer.checkpoints, "use auto (all; best in a sweep), all, last, best or none")
+    check(not (cfg.calibrate and cfg.trainer.checkpoints in ("last", "none")), "calibrate",
+          cfg.calibrate, f"calibration is stored in best.pt, which trainer.checkpoints="
+          f"{cfg.trainer.checkpoints} does not keep; use trainer.checkpoints=best or all")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
           cfg.trainer.accumulate_grad_batches, "use 1 (a step every batch) or more")
     check(cfg.trainer.ema_decay is None or 0 < cfg.trainer.ema_decay < 1, "trainer.ema_decay",
@@ -490,6 +506,10 @@ def validate(cfg: DictConfig) -> None:
               stopping.monitor, "val_map is a score of multi-label data; use val_loss or val_acc")
     check(0 < cfg.predict.threshold < 1, "predict.threshold", cfg.predict.threshold,
           "use a probability between 0 and 1, e.g. 0.5")
+    check(cfg.predict.top_k >= 1, "predict.top_k", cfg.predict.top_k,
+          "use 1 (the most probable class) or more")
+    check(cfg.predict.top_k == 1 or not is_multi_label(cfg.data), "predict.top_k",
+          cfg.predict.top_k, "multi-label data predicts every label at predict.threshold; use 1")
     check(0 < cfg.lr_find.start < cfg.lr_find.end, "lr_find.start",
           cfg.lr_find.start, f"use a positive rate below lr_find.end={cfg.lr_find.end}")
     check(cfg.mode != "lr_find" or not cfg.resume, "resume", cfg.resume,
@@ -526,9 +546,14 @@ def validate(cfg: DictConfig) -> None:
               f"param_groups[{index}].weight_decay", entry.weight_decay, "use 0 or more, or null")
     for index, phase in enumerate(cfg.unfreeze):
         check(phase.lr_mult > 0, f"unfreeze[{index}].lr_mult", phase.lr_mult, "use a positive number")
-    if cfg.data.name in ("digits", "csv"):
+    if cfg.data.name in ("digits", "csv", "imagefolder"):
         check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction,
               "use a number between 0 and 1")
+    check(cfg.data.split in DATA_SPLITS, "data.split", cfg.data.split,
+          "use val (the validation split) or test (a test/ folder, or a CSV's split=test rows)")
+    check(cfg.data.split == "val" or cfg.mode == "evaluate", "data.split", cfg.data.split,
+          f"it chooses what mode=evaluate reads; mode={cfg.mode} always uses val (a run scores "
+          "its best checkpoint on the test split by itself when there is one)")
     for index, layer in enumerate(cfg.head.layers):
         check(isinstance(layer, DictConfig) and "_target_" in layer, f"head.layers[{index}]",
               layer, "each head layer needs a _target_, e.g. {_target_: torch.nn.Linear}")

@@ -33,10 +33,22 @@ def shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def used_options(choices: dict[str, Any], config: DictConfig, defaults: DictConfig) -> dict[str, Any]:
+    """The choices, a group's `name` shown instead of its option where the run changed it:
+    backbone=resnet18 with backbone.name=timm/vit_small_patch16_224 builds the vit."""
+    def used(group: str, option: Any) -> Any:
+        name, default = (OmegaConf.select(c, f"{group}.name", default=None,
+                                          throw_on_resolution_failure=False) for c in (config, defaults))
+        return name if isinstance(name, str) and name != default else option
+
+    return {group: used(group, option) for group, option in choices.items()}
+
+
 def config_view(choices: dict[str, Any], config: DictConfig, defaults: DictConfig) -> str:
     """Two short parts: `group=option ...`, then `key: value (default: ...)` per change.
     Keys compare unresolved, so T_max: ${trainer.max_epochs} is no change of its own."""
-    groups = "  ".join(f"{group}={option}" for group, option in choices.items())
+    groups = "  ".join(f"{group}={option}"
+                       for group, option in used_options(choices, config, defaults).items())
     current, default = (dotted_scalars(OmegaConf.to_container(c)) for c in (config, defaults))
     values, default_values = (dotted_scalars(OmegaConf.to_container(c, resolve=True))
                               for c in (config, defaults))

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from finetune.config import is_multi_label
 from finetune.errors import ConfigError
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # a test row is never trained or validated on
 SPLIT_SEED = 0
 MAX_NAMED = 5  # bad rows named in one error
 CHUNK = 1 << 20  # bytes read at a time to find the line that is not UTF-8
@@ -134,7 +134,7 @@ def labelled_images(cfg: DictConfig) -> list[tuple[str, Labels, str | None, int]
         elif not os.path.isfile(path):
             problems.append(f"line {line}: {path} does not exist")
         elif split is not None and split.strip() not in SPLITS:
-            problems.append(f"line {line}: split {split!r} is not train or val")
+            problems.append(f"line {line}: split {split!r} is not train, val or test")
         rows.append((path, labels, split.strip() if split is not None else None, line))
     refuse(problems, cfg)
     if not rows:
@@ -149,23 +149,31 @@ def class_names(cfg: DictConfig, rows: list[tuple[str, Labels, str | None, int]]
     return sorted({label for _, labels, _, _ in rows for label in labels})
 
 
-def split_rows(cfg: DictConfig) -> tuple[list[tuple[str, Labels]], list[tuple[str, Labels]], list[str]]:
-    """(train rows, val rows, class names): (path, labels) pairs."""
+Rows = list[tuple[str, Labels]]  # (path, labels)
+
+
+def split_rows(cfg: DictConfig) -> tuple[dict[str, Rows], list[str]]:
+    """({split: rows} for train, val and test, class names)."""
     rows = labelled_images(cfg)
     classes = class_names(cfg, rows)
     if rows[0][2] is not None:  # the file's own split
-        train = [(path, labels) for path, labels, split, _ in rows if split == "train"]
-        val = [(path, labels) for path, labels, split, _ in rows if split == "val"]
-        return train, val, classes
+        return {name: [(path, labels) for path, labels, split, _ in rows if split == name]
+                for name in SPLITS}, classes
+    pairs = [(path, labels) for path, labels, _, _ in rows]
+    train, val = fraction_split(pairs, cfg.val_fraction, not is_multi_label(cfg), f"{cfg.file}",
+                                "Add a split column (data.split_column) or images.")
+    return {"train": train, "val": val, "test": []}, classes
+
+
+def fraction_split(pairs: Rows, fraction: float, single_label: bool, what: str,
+                   advice: str) -> tuple[Rows, Rows]:
+    """A fixed split (seed 0, whatever the run's seed) of `fraction` of the images to
+    validation: per class for single-label data (scikit-learn cannot stratify label sets)."""
     from sklearn.model_selection import train_test_split
 
-    pairs = [(path, labels) for path, labels, _, _ in rows]
-    single = not is_multi_label(cfg)
     try:
-        train, val = train_test_split(pairs, test_size=cfg.val_fraction, random_state=SPLIT_SEED,
-                                      stratify=[labels[0] for _, labels in pairs] if single else None)
+        return train_test_split(pairs, test_size=fraction, random_state=SPLIT_SEED,
+                                stratify=[labels[0] for _, labels in pairs] if single_label else None)
     except ValueError as error:
-        raise ConfigError(f"data.val_fraction={cfg.val_fraction} cannot split the {len(pairs)} "
-                          f"images of {cfg.file} by class: {error} Add a split column "
-                          f"(data.split_column) or images.") from error
-    return train, val, classes
+        raise ConfigError(f"data.val_fraction={fraction} cannot split the {len(pairs)} images of "
+                          f"{what} by class: {error} {advice}") from error

@@ -210,8 +210,9 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, classes: int) -> Calla
 
 
 def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
-    """data=imagefolder: data.root holds the split folders; data=csv: data.file exists. A
-    stat or two, so it runs before anything is built."""
+    """data=imagefolder: data.root holds the split folders, or (no train/) the class folders
+    themselves; data=csv: data.file exists. A stat or two, so it runs before anything is
+    built."""
     if cfg.name == "csv":
         from finetune.csv_data import csv_path
 
@@ -221,31 +222,88 @@ def check_data_paths(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")
         return
     if not cfg.root:
         raise ConfigError("data.root is not set: data=imagefolder needs data.root=PATH where "
-                          "PATH/train/<class>/ and PATH/val/<class>/ hold the images.")
+                          "PATH/train/<class>/ and PATH/val/<class>/ hold the images (or "
+                          "PATH/<class>/, split by data.val_fraction).")
     root = os.path.expanduser(cfg.root)
+    if not os.path.isdir(root):
+        raise ConfigError(f"data.root={cfg.root!r}: {root} does not exist (or is not a folder); "
+                          "give the folder holding train/<class>/ and val/<class>/, or a folder "
+                          "per class.")
+    if not split_folders(cfg):
+        return
     for split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise ConfigError(f"data.root={cfg.root!r}: {os.path.join(root, split)} does not "
-                              "exist; the root must hold train/<class>/ and val/<class>/ folders.")
+                              "exist; the root must hold train/<class>/ and val/<class>/ folders"
+                              f"{' (and test/<class>/ for data.split=test)' if split == 'test' else ''}.")
+
+
+def split_folders(cfg: DictConfig) -> bool:
+    """Whether an image folder is laid out as train/ and val/ (and perhaps test/) folders,
+    rather than one folder per class under data.root."""
+    return os.path.isdir(os.path.join(os.path.expanduser(cfg.root), "train"))
 
 
 def image_folder(cfg: DictConfig, split: str, transform) -> "CheckedImageFolder":
+    folder = os.path.join(os.path.expanduser(cfg.root), split)
     try:
-        return CheckedImageFolder(os.path.join(os.path.expanduser(cfg.root), split), transform,
-                                  skip=cfg.bad_images == "skip")
+        return CheckedImageFolder(folder, transform, skip=cfg.bad_images == "skip")
     except (FileNotFoundError, RuntimeError) as error:
+        empty = empty_class_folders(folder)
+        if empty:
+            raise ConfigError(f"data.root={cfg.root!r}: {', '.join(f'{split}/{name}' for name in empty)} "
+                              "holds no image file (.jpg, .png, ...); add images or remove the "
+                              "folder.") from error
         raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
 
 
-def image_folders(cfg: DictConfig, spec: InputSpec):
-    """torchvision ImageFolder over ROOT/train and ROOT/val (one folder per class)."""
-    check_data_paths(cfg)
-    train_transform, val_transform = image_transforms(spec, cfg.augment)
-    train, val = image_folder(cfg, "train", train_transform), image_folder(cfg, "val", val_transform)
-    if train.classes != val.classes:
-        raise ConfigError(f"data.root={cfg.root!r}: train and val have different class folders "
-                          f"({train.classes} vs {val.classes}); they must match.")
-    return train, val, train.classes
+def empty_class_folders(folder: str) -> list[str]:
+    """The class folders under `folder` with no image file in them (at any depth)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))
+                  and not any(file.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+                              for _, _, files in os.walk(os.path.join(folder, name)) for file in files))
+
+
+def image_folders(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):
+    """data=imagefolder: (train, val, class names), a split not asked for None. ROOT/train
+    and ROOT/val (and ROOT/test) with a folder per class; or the class folders directly under
+    ROOT, data.val_fraction of each class to validation (fixed, as for a CSV without splits)."""
+    check_data_paths(cfg, splits)
+    transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
+    if not split_folders(cfg):
+        return one_folder(cfg, transforms, splits)
+    found = {split: image_folder(cfg, split, transforms.get(split, transforms["val"]))
+             for split in splits}
+    classes = next(iter(found.values())).classes
+    for split, dataset in found.items():
+        if dataset.classes != classes:
+            raise ConfigError(f"data.root={cfg.root!r}: {splits[0]} and {split} have different "
+                              f"class folders ({classes} vs {dataset.classes}); they must match.")
+    return found.get("train"), found.get(splits[-1]), classes
+
+
+def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[str, ...]):
+    """The class folders directly under data.root, split by data.val_fraction per class."""
+    from finetune.csv_data import fraction_split
+
+    if "test" in splits:
+        raise ConfigError(f"data.split=test: data.root={cfg.root!r} holds the class folders "
+                          "themselves, so it has no test split; lay it out as train/, val/ and "
+                          "test/ folders (each with a folder per class).")
+    root = os.path.expanduser(cfg.root)
+    try:
+        classes, class_to_index = datasets.folder.find_classes(root)
+        samples = datasets.folder.make_dataset(root, class_to_index, datasets.folder.IMG_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
+    pairs = [(path, (classes[index],)) for path, index in samples]
+    train, val = fraction_split(pairs, cfg.val_fraction, True, root,
+                                "Lay it out as train/ and val/ folders, or add images.")
+    skip = cfg.bad_images == "skip"
+    return (CsvImages(train, classes, transforms["train"], skip, root) if "train" in splits else None,
+            CsvImages(val, classes, transforms["val"], skip, root), classes)
 
 
 def unreadable(paths: list[str]) -> dict[str, str]:
@@ -334,16 +392,16 @@ class CsvImages(CheckedImageFolder):
 
 
 def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):
-    """data=csv: (train, val, class names); a split not asked for is None (not read)."""
+    """data=csv: (train, the last split asked for: val or test, class names); train None
+    when not asked for (not read)."""
     from finetune.csv_data import split_rows
 
-    train_rows, val_rows, classes = split_rows(cfg)
-    train_transform, val_transform = image_transforms(spec, cfg.augment)
+    rows, classes = split_rows(cfg)
+    transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
     source, skip = os.path.expanduser(cfg.file), cfg.bad_images == "skip"
-    train = (CsvImages(train_rows, classes, train_transform, skip, source, is_multi_label(cfg))
-             if "train" in splits else None)
-    val = CsvImages(val_rows, classes, val_transform, skip, source, is_multi_label(cfg))
-    return train, val, classes
+    found = {split: CsvImages(rows[split], classes, transforms.get(split, transforms["val"]), skip,
+                              source, is_multi_label(cfg)) for split in splits}
+    return found.get("train"), found[splits[-1]], classes
 
 
 @dataclass
@@ -527,18 +585,31 @@ def cross_validation_fold(cfg: DictConfig, train: Dataset, val: Dataset) -> tupl
 
 def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
                     shard: Shard | None = None) -> tuple[DataLoader, list[str]]:
-    """The validation split alone (mode=evaluate): an image folder's train/ is not read."""
-    if cfg.name == "imagefolder":
-        check_data_paths(cfg, splits=("val",))
-        val = image_folder(cfg, "val", image_transforms(spec)[1])
-        class_names = val.classes
-    elif cfg.name == "csv":
-        _, val, class_names = csv_images(cfg, spec, splits=("val",))
+    """The split data.split names alone (mode=evaluate: val, or test: images training never
+    saw); an image folder's train/ is not read."""
+    split = cfg.get("split", "val")
+    if cfg.name in ("imagefolder", "csv"):
+        _, val, class_names = builder(cfg)(cfg, spec, splits=(split,))
+    elif split != "val":
+        raise ConfigError(f"data.split={split!r}: data={cfg.name} has no test split; data=imagefolder "
+                          "(a test/ folder) and data=csv (rows with split=test) can have one.")
     else:  # in memory or generated: the split needs both sides, and costs nothing to read
         _, val, class_names = builder(cfg)(cfg, spec)
     if len(val) == 0:
-        raise ConfigError(f"data={cfg.name}: the validation set is empty.")
+        raise ConfigError(f"data={cfg.name}: the {'validation' if split == 'val' else 'test'} set "
+                          "is empty.")
     return make_loader(val, cfg, False, seed, pin_memory, shard), class_names
+
+
+def has_test_split(cfg: DictConfig) -> bool:
+    """Whether the data holds a test split (a test/ folder, or rows with split=test)."""
+    if cfg.name == "imagefolder":
+        return split_folders(cfg) and os.path.isdir(os.path.join(os.path.expanduser(cfg.root), "test"))
+    if cfg.name == "csv" and cfg.split_column:
+        from finetune.csv_data import split_rows
+
+        return bool(split_rows(cfg)[0]["test"])
+    return False
 
 
 def fingerprint(dataset: Dataset) -> str:

@@ -75,6 +75,19 @@ def write_json(data: dict, path: str) -> None:
         handle.write("\n")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may read as a formula
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """A cell of a CSV/TSV file this tool writes, as a spreadsheet must show it: a string
+    starting like a formula (a class named =HYPERLINK(...), say) gets a leading ' so it stays
+    text (OWASP's rule against CSV injection); numbers and other values are left as they are,
+    so numeric columns stay numeric."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def link_atomic(source: str, path: str) -> None:
     """Make `path` hold the same bytes as `source` without writing them again.
 

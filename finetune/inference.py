@@ -11,6 +11,7 @@ softmax over them) and predicts every label at `predict.threshold` or above.
 
 import csv
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from finetune.config import TTA_SETTINGS, is_multi_label
 from finetune.data import image_transforms, read_image, validation_data, worker_count
 from finetune.ema import inference_weights
 from finetune.errors import ConfigError
-from finetune.files import atomic_write, write_json
+from finetune.files import atomic_write, spreadsheet_cell, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
 from finetune.multilabel import MultiLabelScores
 from finetune.plots import draw_or_warn, plot_confusion
@@ -71,8 +72,9 @@ class LoadedModel:
         return is_multi_label(self.config["data"])
 
     def transform(self):
-        """The preprocessing for a PIL image, as validation used it (a torchvision
-        transform: a PIL image or uint8 tensor -> normalized tensor)."""
+        """The preprocessing for a PIL image, as validation used it: a callable (PIL image or
+        uint8 tensor -> normalized tensor) holding two torchvision v2.Compose pipelines,
+        `.fixed` (resize, center crop) and `.varying` (scaling, normalization)."""
         return image_transforms(self.input_spec)[1]
 
     def predict(self, images: Any, batch_size: int = 64, tta: str = "none",
@@ -81,9 +83,10 @@ class LoadedModel:
         class, in `class_names` order) for one image or a list of them: file paths, PIL
         images, or a tensor batch already preprocessed with `transform()`. `tta="hflip"`
         averages the logits of each image and its mirror image. A multi-label model
-        predicts a list of names per image: those at `threshold` or above."""
+        predicts a list of names per image: those at `threshold` or above. One image (a path
+        or a PIL image) gives its label and its row of probabilities alone."""
+        single = isinstance(images, str | os.PathLike | Image.Image)
         if not isinstance(images, torch.Tensor):
-            single = isinstance(images, str | os.PathLike | Image.Image)
             transform = self.transform()
             images = torch.stack([transform(as_rgb(item)) for item in
                                   ([images] if single else images)])
@@ -94,9 +97,11 @@ class LoadedModel:
             probabilities = torch.cat([class_probabilities(step, chunk)
                                        for chunk in images.split(batch_size)])
         if self.multi_label:
-            return [[self.class_names[i] for i in row.nonzero().flatten().tolist()]
-                    for row in probabilities >= threshold], probabilities
-        return [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()], probabilities
+            labels = [[self.class_names[i] for i in row.nonzero().flatten().tolist()]
+                      for row in probabilities >= threshold]
+        else:
+            labels = [self.class_names[index] for index in probabilities.argmax(dim=1).tolist()]
+        return (labels[0], probabilities[0]) if single else (labels, probabilities)
 
 
 def augmented(tta: str) -> Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
@@ -184,7 +189,7 @@ def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
     keys = [item.lstrip("+~").split("=", 1)[0] for item in overrides]
     if "data" in keys:
         return cfg.data
-    data = OmegaConf.create(trained_on)
+    data = OmegaConf.create({"split": "val", **trained_on})  # an exported model's, perhaps older
     chosen = {key.split(".", 1)[1] for key in keys if key.startswith("data.")}
     for key in chosen.union(LOADER_KEYS):
         if key not in cfg.data:
@@ -198,12 +203,14 @@ def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
 
 
 def checkpoint_data(cfg: DictConfig, model: "LoadedModel", overrides: Sequence[str],
-                    **options: Any) -> tuple[DataLoader, list[str], DictConfig]:
-    """The validation loader (`options`: data.validation_data's), class names and data
-    config of what `model` is evaluated on (evaluation_data). Where the paths came from the
-    checkpoint, an error reading them says so and quotes nothing of what was read: the
-    user named none of those files."""
+                    split: str | None = None, **options: Any) -> tuple[DataLoader, list[str], DictConfig]:
+    """The loader of data.split (or `split`), class names and data config of what `model`
+    is evaluated on (evaluation_data; `options`: data.validation_data's). Where the paths
+    came from the checkpoint, an error reading them says so and quotes nothing of what was
+    read: the user named none of those files."""
     data_cfg = evaluation_data(cfg, model.config["data"], overrides)
+    if split is not None:
+        data_cfg.split = split
     trained_on = model.config["data"]
     from_file = [f"data.{key}={data_cfg[key]!r}" for key in ("root", "file")
                  if data_cfg.get(key) is not None and data_cfg.get(key) == trained_on.get(key)]
@@ -254,7 +261,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: Sequence[str], model: Loaded
                                                      pin_memory=device.type == "cuda",
                                                      shard=distributed.shard())  # under torchrun: summed
     where = f" (data.root={data_cfg.root})" if data_cfg.get("root") else ""
-    log.info("evaluating on the validation split of data=%s%s%s", data_cfg.name, where,
+    log.info("evaluating on the %s split of data=%s%s%s", data_cfg.split, data_cfg.name, where,
              "" if cfg.tta == "none" else f", test-time augmentation: {cfg.tta}")
     if data_classes != class_names:
         raise ConfigError(
@@ -276,8 +283,10 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: Sequence[str], model: Loaded
     per_class = [{"class": name, "images": sum(row), "accuracy": row[index] / max(sum(row), 1)}
                  for index, (name, row) in enumerate(zip(class_names, val.confusion,
                                                          strict=True))]
+    top_k = val.scores["val_top5_acc"]  # NaN with 5 classes or fewer: left out
     result.update({"accuracy": val.accuracy, "balanced_accuracy": val.scores["val_balanced_acc"],
                    "macro_f1": val.scores["val_macro_f1"], "per_class": per_class,
+                   **({} if math.isnan(top_k) else {"top5_accuracy": top_k}),
                    "confusion": val.confusion})
     if model.temperature != 1.0:  # the loss above is the calibrated one; both, with ECE
         logits, labels = validation_logits(net, loader, device)
@@ -288,7 +297,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: Sequence[str], model: Loaded
         write_rows(per_class, os.path.join(run_dir, "per_class.csv"))
         if plots:
             draw_or_warn(plot_confusion, val.confusion, class_names,
-                         f"{data_cfg.name} validation split", os.path.join(run_dir, "confusion.png"))
+                         f"{data_cfg.name} {data_cfg.split} split", os.path.join(run_dir, "confusion.png"))
     lines = [f"{row['class']:>12}  {row['images']:6d}  {row['accuracy']:.4f}" for row in per_class]
     log.info("evaluated %s on %d images: loss %.4f, accuracy %.4f\n%12s  %6s  %s\n%s\n"
              "results: %s (and per_class.csv beside it)", cfg.checkpoint, seen, result["loss"],
@@ -346,9 +355,8 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
                 rows += [labels_over(path, row, model.class_names, cfg.predict.threshold)
                          for path, row in zip(paths, probabilities, strict=True)]
                 continue
-            best, index = probabilities.max(dim=1)
-            rows += [{"path": path, "class": model.class_names[i], "probability": float(p)}
-                     for path, i, p in zip(paths, index.tolist(), best, strict=True)]
+            rows += [best_classes(path, row, model.class_names, cfg.predict.top_k)
+                     for path, row in zip(paths, probabilities, strict=True)]
     if not rows:
         raise ConfigError(f"predict_input={cfg.predict_input!r}: none of its {len(files)} image "
                           "files could be read.")
@@ -356,6 +364,18 @@ def predict_folder(cfg: DictConfig, model: LoadedModel, device: torch.device, ru
     log.info("predicted %d of %d images in %s: %s", len(rows), len(files), folder,
              os.path.join(run_dir, "predictions.csv"))
     return float(len(rows))
+
+
+def best_classes(path: str, probabilities: torch.Tensor, class_names: list[str],
+                 top_k: int) -> dict[str, Any]:
+    """A prediction row: the most probable class and its probability; with top_k > 1 also
+    the k most probable, most probable first (both `;`-separated)."""
+    best, index = probabilities.topk(min(top_k, len(class_names)))
+    row = {"path": path, "class": class_names[int(index[0])], "probability": float(best[0])}
+    if top_k > 1:
+        row.update(top_classes=";".join(class_names[i] for i in index.tolist()),
+                   top_probabilities=";".join(f"{float(p):.4f}" for p in best))
+    return row
 
 
 def labels_over(path: str, probabilities: torch.Tensor, class_names: list[str],
@@ -369,7 +389,10 @@ def labels_over(path: str, probabilities: torch.Tensor, class_names: list[str],
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:
+    """Class names and paths come from folders, CSV files and checkpoints: a formula among
+    them is kept text (files.spreadsheet_cell)."""
     with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()}
+                         for row in rows)

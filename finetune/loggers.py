@@ -11,8 +11,10 @@ Steps are global optimizer steps (1, 2, ... across epochs); each epoch's numbers
 at the step that ends it, so every chart shares one x axis.
 """
 
+import logging
 import math
 import os
+import pathlib
 import re
 import time
 from collections.abc import Sequence
@@ -95,7 +97,8 @@ class TensorBoardLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+            if not math.isnan(value):  # not recorded (single-label mAP, multi-label accuracy)
+                self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -112,25 +115,50 @@ class TensorBoardLogger:
 
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as MLflow writes them
+HYDRA_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # the <date> folder of Hydra's run and sweep dirs
 
 
-def run_files(run_dir: str, with_checkpoints: bool) -> list[str]:
-    """The run directory's files (not Hydra's .hydra/), checkpoints/ only if asked."""
-    files = []
-    for parent, folders, names in os.walk(run_dir):
+def store_folder(run_dir: str) -> str:
+    """Where the MLflow store goes when no tracking URI is given: above the date folder of
+    Hydra's layouts (outputs/ for outputs/<date>/<time>, multirun/ for a sweep's
+    multirun/<date>/<time>/<job>), else the folder holding the run directory (runs/ for
+    hydra.run.dir=runs/a). Never the working directory: there, the run directory itself."""
+    where = os.path.abspath(run_dir)
+    parent = os.path.dirname(where)
+    dates = [folder for folder in (parent, os.path.dirname(parent))
+             if HYDRA_DATE.fullmatch(os.path.basename(folder))]
+    folder = os.path.dirname(dates[0]) if dates else parent
+    return where if os.path.realpath(folder) == os.path.realpath(os.getcwd()) else folder
+
+
+def default_store(run_dir: str) -> tuple[str, str]:
+    """The tracking URI and artifact folder without a tracking_uri: MLflow's own default is
+    the working directory (./mlflow.db, ./mlruns), often a checkout; store_folder instead."""
+    folder = store_folder(run_dir)
+    return "sqlite:///" + os.path.join(folder, "mlflow.db"), os.path.join(folder, "mlartifacts")
+
+
+def run_files(run_dir: str, with_checkpoints: bool, skip: Sequence[str] = ()) -> list[str]:
+    """The run directory's files (not Hydra's .hydra/), checkpoints/ only if asked; none
+    whose absolute path starts with one in `skip` (a store kept in the run directory)."""
+    files, skip = [], tuple(skip)
+    for parent, folders, names in os.walk(os.path.abspath(run_dir)):
         folders[:] = [name for name in folders if not name.startswith(".")
-                      and (with_checkpoints or name != "checkpoints")]
-        files += [os.path.join(parent, name) for name in names if not name.startswith(".")]
+                      and (with_checkpoints or name != "checkpoints")
+                      and not os.path.join(parent, name).startswith(skip)]
+        files += [os.path.join(parent, name) for name in names if not name.startswith(".")
+                  and not os.path.join(parent, name).startswith(skip)]
     return sorted(files)
 
 
 class MLflowLogger:
-    """An MLflow run per training run, in `experiment` at `tracking_uri` (null: MLflow's own
-    default, $MLFLOW_TRACKING_URI or ./mlflow.db), named after the run directory: the
-    per-step training loss, the per-epoch metrics, at the end the resolved config as params
-    and the final metrics, and when the run closes its directory's files as artifacts
-    (checkpoints/ too with log_checkpoints). A resumed run goes on in the same MLflow run,
-    whose id it keeps in <run_dir>/mlflow_run_id."""
+    """An MLflow run per training run, in `experiment` at `tracking_uri` (null:
+    $MLFLOW_TRACKING_URI, else mlflow.db with artifacts in mlartifacts/ beside it, in
+    store_folder), named after the run directory: the per-step training loss, the per-epoch
+    metrics, at the end the resolved config as params and the final metrics, and when the
+    run closes (after the run's last file) its directory's files as artifacts (checkpoints/
+    too with log_checkpoints). A resumed run goes on in the same MLflow run, whose id it
+    keeps in <run_dir>/mlflow_run_id."""
 
     requires = "mlflow"
 
@@ -142,11 +170,16 @@ class MLflowLogger:
         except ImportError as error:
             raise ConfigError("logger=mlflow needs the mlflow package: pip install -e "
                               "'.[mlflow]' (or choose logger=csv).") from error
+        artifacts, self.skip = None, ()
+        if tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+            tracking_uri, artifacts = default_store(run_dir)
+            self.skip = (tracking_uri.removeprefix("sqlite:///"), artifacts)  # in the run dir
         self.client, self.run_dir = mlflow.MlflowClient(tracking_uri), run_dir
         self.log_every_n_steps, self.log_checkpoints = log_every_n_steps, log_checkpoints
         self.finished = False  # log_hparams ran: the run ended well
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        experiment_id = (found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifacts and pathlib.Path(artifacts).as_uri()))
         id_file = os.path.join(run_dir, "mlflow_run_id")
         saved = open(id_file).read().strip() if start_step and os.path.isfile(id_file) else ""
         if RUN_ID.fullmatch(saved):  # the file is untrusted: an id of MLflow's form only
@@ -184,7 +217,7 @@ class MLflowLogger:
         self.finished = True
 
     def close(self) -> None:
-        for path in run_files(self.run_dir, self.log_checkpoints):
+        for path in run_files(self.run_dir, self.log_checkpoints, self.skip):
             folder = os.path.dirname(os.path.relpath(path, self.run_dir))
             self.client.log_artifact(self.run_id, path, folder or None)
         self.client.set_terminated(self.run_id, "FINISHED" if self.finished else "KILLED")
@@ -208,7 +241,7 @@ class WandbLogger:
                               "(or choose logger=csv).") from error
         import hashlib
 
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps, self.finished = log_every_n_steps, False
         run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
         self.run = wandb.init(project=project, entity=entity, dir=run_dir, mode=mode, id=run_id,
                               name=os.path.basename(os.path.abspath(run_dir)),
@@ -221,9 +254,10 @@ class WandbLogger:
     def log_hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         self.run.config.update(params, allow_val_change=True)
         self.run.summary.update(metrics)
+        self.finished = True
 
     def close(self) -> None:
-        self.run.finish()
+        self.run.finish(exit_code=0 if self.finished else 1)  # 1: failed (Ctrl-C, an error)
 
 
 def config_hparams(config: DictConfig) -> dict[str, Any]:
@@ -242,7 +276,8 @@ FINAL_METRICS = OPTIMIZED_METRICS
 
 class RunLog(Hook):
     """A trainer hook for everything rank 0 records beside metrics.csv: the loggers and, with
-    plots on, curves.png redrawn after every epoch so it can be watched."""
+    plots on, curves.png redrawn after every epoch so it can be watched. The run closes it
+    last, however it ends, so the loggers that keep files get them all."""
 
     def __init__(self, loggers: list[Logger], steps_per_epoch: int, curves_path: str | None = None,
                  phase_epochs: Sequence[int] = ()):
@@ -271,7 +306,7 @@ class RunLog(Hook):
                    "val/loss": row.val_loss, "val/acc": row.val_acc,
                    "val/balanced_acc": row.val_balanced_acc, "val/macro_f1": row.val_macro_f1,
                    "val/map": row.val_map, "val/micro_f1": row.val_micro_f1,
-                   "epoch_seconds": row.seconds}
+                   "val/top5_acc": row.val_top5_acc, "epoch_seconds": row.seconds}
         scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
         for logger in self.loggers:
             logger.log_metrics(scalars, row.epoch * self.steps_per_epoch)
@@ -289,9 +324,20 @@ class RunLog(Hook):
             logger.log_metrics(final, step)
             logger.log_hparams(hparams, final)
 
-    def close(self) -> None:
-        """Waits for curves.png first: a logger may keep the run's files."""
+    def on_fit_end(self, progress: Any) -> None:
+        """curves.png's last drawing, before the run draws its other pictures."""
+        self.wait_for_plots()
+
+    def wait_for_plots(self) -> None:
         if self.plots is not None:
             self.plots.wait()
+            self.plots = None
+
+    def close(self) -> None:
+        """The run calls this after it has written its last file (train.log's closing lines
+        included, flushed here): a logger may keep the run's files."""
+        self.wait_for_plots()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         for logger in self.loggers:
             logger.close()

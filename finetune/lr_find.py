@@ -120,7 +120,9 @@ def find_lr(cfg: DictConfig, setup, training, run_dir: str, plots: bool,
     os.makedirs(run_dir, exist_ok=True)
     path = write_results(test, run_dir, plots)
     suggested = test.suggestion()
-    command = [arg for arg in overrides if not arg.startswith(("mode=", "optimizer.lr="))]
+    # the training command: the range test's own settings (lr_find.*) mean nothing there
+    command = [arg for arg in overrides
+               if not arg.lstrip("+~").startswith(("mode=", "optimizer.lr=", "lr_find."))]
     ended = (f"the loss diverged at lr {test.rates[-1]:.2g}" if len(test.rates) < settings.steps
              else f"to lr {settings.end:.2g}")
     log.info("lr_find: %d steps from lr %.2g (%s); lowest smoothed loss %.4f at lr %.2g\n"

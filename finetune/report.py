@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from finetune.adapters import is_adapter_parameter
-from finetune.files import atomic_write
+from finetune.files import atomic_write, spreadsheet_cell
 from finetune.freeze import trainable_names
 from finetune.hooks import Hook
 from finetune.patterns import under_any
@@ -107,10 +107,12 @@ def write_params_tsv(rows: Sequence[ParamRow], path: str) -> None:
     with atomic_write(path) as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(TSV_COLUMNS)
-        for row in rows:
-            writer.writerow([row.name, "x".join(map(str, row.shape)), row.numel, row.trainable,
-                             row.group, "" if row.lr is None else f"{row.lr:.6g}",
-                             "" if row.weight_decay is None else f"{row.weight_decay:g}", row.mode])
+        for row in rows:  # a group's name is the user's: kept text in a spreadsheet; the
+            # mark for no group, "-" alone, holds no formula and stays as it is
+            cells = [row.name, "x".join(map(str, row.shape)), row.numel, row.trainable, row.group,
+                     "" if row.lr is None else f"{row.lr:.6g}",
+                     "" if row.weight_decay is None else f"{row.weight_decay:g}", row.mode]
+            writer.writerow([cell if cell == "-" else spreadsheet_cell(cell) for cell in cells])
 
 
 class ParamsTsv(Hook):

@@ -44,9 +44,11 @@ def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
         raise ConfigError(f"resume={value!r} is not a directory: give a run directory (one "
                           "holding checkpoints/last.pt) or latest.")
     if not os.path.isfile(os.path.join(run_dir, LAST)):
+        why = ("the run kept its best weights alone (trainer.checkpoints=best, a sweep job's "
+               "default)" if os.path.isfile(os.path.join(run_dir, "checkpoints", "best.pt"))
+               else "the run stopped before its first epoch ended, or kept no checkpoint")
         raise ConfigError(f"resume={value!r}: {os.path.join(run_dir, LAST)} does not exist, so "
-                          "there is nothing to resume (the run stopped before its first epoch "
-                          "ended?). Start it again without resume.")
+                          f"there is nothing to resume ({why}). Start it again without resume.")
     return run_dir
 
 

@@ -1,6 +1,7 @@
 """Wires the stages in order: config -> model -> data -> freeze -> optim -> trainer."""
 
 import functools
+import json
 import logging
 import math
 import os
@@ -19,13 +20,14 @@ from torch.utils.data import DataLoader
 
 from finetune import distributed
 from finetune.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
-from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, restore
+from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, keep_checkpoints, restore
 from finetune.config import EPOCH_SCORES, augment_policy, validate
 from finetune.data import (
     Data,
     build_data,
     check_data_paths,
     fingerprint,
+    has_test_split,
     make_loader,
     worker_count,
 )
@@ -385,8 +387,22 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
                        setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads())
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
-    hooks = training_hooks(cfg, setup, training, run_dir, parts, record, checkpoint, run_log)
-    result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
+    try:  # the loggers close last, however the run ends: some keep the files it wrote
+        hooks = training_hooks(cfg, setup, training, run_dir, parts, record, checkpoint, run_log)
+        result = fit_and_summarize(cfg, setup, training, progress, hooks, summary, run_log)
+        after_training(cfg, setup, progress, result, run_dir, plots, training.cache)
+        return result[cfg.optimized_metric]
+    finally:
+        if run_log is not None:
+            run_log.close()
+
+
+def after_training(cfg: DictConfig, setup: Setup, progress: Progress, result: dict, run_dir: str,
+                   plots: bool, cache: CacheEntry) -> None:
+    """The best epoch's confusion matrix, calibration, the test split's score, what
+    checkpoints/ keeps, and the closing lines, in that order (each reads what the one before
+    it left); `result` gains the test scores."""
+    writes = distributed.is_main()
     best = progress.history[progress.best_epoch - 1]
     if plots and writes and progress.best_confusion:
         draw_or_warn(plot_confusion, progress.best_confusion, setup.data.class_names,
@@ -394,8 +410,10 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
                      os.path.join(run_dir, "confusion.png"))
     if cfg.calibrate and writes:
         calibrate_best(cfg, run_dir, plots)
-    log.info("%s", closing_lines(cfg, best, result, run_dir, training.cache))
-    return result[cfg.optimized_metric]
+    if has_test_split(cfg.data):
+        result.update(test_best(cfg, run_dir, plots and writes))
+    kept = keep_checkpoints(run_dir, checkpoint_policy(cfg)) if writes else None
+    log.info("%s", closing_lines(cfg, best, result, run_dir, cache, kept))
 
 
 def calibrate_best(cfg: DictConfig, run_dir: str, plots: bool) -> None:
@@ -405,6 +423,26 @@ def calibrate_best(cfg: DictConfig, run_dir: str, plots: bool) -> None:
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.update(mode="calibrate", checkpoint=os.path.join(run_dir, "checkpoints", "best.pt"))
     run_calibration(OmegaConf.create(settings), run_dir, plots, [])
+
+
+def test_best(cfg: DictConfig, run_dir: str, plots: bool) -> dict[str, float]:
+    """A run whose data holds a test split scores its best checkpoint there once, at the
+    end: mode=evaluate into <run_dir>/test/, and its scores as test_* in summary.json."""
+    from finetune.inference import run_inference
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.update(mode="evaluate", checkpoint=os.path.join(run_dir, "checkpoints", "best.pt"))
+    settings["data"]["split"] = "test"
+    folder = os.path.join(run_dir, "test")
+    run_inference(OmegaConf.create(settings), folder, plots, ["data.split=test"])
+    if not distributed.is_main():  # under torchrun every rank evaluates, rank 0 writes
+        return {}
+    with open(os.path.join(folder, "evaluation.json")) as handle:
+        evaluation = json.load(handle)
+    scores = {f"test_{key}": evaluation[key] for key in ("images", "loss", "accuracy", "map")
+              if key in evaluation}
+    write_json({**(read_summary(run_dir) or {}), **scores}, os.path.join(run_dir, "summary.json"))
+    return scores
 
 
 def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str, Stateful],
@@ -496,9 +534,6 @@ def fit_and_summarize(cfg: DictConfig, setup: Setup, training: Training, progres
     except TrainingFailed as error:
         summary.write("failed", progress, setup, str(error))
         raise
-    finally:
-        if run_log is not None:
-            run_log.close()
 
 
 def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: str, plots: bool,
@@ -511,21 +546,43 @@ def start_run_log(cfg: DictConfig, setup: Setup, training: Training, run_dir: st
                   [phase.epoch for phase in setup.unfreeze.plan])
 
 
+def checkpoint_policy(cfg: DictConfig) -> str:
+    """trainer.checkpoints, `auto` made `all` for a run and `best` for a sweep's job (a
+    sweep of many short jobs keeps what reruns or uses the best one, not their states)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.trainer.checkpoints != "auto":
+        return cfg.trainer.checkpoints
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return "best" if in_sweep else "all"
+
+
 def closing_lines(cfg: DictConfig, best: EpochMetrics, summary: dict, run_dir: str,
-                  cache: CacheEntry) -> str:
+                  cache: CacheEntry, kept: str | None = "best.pt") -> str:
     """The best epoch, where everything is, and what to run next (evaluate reads the data
-    the checkpoint was trained on unless told otherwise)."""
+    the checkpoint was trained on unless told otherwise); `kept`: the checkpoint file the
+    run kept (trainer.checkpoints), None for none."""
     here = os.path.relpath(run_dir)  # as typed from here, when the run is below here
     run_dir = here if not here.startswith(os.pardir) else run_dir
-    best_pt = shlex.quote(os.path.join(run_dir, "checkpoints", "best.pt"))
+    kept = kept and os.path.basename(kept)
+    best_pt = shlex.quote(os.path.join(run_dir, "checkpoints", kept or "best.pt"))
+    resumable = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
     run_dir = shlex.quote(run_dir)  # a folder name may hold anything: quoted for a shell
     score = (f"val acc {best.val_acc:.4f}" if math.isnan(best.val_map)
              else f"val mAP {best.val_map:.4f}")
     lines = [f"best epoch {best.epoch}: {score}, val loss {best.val_loss:.4f} "
-             f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})",
-             f"run directory: {run_dir}",
-             f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}"]
-    if how_schedule_extends(cfg.scheduler._target_) is not None and "stop_reason" not in summary:
+             f"({cfg.optimized_metric} = {summary[cfg.optimized_metric]:.4f})"]
+    if "test_images" in summary:  # scored once, at the end, on images training never saw
+        test = (f"acc {summary['test_accuracy']:.4f}" if "test_accuracy" in summary
+                else f"mAP {summary['test_map']:.4f}")
+        lines.append(f"test split: {test}, loss {summary['test_loss']:.4f} on "
+                     f"{summary['test_images']} images (the best epoch's checkpoint)")
+    lines.append(f"run directory: {run_dir}")
+    if kept:
+        lines.append(f"  evaluate:    python train.py mode=evaluate checkpoint={best_pt}")
+    if (resumable and how_schedule_extends(cfg.scheduler._target_) is not None
+            and "stop_reason" not in summary):
         lines.append(f"  train more:  python train.py resume={run_dir} "
                      f"trainer.max_epochs={cfg.trainer.max_epochs * 2}")
     if "tensorboard" in cfg.logger:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from finetune.config import direction
 from finetune.errors import ConfigError
-from finetune.files import atomic_write
+from finetune.files import atomic_write, spreadsheet_cell
 from finetune.outputs import RUN_FILES
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,9 @@ def format_groups(groups: list[dict[str, Any]], metric: str) -> str:
 def write_table(rows: list[dict[str, Any]], path: str) -> None:
     with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        writer.writeheader()  # job folders, overrides and errors: a formula is kept text
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()}
+                         for row in rows)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -2,14 +2,16 @@
 classifier (num_classes=0), so the declared head sits on its pooled features as on a
 torchvision backbone's. timm is an optional extra (`pip install -e ".[timm]"`).
 
-Weights: `auto` takes the model's pretrained weights from the local Hugging Face cache (the
-file timm itself would download, model.safetensors or pytorch_model.bin), else random
-init, said at start-up; nothing is downloaded. `backbone.checkpoint` loads a local timm
-state dict (.pt/.pth, or .safetensors) over either. Preprocessing follows timm's data config
-for the model (mean, std, interpolation, crop share); stage aliases come from timm's own
-grouping of the model (`group_matcher`).
+Weights: `auto` takes the model's pretrained weights (the file timm itself would download,
+model.safetensors or pytorch_model.bin) from the local Hugging Face cache, else downloads
+them there from the hub (unless backbone.allow_download=false or HF_HUB_OFFLINE=1), else
+starts from random init; start-up says which and why. `backbone.checkpoint` loads a local
+timm state dict (.pt/.pth, or .safetensors) over either. Preprocessing follows timm's data
+config for the model (mean, std, interpolation, crop share); stage aliases come from timm's
+own grouping of the model (`group_matcher`).
 """
 
+import logging
 import os
 from typing import Any
 
@@ -17,7 +19,11 @@ from torch import nn
 
 from finetune.errors import ConfigError, did_you_mean
 
+log = logging.getLogger(__name__)
+
 PREFIX = "timm/"
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's own order of preference
+HUB_TIMEOUT_SECONDS = 30  # per request, as for torchvision's downloads (model.py)
 
 
 def is_timm(name: str) -> bool:
@@ -53,20 +59,50 @@ def hugging_face_cache() -> str:
     return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
 
 
-def cached_weights(name: str) -> tuple[str | None, str]:
-    """The model's pretrained weights file in the local Hugging Face cache (None if absent),
-    and the hub repository it belongs to."""
+def hub_repository(name: str) -> str | None:
+    """The Hugging Face repository timm takes the model's pretrained weights from."""
+    pretrained = timm_library().models.get_pretrained_cfg(model_name(name))
+    return getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
+
+
+def cached_weights(repository: str) -> str | None:
+    """The repository's weights file in the local Hugging Face cache, None if absent."""
     from huggingface_hub import try_to_load_from_cache
 
-    pretrained = timm_library().models.get_pretrained_cfg(model_name(name))
-    repository = getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
-    if not repository:
-        return None, "none (timm names no Hugging Face weights for it)"
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    for filename in WEIGHTS_FILES:
         path = try_to_load_from_cache(repository, filename, cache_dir=hugging_face_cache())
         if isinstance(path, str):
-            return path, repository
-    return None, repository
+            return path
+    return None
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's offline mode: HF_HUB_OFFLINE set when it was imported, or since."""
+    from huggingface_hub import constants
+
+    return (constants.HF_HUB_OFFLINE
+            or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES)
+
+
+def download_weights(repository: str) -> str | None:
+    """The repository's weights file, downloaded now into the cache; None if it cannot be
+    had. One request without retries first: offline, hf_hub_download retries for ~25 s per
+    file before giving up."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        for filename in WEIGHTS_FILES:
+            url = huggingface_hub.hf_hub_url(repository, filename)
+            try:
+                huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_SECONDS)
+            except EntryNotFoundError:
+                continue  # not in the repository: timm's other file name
+            return huggingface_hub.hf_hub_download(repository, filename, cache_dir=hugging_face_cache(),
+                                                   etag_timeout=HUB_TIMEOUT_SECONDS)
+    except Exception as error:  # no network, a proxy, a gated repository: all mean "not available"
+        log.debug("download of %s from the Hugging Face hub failed: %s", repository, error)
+    return None
 
 
 def timm_weights(cfg: Any) -> tuple[str | None, str]:
@@ -75,14 +111,33 @@ def timm_weights(cfg: Any) -> tuple[str | None, str]:
         return None, "random init (backbone.weights=null)"
     if cfg.weights != "auto":
         raise ConfigError(f"backbone.weights={cfg.weights!r}: a timm backbone takes auto (its "
-                          "pretrained weights from the local Hugging Face cache, else random "
+                          "pretrained weights from the Hugging Face cache or hub, else random "
                           "init) or null; or load a local file with backbone.checkpoint=PATH.")
-    path, repository = cached_weights(cfg.name)
+    repository = hub_repository(cfg.name)
+    if not repository:
+        return None, f"random init: timm names no Hugging Face weights for {model_name(cfg.name)}"
+    path = cached_weights(repository)
     if path is not None:
-        return path, f"timm {repository} ({path})"
-    return None, (f"random init: the weights of {repository} are not in the Hugging Face cache "
-                  f"({hugging_face_cache()}); this tool does not download them. Load a local "
-                  "file with backbone.checkpoint=PATH")
+        return path, f"timm {repository} from the Hugging Face cache ({path})"
+    if cfg.allow_download and not hub_offline():
+        path = download_weights(repository)
+        if path is not None:
+            return path, f"timm {repository}, downloaded now ({path})"
+    return None, random_init_reason(repository, cfg.allow_download)
+
+
+def random_init_reason(repository: str, allow_download: bool) -> str:
+    """Why the weights could not be had, and how to place them by hand."""
+    if not allow_download:
+        why = "backbone.allow_download=false"
+    elif hub_offline():
+        why = "HF_HUB_OFFLINE=1"
+    else:
+        why = f"could not be downloaded from https://huggingface.co/{repository}"
+    return (f"random init: the weights of {repository} are not in the Hugging Face cache "
+            f"({hugging_face_cache()}) and {why} (backbone.weights=auto). Download "
+            f"https://huggingface.co/{repository}/resolve/main/{WEIGHTS_FILES[0]} on a "
+            "machine with network and load it with backbone.checkpoint=PATH")
 
 
 def build_timm_backbone(cfg: Any, kwargs: dict[str, Any]) -> tuple[nn.Module, str | None]:

@@ -22,7 +22,7 @@ from finetune import distributed
 from finetune.config import PRECISIONS, direction
 from finetune.data import set_epoch
 from finetune.errors import ConfigError, TrainingFailed
-from finetune.files import atomic_write
+from finetune.files import atomic_write, spreadsheet_cell
 from finetune.hooks import Hook
 from finetune.multilabel import MultiLabelScores, multi_label_scores
 
@@ -49,8 +49,12 @@ class EpochMetrics:
     # precision, and micro F1 (val_macro_f1 is then its macro F1)
     val_map: float = math.nan
     val_micro_f1: float = math.nan
+    # the share of images whose class is among the 5 highest logits (NaN with 5 classes or
+    # fewer, where it is always 1, and for multi-label data)
+    val_top5_acc: float = math.nan
 
 
+TOP_K = 5  # val_top5_acc
 METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__ if name != "group_lrs"]
 
 
@@ -117,6 +121,7 @@ class Totals:
                                  if validation and not multi_label else None)
         self.scores: list[tuple[torch.Tensor, torch.Tensor]] | None = (
             [] if validation and multi_label else None)
+        self.in_top_k = torch.zeros((), device=device, dtype=torch.long)  # validation, > TOP_K classes
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             step: int | None = None) -> None:
@@ -140,6 +145,8 @@ class Totals:
             # index_add_, not bincount: bincount reads the largest index back (a device wait)
             self.confusion_counts.index_add_(0, labels * classes + predicted,
                                              torch.ones_like(labels))
+            if classes > TOP_K:
+                self.in_top_k += (logits.topk(TOP_K, dim=1).indices == labels[:, None]).any(1).sum()
 
     def check_finite(self, epoch: int, steps: int) -> None:
         step = int(distributed.all_max(self.first_bad_step.clone()))  # every rank stops
@@ -157,6 +164,13 @@ class Totals:
         if count == 0:  # nothing readable (data.bad_images=skip): the caller says so
             return math.nan, math.nan
         return loss / count, math.nan if self.multi_label else correct / count
+
+    def top_k_accuracy(self) -> float:
+        """The share of images whose class is among the TOP_K highest logits, over the ranks."""
+        counts = torch.stack([self.in_top_k.double(),
+                              torch.tensor(float(self.count), device=self.in_top_k.device).double()])
+        hits, count = distributed.all_sum(counts).tolist()
+        return hits / count if count else math.nan
 
     def running_accuracy(self) -> float:
         return self.correct.item() / max(self.count, 1)
@@ -343,9 +357,10 @@ def evaluate(net: nn.Module, loader: DataLoader, step: Step) -> Evaluation:
                           len(targets), scores)
     confusion = totals.confusion()
     balanced, macro_f1 = confusion_scores(confusion)
+    top_k = totals.top_k_accuracy() if len(confusion) > TOP_K else math.nan
     return Evaluation(loss, accuracy, confusion,
-                      {"val_balanced_acc": balanced, "val_macro_f1": macro_f1},
-                      sum(map(sum, confusion)))
+                      {"val_balanced_acc": balanced, "val_macro_f1": macro_f1,
+                       f"val_top{TOP_K}_acc": top_k}, sum(map(sum, confusion)))
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -479,7 +494,7 @@ class MetricsCsv(Hook):
 
 
 def csv_row(metrics: EpochMetrics) -> list:
-    return [getattr(metrics, column) for column in METRIC_COLUMNS]
+    return [spreadsheet_cell(getattr(metrics, column)) for column in METRIC_COLUMNS]
 
 
 def fit(net: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -27,8 +27,10 @@ register_schemas()
 
 # One torch thread, in this process and in the runs it starts: the tests' tensors are tiny,
 # so a second thread adds only its hand-offs (and fights the other process where two run).
-os.environ["OMP_NUM_THREADS"] = "1"
-torch.set_num_threads(1)
+# FINETUNE_TEST_THREADS=2 runs the suite with two: every test must hold with either.
+THREADS = os.environ.get("FINETUNE_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS
+torch.set_num_threads(int(THREADS))
 
 
 def make_config(*overrides: str) -> DictConfig:
@@ -83,6 +85,7 @@ def offline_torch_cache(monkeypatch, tmp_path_factory, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # timm weights: the Hugging Face cache only
 
     def no_network(url, *args, **kwargs):
         raise OSError(f"network disabled in tests: {url}")

@@ -20,7 +20,7 @@ def refused(*arguments: str) -> str:
     (["trainer.max_epoch=3"], ["there is no key trainer.max_epoch", "Did you mean trainer.max_epochs"]),
     (["optimizer.lrr=0.01"], ["no key optimizer.lrr in optimizer=sgd", "Did you mean optimizer.lr"]),
     (["data.root=/photos"], ["no key data.root in data=digits",
-                             "It belongs to data=csv and data=imagefolder"]),
+                             "It belongs to data=imagefolder and data=csv: add data=imagefolder"]),
     (["optimizer=adamw", "optimizer.momentum=0.9"], ["in optimizer=adamw", "belongs to optimizer=sgd"]),
     (["-m", "optimizer.lrr=0.1,0.01"], ["no key optimizer.lrr"]),  # a sweep: its first value
     (["backbone=resnet99"], ["backbone=resnet99 is not an option", "did you mean backbone=resnet50 or "
@@ -35,6 +35,29 @@ def test_a_bad_override_is_named_with_what_was_meant(arguments, fragments):
     for fragment in fragments:
         assert fragment in message, message
     assert "\n" not in message  # one paragraph
+
+
+@pytest.mark.parametrize("arguments, first", [
+    (["data.root=/x"], "data=imagefolder"),  # both have root; csv also needs data.file
+    (["data.augment=light"], "data=imagefolder"),
+    (["data.root=/x", "data.file=/y.csv"], "data=csv"),  # the option that has both
+    (["data.file=/y.csv", "data.root=/x"], "data=csv"),
+])
+def test_the_option_that_fits_the_command_line_is_suggested_first(arguments, first):
+    assert f"It belongs to {first}" in refused(*arguments)
+
+
+@pytest.mark.parametrize("arguments, meant, section", [
+    (["optimizer.lrr=0.01"], "optimizer.lr", "optimizer"),
+    (["trainer.early_stoping.patience=3"], "trainer.early_stopping.patience", "trainer.early_stopping"),
+])
+def test_only_keys_that_take_the_value_are_suggested(arguments, meant, section):
+    suggested = refused(*arguments).split("Did you mean ")[1].split("?")[0].split(", ")
+    assert meant in suggested and section not in suggested, suggested
+
+
+def test_a_mapping_for_a_mistyped_section_gets_the_section():
+    assert "Did you mean trainer.early_stopping" in refused("trainer.early_stoping={patience: 3}")
 
 
 @pytest.mark.parametrize("arguments", [

@@ -41,6 +41,18 @@ def test_the_config_view_names_the_groups_and_only_the_keys_that_changed():
         "  backbone.kwargs.dropout: 0.3  (new)"])  # scheduler.T_max follows max_epochs: not listed
 
 
+@pytest.mark.parametrize("overrides, shown", [
+    (["backbone.name=timm/vit_small_patch16_224"], "backbone=timm/vit_small_patch16_224  head=linear"),
+    (["backbone=resnet50"], "backbone=resnet50  head=linear"),
+    (["experiment=seed"], "backbone=alexnet  head=seed"),  # a preset's choice
+    (["experiment=seed", "backbone.name=resnet18"], "backbone=resnet18  head=seed"),
+])
+def test_the_config_view_names_the_backbone_actually_built(overrides, shown):
+    choices = app_choices(OmegaConf.to_container(composed(*overrides, hydra=True).hydra.runtime.choices))
+    view = config_view(choices, composed(*overrides), composed(*choice_overrides(choices)))
+    assert view.startswith(f"config: {shown}"), view
+
+
 def test_the_progress_bar_shows_loss_accuracy_and_learning_rate_on_a_terminal(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):

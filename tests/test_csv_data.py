@@ -75,7 +75,7 @@ def test_without_a_split_column_the_split_is_stratified_and_fixed(photos):
 @pytest.mark.parametrize("change, message", [
     (lambda rows: rows[2].update(image="train/ants/missing.png"), "line 4: .*missing.png does not exist"),
     (lambda rows: rows[0].update(label=" "), "line 2: empty label"),
-    (lambda rows: rows[5].update(split="test"), "line 7: split 'test' is not train or val"),
+    (lambda rows: rows[5].update(split="testing"), "line 7: split 'testing' is not train, val or test"),
 ])
 def test_a_bad_row_is_named_by_its_line(photos, change, message):
     rows = [row for row in csv.DictReader(open(photos / "photos.csv"))]

@@ -83,7 +83,7 @@ def test_image_folder_reads_train_and_val(tmp_path):
 
 def test_missing_data_root_is_named(tmp_path):
     cfg = make_config("data=imagefolder", f"data.root={tmp_path}/photos")
-    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}/photos'.*train does not exist"):
+    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}/photos': .*photos does not exist"):
         build_data(cfg.data, spec(), seed=0)
 
 

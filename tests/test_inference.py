@@ -55,8 +55,8 @@ def test_load_model_predicts_paths_and_images_in_one_call(trained, tmp_path):
         expected = model.net(torch.stack([model.transform()(image) for image in images])).softmax(1)
     assert torch.allclose(probabilities, expected, atol=1e-6)
     assert labels == [model.class_names[index] for index in expected.argmax(1).tolist()]
-    one_label, one = model.predict(str(tmp_path / "two.png"))  # one path: one row
-    assert one_label == labels[2:] and torch.allclose(one, probabilities[2:])
+    one_label, one = model.predict(str(tmp_path / "two.png"))  # one path: its label, its row
+    assert one_label == labels[2] and torch.allclose(one, probabilities[2])
 
 
 @pytest.mark.slow
@@ -162,3 +162,28 @@ def test_hflip_tta_averages_the_logits_of_each_image_and_its_mirror(trained, tmp
     assert result["tta"] == "hflip" and result["loss"] == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ConfigError, match="tta='vflip'"):
         model.predict(images, tta="vflip")
+
+
+@pytest.mark.slow
+def test_top5_accuracy_is_scored_and_predict_lists_the_k_best(trained, tmp_path):
+    rows = list(csv.DictReader(open(trained / "metrics.csv")))
+    for row in rows:  # 10 classes: top-5 counts every image top-1 counts, and more
+        assert float(row["val_acc"]) <= float(row["val_top5_acc"]) <= 1
+    summary = json.loads((trained / "summary.json").read_text())
+    best = str(trained / "checkpoints" / "best.pt")
+    run(make_config(*FAST, "mode=evaluate", f"checkpoint={best}"), str(tmp_path / "evaluated"))
+    evaluation = json.loads((tmp_path / "evaluated" / "evaluation.json").read_text())
+    assert evaluation["top5_accuracy"] == pytest.approx(
+        float(rows[summary["best_epoch"] - 1]["val_top5_acc"]))
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "one.png")
+    run(make_config(*FAST, "mode=predict", f"checkpoint={best}", f"predict_input={tmp_path}",
+                    "predict.top_k=3"), str(tmp_path / "predicted"))
+    (row,) = list(csv.DictReader(open(tmp_path / "predicted" / "predictions.csv")))
+    classes, probabilities = row["top_classes"].split(";"), row["top_probabilities"].split(";")
+    _, expected = finetune.load_model(best).predict(tmp_path / "one.png")
+    assert classes == [str(index) for index in expected.topk(3).indices.tolist()]
+    assert classes[0] == row["class"] and [float(p) for p in probabilities] == pytest.approx(
+        expected.topk(3).values.tolist(), abs=1e-4)
+    with pytest.raises(ConfigError, match="predict.top_k=0 is not valid"):
+        run(make_config(*FAST, "mode=predict", f"checkpoint={best}", f"predict_input={tmp_path}",
+                        "predict.top_k=0"), str(tmp_path / "refused"))

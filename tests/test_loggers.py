@@ -2,15 +2,18 @@
 
 import csv
 import importlib.util
+import json
+import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, Interrupted
+from finetune.loggers import store_folder
 from finetune.run import run
 
-from conftest import FAST, make_config
+from conftest import FAST, make_config, run_cli
 
 STEPS_PER_EPOCH = 4  # 64 fake training images, batches of 16
 
@@ -32,6 +35,22 @@ class RecordingLogger:
 
     def close(self):
         RecordingLogger.calls.append(("close",))
+
+
+class InterruptingLogger(RecordingLogger):
+    """Ctrl-C as the first epoch's numbers arrive; its close notes summary.json's status."""
+
+    def __init__(self, run_dir: str, start_step: int, log_every_n_steps: int = 0):
+        super().__init__(run_dir, start_step, log_every_n_steps)
+        self.run_dir = run_dir
+
+    def log_metrics(self, metrics, step):
+        if "epoch" in metrics:
+            raise KeyboardInterrupt
+
+    def close(self):
+        with open(os.path.join(self.run_dir, "summary.json")) as handle:
+            RecordingLogger.calls.append(("close", json.load(handle)["status"]))
 
 
 def events(run_dir) -> EventAccumulator:
@@ -65,6 +84,7 @@ def test_tensorboard_gets_epochs_steps_group_learning_rates_and_hparams(tmp_path
         "_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
     best = max(float(row["val_acc"]) for row in rows)
     assert scalars(accumulator, "final/best_val_acc") == [(8, pytest.approx(best))]
+    assert not {"val/map", "val/micro_f1"} & set(accumulator.Tags()["scalars"])  # NaN: left out
 
 
 def test_a_resumed_run_purges_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
@@ -93,7 +113,14 @@ def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
     _, params, final = next(call for call in calls if call[0] == "hparams")
     assert params["optimizer.lr"] == 0.05 and params["backbone.name"] == "squeezenet1_1"
     assert set(final) == {f"final/{which}_val_{score}" for which in ("best", "last")
-                          for score in ("acc", "loss", "balanced_acc", "macro_f1")}
+                          for score in ("acc", "loss", "balanced_acc", "macro_f1", "top5_acc")}
+
+
+def test_an_interrupted_run_closes_its_loggers_after_its_last_file(tmp_path):
+    with pytest.raises(Interrupted):
+        run(make_config(*FAST, "+logger.mine._target_=test_loggers.InterruptingLogger"),
+            str(tmp_path))
+    assert RecordingLogger.calls[-1] == ("close", "interrupted")
 
 
 def test_a_logger_that_cannot_be_used_is_named_at_start_up(tmp_path, monkeypatch):
@@ -138,6 +165,40 @@ def test_mlflow_runs_are_read_back_by_mlflows_client_and_a_resume_goes_on_in_the
     assert len(client.search_runs([saved.info.experiment_id])) == 1  # one run, resumed
 
 
+@pytest.mark.slow
+def test_mlflow_gets_every_file_the_run_wrote_in_a_store_under_outputs(tmp_path, monkeypatch,
+                                                                       tmp_path_factory):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_cli(*FAST, "logger=mlflow", "hydra.run.dir=outputs/2026-12-02/12-18-52",
+                     plots=True)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(tmp_path) == ["outputs"]  # the working directory: nothing of MLflow's
+    outputs = tmp_path / "outputs"
+    assert sorted(os.listdir(outputs)) == ["2026-12-02", "mlartifacts", "mlflow.db"]
+    run_dir = outputs / "2026-12-02" / "12-18-52"
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(f"sqlite:///{outputs}/mlflow.db")
+    saved = client.get_run(run_id)
+    assert saved.info.status == "FINISHED"
+    assert saved.info.artifact_uri.startswith((outputs / "mlartifacts").as_uri())
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+    assert {"confusion.png", "curves.png", "train.log", "summary.json"} <= artifacts
+    uploaded = client.download_artifacts(run_id, "train.log", str(tmp_path_factory.mktemp("got")))
+    log = (run_dir / "train.log").read_text()
+    assert open(uploaded).read() == log and "evaluate:    python train.py mode=evaluate" in log
+
+
+def test_the_default_mlflow_store_is_in_the_outputs_root_never_the_working_directory(tmp_path):
+    assert store_folder("outputs/2026-12-02/12-18-52") == str(tmp_path / "outputs")
+    assert store_folder("multirun/2026-12-02/12-18-52/3") == str(tmp_path / "multirun")
+    assert store_folder("runs/a") == str(tmp_path / "runs")  # a hydra.run.dir of one's own
+    assert store_folder("exp1") == str(tmp_path / "exp1")  # beside it would be the working dir
+    assert store_folder("/scratch/outputs/2026-12-02/12-18-52-2") == "/scratch/outputs"
+    assert store_folder("/scratch/exp1") == "/scratch"
+
+
 def wandb_records(path):
     """The records of a wandb transaction log (.wandb), parsed with wandb's own protobuf
     messages; the framing is LevelDB's log format (7-byte chunk headers in 32 KiB blocks)."""
@@ -177,3 +238,5 @@ def test_a_wandb_offline_run_records_the_epochs_config_and_final_metrics(tmp_pat
     summary = {item.key or "/".join(item.nested_key): item.value_json for record in records
                if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
     assert float(summary["final/best_val_acc"]) == max(float(row["val_acc"]) for row in rows)
+    exits = [record.exit.exit_code for record in records if record.WhichOneof("record_type") == "exit"]
+    assert exits == [0]  # finished (1: failed or interrupted)

@@ -74,6 +74,8 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
         if row["status"] == "ok":
             assert "optimizer.lr=0.01" in row["overrides"]
             assert float(row["value"]) == summary["best_val_acc"]
+            kept = tmp_path / "sweep" / row["job"] / "checkpoints"  # a job's default: best
+            assert sorted(path.name for path in kept.iterdir()) == ["best.pt"]
         else:
             assert "optimizer.lr=-1" in row["overrides"]
             assert "optimizer.lr=-1.0 is not valid" in row["error"]

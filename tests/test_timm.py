@@ -1,7 +1,10 @@
 """timm backbones (backbone.name=timm/<model>): built without their classifier, stage
-aliases from timm's own grouping, timm's preprocessing, local checkpoints, a whole run."""
+aliases from timm's own grouping, timm's preprocessing, hub weights (cached, downloaded, or
+random init and why), local checkpoints, a whole run."""
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from conftest import FAST, make_config
 pytest.importorskip("timm")  # the timm extra; CI installs dev, which includes it
 
 RANDOM = Weights(None, "random init")
+TINY = "backbone.name=timm/test_vit"  # 0.4M parameters; on the hub as timm/test_vit.r160_in1k
 
 # family -> its stage count under timm's coarse grouping
 FAMILIES = {"resnet18": 4, "convnext_atto": 4, "efficientnet_b0": 7, "vit_tiny_patch16_224": 12,
@@ -96,16 +100,74 @@ def test_a_timm_run_trains_loads_and_caches_a_frozen_backbone(tmp_path):
     assert probe.cache.enabled  # a frozen timm backbone is computed once, as any other
 
 
-def fake_hugging_face_cache(folder, repository: str, state: dict) -> None:
-    """What huggingface_hub leaves after downloading `repository`'s model.safetensors."""
+@pytest.fixture(autouse=True)
+def hugging_face_hub_offline(monkeypatch, tmp_path):
+    """huggingface_hub not in offline mode, but its requests fail as they do without a
+    network, and its cache is the test's own: no test here reaches the hub."""
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise OSError(f"network disabled in tests: {args}")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def fake_hugging_face_cache(folder, repository: str, state: dict) -> str:
+    """What huggingface_hub leaves after downloading `repository`'s model.safetensors; the
+    file's path."""
     from safetensors.torch import save_file
 
-    root = folder / f"models--{repository.replace('/', '--')}"
+    root = Path(folder) / f"models--{repository.replace('/', '--')}"
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text("0123abcd")
     (root / "snapshots" / "0123abcd").mkdir(parents=True)
-    save_file({name: value.contiguous() for name, value in state.items()},
-              str(root / "snapshots" / "0123abcd" / "model.safetensors"))
+    path = str(root / "snapshots" / "0123abcd" / "model.safetensors")
+    save_file({name: value.contiguous() for name, value in state.items()}, path)
+    return path
+
+
+def fake_hub(monkeypatch, state: dict, probe_error=None, download_error=None) -> list[str]:
+    """A reachable hub: the metadata request answers (or raises `probe_error`) and
+    hf_hub_download writes `state` into the cache as the real one does (or raises
+    `download_error`). The requests made, in order."""
+    import huggingface_hub
+
+    calls = []
+
+    def metadata(url, **kwargs):
+        calls.append(f"metadata {url}")
+        if probe_error is not None:
+            raise probe_error
+        return object()
+
+    def download(repository, filename, cache_dir=None, **kwargs):
+        calls.append(f"download {repository} {filename}")
+        if download_error is not None:
+            raise download_error
+        return fake_hugging_face_cache(cache_dir, repository, state)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls
+
+
+def tiny_release() -> tuple[dict, str]:
+    """test_vit's weights as published (its classifier included), and their repository."""
+    import timm
+
+    torch.manual_seed(7)
+    state = timm.create_model("test_vit").state_dict()
+    return state, timm.models.get_pretrained_cfg("test_vit").hf_hub_id
+
+
+def assert_loaded(backbone, state: dict) -> None:
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, state[name]), name
 
 
 def test_auto_takes_the_weights_from_the_hugging_face_cache_else_random_init(tmp_path, monkeypatch):
@@ -129,6 +191,62 @@ def test_auto_takes_the_weights_from_the_hugging_face_cache_else_random_init(tmp
     assert spec.image_size == 224  # the weights' own preprocessing
     assert resolve_weights(make_config("backbone.name=timm/convnext_atto",
                                        "backbone.weights=null").backbone).file is None
+
+
+def test_auto_takes_cached_weights_without_a_request(tmp_path, monkeypatch):
+    state, repository = tiny_release()
+    path = fake_hugging_face_cache(tmp_path / "hub", repository, state)
+    calls = fake_hub(monkeypatch, state)
+    cfg = make_config(TINY).backbone
+    weights = resolve_weights(cfg)
+    assert calls == [] and weights.file == path
+    assert weights.description == f"timm {repository} from the Hugging Face cache ({path})"
+    assert_loaded(build_backbone(cfg, weights), state)
+
+
+def test_auto_downloads_the_weights_into_the_cache_when_online(tmp_path, monkeypatch, caplog):
+    state, repository = tiny_release()
+    calls = fake_hub(monkeypatch, state)
+    cfg = make_config(*FAST, TINY, "backbone.weights=auto")
+    with caplog.at_level(logging.INFO, logger="finetune.run"):
+        setup = build(cfg)
+    path = str(tmp_path / "hub" / f"models--{repository.replace('/', '--')}" / "snapshots" /
+               "0123abcd" / "model.safetensors")
+    assert calls == [f"metadata https://huggingface.co/{repository}/resolve/main/model.safetensors",
+                     f"download {repository} model.safetensors"]
+    assert f"starts from timm {repository}, downloaded now ({path})" in caplog.text
+    assert_loaded(setup.net.pretrained, state)
+    assert "from the Hugging Face cache" in resolve_weights(cfg.backbone).description
+    assert len(calls) == 2  # the next run takes it from the cache
+
+
+@pytest.mark.parametrize("how", ["backbone.allow_download=false", "HF_HUB_OFFLINE=1"])
+def test_no_request_without_download_permission(tmp_path, monkeypatch, how):
+    state, repository = tiny_release()
+    calls = fake_hub(monkeypatch, state)
+    if how.startswith("HF_HUB_OFFLINE"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = resolve_weights(make_config(TINY, *([how] if how.startswith("backbone.") else [])).backbone)
+    assert calls == [] and not weights.pretrained
+    assert weights.description.startswith(
+        f"random init: the weights of {repository} are not in the Hugging Face cache "
+        f"({tmp_path / 'hub'}) and {how} (backbone.weights=auto). Download https://huggingface.co/"
+        f"{repository}/resolve/main/model.safetensors on a machine with network and load it with "
+        "backbone.checkpoint=PATH")
+
+
+def test_a_failed_download_starts_from_random_init(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    state, repository = tiny_release()
+    offline = LocalEntryNotFoundError("cannot find the requested files in the local cache")
+    failures = ({"download_error": offline}, 2), ({"probe_error": OSError("Name or service not known")}, 1)
+    for failure, requests in failures:
+        calls = fake_hub(monkeypatch, state, **failure)
+        weights = resolve_weights(make_config(TINY).backbone)
+        assert not weights.pretrained and len(calls) == requests
+        assert (f"and could not be downloaded from https://huggingface.co/{repository} "
+                "(backbone.weights=auto)") in weights.description
 
 
 def test_a_safetensors_checkpoint_loads_and_a_damaged_one_is_named(tmp_path):

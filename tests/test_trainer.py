@@ -111,7 +111,8 @@ def test_fit_writes_metrics_and_loadable_checkpoints(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                             "seconds", "val_balanced_acc", "val_macro_f1", "val_map", "val_micro_f1"]
+                             "seconds", "val_balanced_acc", "val_macro_f1", "val_map", "val_micro_f1",
+                             "val_top5_acc"]
     assert all(row["val_map"] == "nan" for row in rows)  # multi-label data's only
     assert all(0 <= float(row["val_macro_f1"]) <= 1 for row in rows)
     assert float(rows[0]["lr"]) == 0.05 and float(rows[1]["lr"]) < 0.05  # cosine over 2 epochs
