@@ -18,7 +18,7 @@ would read environment variables or call resolvers when the config is resolved; 
 Hydra's other instantiate keys (`_partial_`, `_args_`, ...).
 
 `config_from_file` is the one door for a file's config: every check above on what the
-config will be when used (after merging with today's defaults, before anything resolves),
+config will be when used (with the command line's settings, before anything resolves),
 then this version's schema, value checks and the bounds a file may ask for. Classes are
 imported only through `load_class`, which applies the same rule at the point of use.
 """
@@ -228,24 +228,23 @@ def load_class(key: str, path: Any, trust: Sequence[str] | None, source: str = "
     return get_class(path)
 
 
-def config_from_file(saved: dict, source: str, trust: Sequence[str], defaults: dict | None = None,
+def config_from_file(saved: dict, source: str, trust: Sequence[str],
                      settings: dict[str, Any] | None = None) -> DictConfig:
     """A file's saved config (plain data, checked by check_plain) as the config a run
-    uses: merged over `defaults` (today's values for keys the run did not save: conf/ and
-    the user's command line, resolved), with the user's `settings` (dotted keys) on top;
-    then checked as a whole, unresolved, before anything resolves: no interpolation, no
-    instantiate key, only the classes the rule allows; then typed by this version's schema,
-    validated, and bounded (FILE_LIMITS)."""
+    uses, with the user's `settings` (dotted keys: this command line's) on top; checked as
+    a whole, unresolved, before anything resolves: no interpolation, no instantiate key,
+    only the classes the rule allows; then typed by this version's schema (which fills the
+    keys later versions added with their defaults), validated, and bounded (FILE_LIMITS)."""
     refuse_interpolations(saved, source)
     try:
-        merged = OmegaConf.merge(OmegaConf.create(defaults or {}), OmegaConf.create(saved))
+        merged = OmegaConf.create(saved)
         for key, value in (settings or {}).items():
             OmegaConf.update(merged, key, value, merge=False, force_add=True)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{source}: its saved config does not fit this version's "
+        raise ConfigError(f"{source}: its saved config does not fit this version's schema "
                           f"({describe(error)}); the file is damaged or not this tool's.") from None
     merged = OmegaConf.to_container(merged)
-    refuse_interpolations(merged, source)  # what the merge made, defaults included
+    refuse_interpolations(merged, source)  # what the settings made too
     refuse_instantiate_keys(merged, source)
     check_targets(merged, source, trust)
     config = typed(merged, source)

@@ -65,16 +65,24 @@ HANG_SECONDS = 1800
 
 def run_forked(target, argument_lists: list[tuple]) -> list[int]:
     """`target(*arguments)` in one forked process per argument tuple, all at once (forked:
-    no second import of torch); their exit codes."""
+    no second import of torch); their exit codes. Each child runs torch on one thread:
+    OpenMP's thread pool does not survive a fork, and a child entering a parallel region
+    with more than one thread waits forever (torchrun gives its workers one thread too)."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
-    jobs = [context.Process(target=target, args=arguments) for arguments in argument_lists]
+    jobs = [context.Process(target=one_thread, args=(target, *arguments))
+            for arguments in argument_lists]
     for job in jobs:
         job.start()
     for job in jobs:
         job.join(timeout=HANG_SECONDS)
     return [job.exitcode for job in jobs]
+
+
+def one_thread(target, *arguments) -> None:
+    torch.set_num_threads(1)
+    target(*arguments)
 
 
 @pytest.fixture(autouse=True)

@@ -101,9 +101,20 @@ def uninterrupted(tmp_path_factory):
     return twin
 
 
+@pytest.fixture
+def one_thread():
+    """The thread count of the forked twins (conftest.run_forked's reason): CPU results are
+    bit-identical for the same count, whatever FINETUNE_TEST_THREADS says."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", RESUMED_SETUPS)
 @pytest.mark.slow
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name, uninterrupted):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name, uninterrupted,
+                                                      one_thread):
     interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(config(*RESUMED_SETUPS[name]), str(tmp_path / "stopped"))
