@@ -147,6 +147,7 @@ def rewrite_images(index_file, data_file, change) -> None:
     torch.save(saved, index_file)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment, wanted", [("none", "not (3, 32, 32)"),  # a center crop's size
                                              ("trivialaugment", "not 3 channels, the shorter side 37")])
 @pytest.mark.parametrize("damage, found", [("one channel", "((1, 3"), ("smaller", "((3, 16, 16), ")])

@@ -243,6 +243,7 @@ def test_nothing_to_resume_is_named(tmp_path, value, message):
         find_run_dir(path, str(tmp_path / "outputs"))
 
 
+@pytest.mark.slow
 def test_only_raising_max_epochs_is_allowed():
     config = OmegaConf.to_container(make_config(*FAST, "trainer.max_epochs=5", "optimizer.lr=0.1"),
                                     resolve=True)

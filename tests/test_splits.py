@@ -34,6 +34,7 @@ def one_folder(root, per_class=10):
     return root
 
 
+@pytest.mark.slow
 def test_class_folders_under_the_root_are_split_per_class_whatever_the_seed(tmp_path):
     one_folder(tmp_path)
     cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0")
@@ -52,6 +53,7 @@ def test_class_folders_under_the_root_are_split_per_class_whatever_the_seed(tmp_
                                     "data.split=test").data, spec(16), seed=0)
 
 
+@pytest.mark.slow
 def test_a_test_folder_is_never_trained_or_validated_on(tmp_path):
     make_image_folder(tmp_path, per_class=3, splits=("train", "val", "test"))
     cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0")
@@ -70,6 +72,7 @@ def test_a_test_folder_is_never_trained_or_validated_on(tmp_path):
         validation_data(make_config("mode=evaluate", "data.split=test").data, spec(16), seed=0)
 
 
+@pytest.mark.slow
 def test_a_csvs_test_rows_are_held_out(tmp_path):
     make_image_folder(tmp_path / "images", per_class=4, splits=("all",))
     rows = [{"image": f"all/{name}/{n}.png", "label": name, "split": split}

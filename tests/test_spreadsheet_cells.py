@@ -16,6 +16,8 @@ from finetune.sweep import SweepSummary
 
 from conftest import make_config
 
+pytestmark = pytest.mark.slow  # one shared run, evaluated and predicted on
+
 CLASSES = ['=HYPERLINK("x")', "@SUM(A1)", "+cmd", "\ttab", "-minus"]  # every one a formula start
 GROUP = '=HYPERLINK("g")'  # a param group's name, in params.tsv
 SMALL = ("backbone.weights=null", "backbone.name=squeezenet1_1", "data=imagefolder",

@@ -74,6 +74,7 @@ def zip_bomb(path, inflated: int = 512 * MIB) -> None:
 
 
 @needs_proc
+@pytest.mark.slow
 def test_a_zip_bomb_checkpoint_is_refused_before_it_inflates(tmp_path):
     path = tmp_path / "best.pt"
     zip_bomb(path)
