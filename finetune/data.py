@@ -297,7 +297,10 @@ def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[s
         classes, class_to_index = datasets.folder.find_classes(root)
         samples = datasets.folder.make_dataset(root, class_to_index, datasets.folder.IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as error:
-        raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
+        empty = empty_class_folders(root)
+        raise ConfigError(f"data.root={cfg.root!r}: " + (
+            f"{', '.join(empty)} holds no image file (.jpg, .png, ...); add images or remove "
+            "the folder." if empty else f"{error}")) from error
     pairs = [(path, (classes[index],)) for path, index in samples]
     train, val = fraction_split(pairs, cfg.val_fraction, True, root,
                                 "Lay it out as train/ and val/ folders, or add images.")

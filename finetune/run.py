@@ -333,6 +333,24 @@ def recipe(cfg: DictConfig) -> str:
     return ", ".join(parts) if parts else "plain (docs/recipes.md lists what can be added)"
 
 
+CHECKPOINT_MODES = ("evaluate", "predict", "export", "calibrate")  # a saved model, used
+
+
+def use_checkpoint(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[str]) -> float:
+    """mode=evaluate|predict|export|calibrate: the part of use/ that does it."""
+    if cfg.mode == "export":
+        from finetune.export import run_export
+
+        return run_export(cfg, run_dir, overrides)
+    if cfg.mode == "calibrate":
+        from finetune.calibration import run_calibration
+
+        return run_calibration(cfg, run_dir, plots, overrides)
+    from finetune.inference import run_inference
+
+    return run_inference(cfg, run_dir, plots, overrides)
+
+
 def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         checkpoint: dict | None = None) -> float | None:
     """Train (or, for mode=evaluate|predict, use a checkpoint; for mode=lr_find, run the
@@ -346,18 +364,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     plots = plots_enabled(cfg.plots)
     if not plots and str(cfg.plots).lower() == "auto":
         log.info("plots: off (matplotlib is not installed: pip install -e '.[plots]')")
-    if cfg.mode in ("evaluate", "predict"):
-        from finetune.inference import run_inference
-
-        return run_inference(cfg, run_dir, plots, overrides)
-    if cfg.mode == "export":
-        from finetune.export import run_export
-
-        return run_export(cfg, run_dir, list(overrides))
-    if cfg.mode == "calibrate":
-        from finetune.calibration import run_calibration
-
-        return run_calibration(cfg, run_dir, plots, list(overrides))
+    if cfg.mode in CHECKPOINT_MODES:
+        return use_checkpoint(cfg, run_dir, plots, list(overrides))
     summary = RunSummary(run_dir, overrides)  # its clock starts here
     if cfg.resume and checkpoint is None:
         checkpoint = load_last(cfg.resume)

@@ -121,3 +121,18 @@ def test_a_doubtful_temperature_is_warned_of(caplog):
     warn_if_doubtful({"temperature": 164.0, "ece_before": 0.2, "ece_after": 0.1, "scored_on": "val"})
     assert f"the temperature 164 is extreme (outside {low:g}-{high:g})" in caplog.text
     assert "nearly uniform" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["split folders", "one folder"])
+def test_an_empty_class_folder_is_named(tmp_path, layout):
+    if layout == "split folders":
+        make_image_folder(tmp_path, per_class=2)
+        (tmp_path / "train" / "temple").mkdir()
+        named = "train/temple"
+    else:
+        one_folder(tmp_path, per_class=5)
+        (tmp_path / "temple").mkdir()
+        named = "temple"
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.num_workers=0")
+    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}': {named} holds no image file"):
+        build_data(cfg.data, spec(16), seed=0)
