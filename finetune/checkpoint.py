@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import save_atomic
 from finetune.hooks import Hook
@@ -90,6 +89,25 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
                       "optimizer": old["optimizer"], "scheduler": old["scheduler"],
                       "scaler": old["scaler"], "rng": old["rng"], "progress": old["progress"],
                       "feature_cache": {"key": old["feature_cache_key"]}}}
+
+
+def averaged_weights(model: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The average's full state dict: a checkpoint's model weights, overlaid with its EMA
+    entries."""
+    return {**model, **state["weights"]}
+
+
+def inference_weights(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """What a saved run predicts with: the EMA weights where it kept an average."""
+    ema = checkpoint.get("state", {}).get("ema")
+    if ema is None:
+        return checkpoint["model"]
+    weights = ema.get("weights") if isinstance(ema, dict) else None
+    if not isinstance(weights, dict) or not all(
+            isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
+        raise ConfigError(f"{source}: its ema entry is not a state dict of tensors; the file is "
+                          "damaged or not this tool's.")
+    return averaged_weights(checkpoint["model"], ema)
 
 
 def read_run_checkpoint(path: str, key: str = "checkpoint") -> dict[str, Any]:

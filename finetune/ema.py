@@ -1,7 +1,8 @@
 """Weight EMA (trainer.ema_decay): an exponential moving average of the weights, updated
 after every optimizer step by torch.optim.swa_utils.AveragedModel (BatchNorm statistics
 averaged too). Validation, best.pt, `mode=evaluate|predict` and load_model use the average;
-training goes on with the raw weights, which last.pt keeps for resuming.
+training goes on with the raw weights, which last.pt keeps for resuming. Reading the average
+back from a checkpoint is checkpoint.py's (inference_weights): the schema's owner.
 """
 
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from finetune.errors import ConfigError
+from finetune.checkpoint import averaged_weights
 from finetune.hooks import Hook
 
 
@@ -48,22 +49,3 @@ class WeightAverage(Hook):
         """After the model's weights are restored (they fill in what the state leaves out)."""
         self.average.module.load_state_dict(averaged_weights(self.net.state_dict(), state))
         self.average.n_averaged.copy_(state["n_averaged"])
-
-
-def averaged_weights(model: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The average's full state dict: a checkpoint's model weights, overlaid with its EMA
-    entries."""
-    return {**model, **state["weights"]}
-
-
-def inference_weights(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """What a saved run predicts with: the EMA weights where it kept an average."""
-    ema = checkpoint.get("state", {}).get("ema")
-    if ema is None:
-        return checkpoint["model"]
-    weights = ema.get("weights") if isinstance(ema, dict) else None
-    if not isinstance(weights, dict) or not all(
-            isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
-        raise ConfigError(f"{source}: its ema entry is not a state dict of tensors; the file is "
-                          "damaged or not this tool's.")
-    return averaged_weights(checkpoint["model"], ema)

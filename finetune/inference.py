@@ -26,10 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from finetune import distributed
 from finetune.adapters import adapted, fold_adapters
 from finetune.calibration import calibration_scores, stored_temperature, validation_logits
-from finetune.checkpoint import read_run_checkpoint
+from finetune.checkpoint import inference_weights, read_run_checkpoint
 from finetune.config import TTA_SETTINGS, is_multi_label
 from finetune.data import image_transforms, read_image, validation_data, worker_count
-from finetune.ema import inference_weights
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, spreadsheet_cell, write_json
 from finetune.model import InputSpec, Net, Weights, build_backbone, build_net
