@@ -249,12 +249,17 @@ def image_folder(cfg: DictConfig, split: str, transform) -> "CheckedImageFolder"
     try:
         return CheckedImageFolder(folder, transform, skip=cfg.bad_images == "skip")
     except (FileNotFoundError, RuntimeError) as error:
-        empty = empty_class_folders(folder)
-        if empty:
-            raise ConfigError(f"data.root={cfg.root!r}: {', '.join(f'{split}/{name}' for name in empty)} "
-                              "holds no image file (.jpg, .png, ...); add images or remove the "
-                              "folder.") from error
-        raise ConfigError(f"data.root={cfg.root!r}: {error}") from error
+        raise folder_error(cfg, folder, f"{split}/", error) from error
+
+
+def folder_error(cfg: DictConfig, folder: str, prefix: str, error: Exception) -> ConfigError:
+    """What ImageFolder's error means: the empty class folders named (`prefix` + name), else
+    its own text."""
+    empty = empty_class_folders(folder)
+    if empty:
+        return ConfigError(f"data.root={cfg.root!r}: {', '.join(prefix + name for name in empty)} "
+                           "holds no image file (.jpg, .png, ...); add images or remove the folder.")
+    return ConfigError(f"data.root={cfg.root!r}: {error}")
 
 
 def empty_class_folders(folder: str) -> list[str]:
@@ -297,10 +302,7 @@ def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[s
         classes, class_to_index = datasets.folder.find_classes(root)
         samples = datasets.folder.make_dataset(root, class_to_index, datasets.folder.IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as error:
-        empty = empty_class_folders(root)
-        raise ConfigError(f"data.root={cfg.root!r}: " + (
-            f"{', '.join(empty)} holds no image file (.jpg, .png, ...); add images or remove "
-            "the folder." if empty else f"{error}")) from error
+        raise folder_error(cfg, root, "", error) from error
     pairs = [(path, (classes[index],)) for path, index in samples]
     train, val = fraction_split(pairs, cfg.val_fraction, True, root,
                                 "Lay it out as train/ and val/ folders, or add images.")
@@ -608,10 +610,10 @@ def has_test_split(cfg: DictConfig) -> bool:
     """Whether the data holds a test split (a test/ folder, or rows with split=test)."""
     if cfg.name == "imagefolder":
         return split_folders(cfg) and os.path.isdir(os.path.join(os.path.expanduser(cfg.root), "test"))
-    if cfg.name == "csv" and cfg.split_column:
-        from finetune.csv_data import split_rows
+    if cfg.name == "csv" and cfg.split_column:  # the column alone: no image is looked up
+        from finetune.csv_data import read_rows
 
-        return bool(split_rows(cfg)[0]["test"])
+        return any((row.get(cfg.split_column) or "").strip() == "test" for _, row in read_rows(cfg))
     return False
 
 
