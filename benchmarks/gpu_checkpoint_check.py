@@ -6,8 +6,8 @@ import tempfile
 
 import torch
 
-from finetune.files import load_safe
-from finetune.saver import BackgroundSaver
+from finetune.state.files import load_safe
+from finetune.state.saver import BackgroundSaver
 
 weights = torch.randn(64, 1024, 1024, device="cuda")  # 256 MB: the copy takes a while
 expected = weights.cpu()

@@ -177,7 +177,7 @@ def tool_run(overrides: list[str], folder: Path, work: Work = CPU_WORK, name: st
     in folder/cache; returns the run directory."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.config import register_schemas
+    from finetune.config.store import register_schemas
     from finetune.run import run
 
     register_schemas()
@@ -306,7 +306,7 @@ def bare_folder_loaders(root: Path, augment: bool, image_size: int = FOLDER_WORK
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from finetune.model import IMAGENET_MEAN, IMAGENET_STD
+    from finetune.model.net import IMAGENET_MEAN, IMAGENET_STD
 
     to_tensor = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     center = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
@@ -340,7 +340,7 @@ def loader_rates(root: Path, augment: bool, *overrides: str):
     start-up seconds (the image cache filled, unless off) and how its batches are read."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.config import register_schemas
+    from finetune.config.store import register_schemas
     from finetune.run import build
 
     bare = images_per_second(bare_folder_loaders(root, augment)[0])
@@ -372,7 +372,7 @@ def pipeline_ratio(root: Path, augment: bool) -> tuple[float, str]:
 def decoding_ratio(root: Path) -> tuple[float, str]:
     """Item 7c: every image decoded (no image cache), epoch 1: tool images/s / bare, the
     same worker count; the tool's decoder against PIL's."""
-    from finetune.data import decoder_name
+    from finetune.data.images import decoder_name
 
     tool, bare, _, how = loader_rates(root, False, "data.cache_images=false")
     return tool[0] / bare[0], (f"tool {tool[0]:.0f} images/s ({decoder_name()}, tensor resize; "
@@ -419,7 +419,7 @@ def gpu_folder_ratio(root: Path) -> tuple[float, str]:
     """Item 9: resnet50 at 224 in bf16 on the JPEG folder, 3 epochs: the ceiling's time per
     epoch / the tool's (epochs 2-3; 1.0 would be a GPU never kept waiting), the bare
     ImageFolder loop's beside it, both loaders with data.num_workers=auto's count."""
-    from finetune.data import worker_count
+    from finetune.data.loaders import worker_count
 
     workers = worker_count("auto")
     with tempfile.TemporaryDirectory() as folder:

@@ -5,8 +5,8 @@ Heavy modules (torch, torchvision) load on first use, so `python train.py --help
 
 from importlib import import_module
 
-_EXPORTS = {"Net": "finetune.model", "run": "finetune.run", "ConfigError": "finetune.errors",
-            "load_model": "finetune.inference"}
+_EXPORTS = {"Net": "finetune.model.net", "run": "finetune.run", "ConfigError": "finetune.errors",
+            "load_model": "finetune.use.load", "LoadedModel": "finetune.use.loaded_model"}
 
 __all__ = list(_EXPORTS)
 

@@ -7,7 +7,7 @@ import argparse
 import os
 import re
 
-from finetune.config import TrainerConfig
+from finetune.config.schemas import TrainerConfig
 
 FEATURE_ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # features.cache_key's
 IMAGE_ENTRY = re.compile(r"[0-9a-f]+\.(u8|idx\.pt)")  # image_cache's data and index files

@@ -16,13 +16,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.command_line import check_command_line
-from finetune.config import register_schemas
-from finetune.distributed import join, launched_by_torchrun, leave
+from finetune.config.overrides import check_command_line
+from finetune.config.store import register_schemas
 from finetune.errors import ConfigError, Interrupted, TrainingFailed
-from finetune.outputs import check_fresh_run_dir, check_writable
-from finetune.resume import find_run_dir
+from finetune.state.resume import find_run_dir
+from finetune.state.run_dirs import check_fresh_run_dir, check_writable
 from finetune.sweep import finished_result, record_failure, set_aside_failed_attempt
+from finetune.train.distributed import join, launched_by_torchrun, leave
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def describe_config(cfg: DictConfig) -> str:
     """The groups chosen and the keys that differ from those groups' defaults."""
     from hydra import compose
 
-    from finetune.console import app_choices, choice_overrides, config_view
+    from finetune.show.console import app_choices, choice_overrides, config_view
 
     choices = app_choices(dict(HydraConfig.get().runtime.choices))
     defaults = compose(config_name="config", overrides=choice_overrides(choices))
@@ -141,8 +141,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def start(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
     """Say what runs, then run it: a new run's config, a resumed run's saved one, or (to
     evaluate or predict) the checkpoint, which run_inference describes."""
-    from finetune.resume import load_last, resumed_config
     from finetune.run import run
+    from finetune.state.resume import load_last, resumed_config
 
     saved = None
     if cfg.resume:

@@ -18,30 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from finetune import distributed
-from finetune.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
-from finetune.checkpoint import CheckpointHook, RunRecord, Stateful, keep_checkpoints, restore
-from finetune.config import EPOCH_SCORES, augment_policy, validate
-from finetune.data import (
-    Data,
-    build_data,
-    check_data_paths,
-    fingerprint,
-    has_test_split,
-    make_loader,
-    worker_count,
-)
-from finetune.digest import tensors_digest
-from finetune.distributed import Rewrap
-from finetune.ema import WeightAverage
+from finetune.config.schemas import EPOCH_SCORES, augment_policy
+from finetune.config.validation import validate
+from finetune.data.digest import tensors_digest
+from finetune.data.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
+from finetune.data.folders import check_data_paths
+from finetune.data.loaders import Data, build_data, fingerprint, has_test_split, make_loader, worker_count
 from finetune.errors import Interrupted, TrainingFailed
-from finetune.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
-from finetune.files import write_json
-from finetune.freeze import apply_freeze, unchanging_state_names, update_eval_modules
 from finetune.hooks import Hook
-from finetune.loggers import RunLog, build_loggers, check_loggers, config_hparams
-from finetune.loss import build_criterion
-from finetune.model import (
+from finetune.model.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
+from finetune.model.freeze import apply_freeze, unchanging_state_names, update_eval_modules
+from finetune.model.net import (
     InputSpec,
     Net,
     Weights,
@@ -51,16 +38,10 @@ from finetune.model import (
     input_spec,
     resolve_weights,
 )
-from finetune.optim import (
-    build_optimizer,
-    build_scheduler,
-    extend_schedule,
-    group_rules,
-    how_schedule_extends,
-)
-from finetune.outputs import check_fresh_run_dir
-from finetune.plots import draw_or_warn, plot_confusion, plots_enabled
-from finetune.report import (
+from finetune.model.stages import Aliases, resolve_aliases
+from finetune.show.loggers import RunLog, build_loggers, check_loggers, config_hparams
+from finetune.show.plots import draw_or_warn, plot_confusion, plots_enabled
+from finetune.show.report import (
     ParamRow,
     ParamsTsv,
     format_report,
@@ -69,12 +50,25 @@ from finetune.report import (
     trainable_count,
     write_params_tsv,
 )
-from finetune.resume import load_last
-from finetune.stages import Aliases, resolve_aliases
-from finetune.stopping import early_stopping
+from finetune.state.checkpoint import CheckpointHook, RunRecord, Stateful, keep_checkpoints, restore
+from finetune.state.files import write_json
+from finetune.state.resume import load_last
+from finetune.state.run_dirs import check_fresh_run_dir
 from finetune.sweep import read_summary
 from finetune.threads import machine_cores
-from finetune.trainer import (
+from finetune.train import distributed
+from finetune.train.distributed import Rewrap
+from finetune.train.ema import WeightAverage
+from finetune.train.loss import build_criterion
+from finetune.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    extend_schedule,
+    group_rules,
+    how_schedule_extends,
+)
+from finetune.train.stopping import early_stopping
+from finetune.train.trainer import (
     EpochMetrics,
     MetricsCsv,
     Monitor,
@@ -84,7 +78,7 @@ from finetune.trainer import (
     fit,
     resolve_device,
 )
-from finetune.unfreeze import UnfreezeSchedule, plan_phases
+from finetune.train.unfreeze import UnfreezeSchedule, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +333,14 @@ CHECKPOINT_MODES = ("evaluate", "predict", "export", "calibrate")  # a saved mod
 def use_checkpoint(cfg: DictConfig, run_dir: str, plots: bool, overrides: list[str]) -> float:
     """mode=evaluate|predict|export|calibrate: the part of use/ that does it."""
     if cfg.mode == "export":
-        from finetune.export import run_export
+        from finetune.use.export import run_export
 
         return run_export(cfg, run_dir, overrides)
     if cfg.mode == "calibrate":
-        from finetune.calibration import run_calibration
+        from finetune.use.calibrate import run_calibration
 
         return run_calibration(cfg, run_dir, plots, overrides)
-    from finetune.inference import run_inference
+    from finetune.use.evaluate import run_inference
 
     return run_inference(cfg, run_dir, plots, overrides)
 
@@ -383,7 +377,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         return None
     training = training_inputs(cfg, setup)
     if cfg.mode == "lr_find":
-        from finetune.lr_find import find_lr
+        from finetune.train.lr_find import find_lr
 
         return find_lr(cfg, setup, training, run_dir, plots and writes, overrides)
     progress = Progress(monitor=Monitor.for_metric(cfg.optimized_metric))
@@ -426,7 +420,7 @@ def after_training(cfg: DictConfig, setup: Setup, progress: Progress, result: di
 
 def calibrate_best(cfg: DictConfig, run_dir: str, plots: bool) -> None:
     """calibrate=true: mode=calibrate on the run's best.pt, into the run directory."""
-    from finetune.calibration import run_calibration
+    from finetune.use.calibrate import run_calibration
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.update(mode="calibrate", checkpoint=os.path.join(run_dir, "checkpoints", "best.pt"))
@@ -436,7 +430,7 @@ def calibrate_best(cfg: DictConfig, run_dir: str, plots: bool) -> None:
 def test_best(cfg: DictConfig, run_dir: str, plots: bool) -> dict[str, float]:
     """A run whose data holds a test split scores its best checkpoint there once, at the
     end: mode=evaluate into <run_dir>/test/, and its scores as test_* in summary.json."""
-    from finetune.inference import run_inference
+    from finetune.use.evaluate import run_inference
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.update(mode="evaluate", checkpoint=os.path.join(run_dir, "checkpoints", "best.pt"))

@@ -21,10 +21,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from finetune.config import direction
+from finetune.config.store import direction
 from finetune.errors import ConfigError
-from finetune.files import atomic_write, spreadsheet_cell
-from finetune.outputs import RUN_FILES
+from finetune.state.files import atomic_write, spreadsheet_cell
+from finetune.state.run_dirs import RUN_FILES
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def record_failure(job_dir: str, overrides: list[str], error: BaseException | st
                    status: str = "failed") -> None:
     """summary.json for a run or job that stopped before it could write its own, unless
     the directory already has one (the run's own, or a resumed run's); rank 0 only."""
-    from finetune.files import write_json
+    from finetune.state.files import write_json
 
     if os.path.exists(os.path.join(job_dir, "summary.json")) or os.environ.get("RANK", "0") != "0":
         return
@@ -194,7 +194,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def sweep_plots(setting: str) -> bool:
-    from finetune.plots import plots_enabled
+    from finetune.show.plots import plots_enabled
 
     try:
         return plots_enabled(setting)
@@ -217,7 +217,7 @@ class SweepSummary(Callback):
         if groups:
             print(format_groups(groups, config.optimized_metric))
         if sweep_plots(config.plots):
-            from finetune.plots import draw_or_warn, log_searched_keys, plot_sweep
+            from finetune.show.plots import draw_or_warn, log_searched_keys, plot_sweep
 
             log_keys = log_searched_keys(config.hydra.sweeper.get("params"))
             draw_or_warn(plot_sweep, rows, config.optimized_metric,

@@ -5,12 +5,12 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune.adapters import check_called, is_adapter_parameter, resolve_targets
 from finetune.errors import ConfigError
-from finetune.inference import load_model
-from finetune.report import module_summary
+from finetune.model.adapters import check_called, is_adapter_parameter, resolve_targets
+from finetune.model.stages import resolve_aliases
 from finetune.run import build, run
-from finetune.stages import resolve_aliases
+from finetune.show.report import module_summary
+from finetune.use.load import load_model
 
 from conftest import FAST, make_config
 from test_resume import assert_same, interrupt_at, outcome, resumed

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from finetune.calibration import expected_calibration_error, fit_temperature
-from finetune.config import validate
+from finetune.config.validation import validate
 from finetune.errors import ConfigError
-from finetune.export import describe
-from finetune.files import load_safe
-from finetune.inference import load_model
 from finetune.run import run
+from finetune.state.files import load_safe
+from finetune.use.calibration import expected_calibration_error, fit_temperature
+from finetune.use.export import describe
+from finetune.use.load import load_model
 
 from conftest import FAST, make_config
 

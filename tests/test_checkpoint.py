@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from finetune.errors import ConfigError
-from finetune.files import UMASK, link_atomic, load_safe, save_atomic
-from finetune.saver import BackgroundSaver, RunCheckpoints, read_joined
+from finetune.state.files import UMASK, link_atomic, load_safe, save_atomic
+from finetune.state.saver import BackgroundSaver, RunCheckpoints, read_joined
 
 
 def test_save_then_load_round_trip(tmp_path):

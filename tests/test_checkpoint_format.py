@@ -1,4 +1,4 @@
-"""The checkpoint schema (finetune/checkpoint.py): format 3 written, format 2 (the release
+"""The checkpoint schema (finetune/state/checkpoint.py): format 3 written, format 2 (the release
 before) upgraded, so its runs still resume exactly and load."""
 
 import csv
@@ -11,12 +11,12 @@ import torch
 from hydra import initialize_config_dir
 
 import finetune
-from finetune.checkpoint import FORMAT, read_run_checkpoint, upgrade
 from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
-from finetune.files import load_safe
-from finetune.resume import load_last, resumed_config
 from finetune.run import run
+from finetune.state.checkpoint import FORMAT, read_run_checkpoint, upgrade
+from finetune.state.files import load_safe
+from finetune.state.resume import load_last, resumed_config
 
 from conftest import CONF_DIR, FAST, ROOT, make_config
 

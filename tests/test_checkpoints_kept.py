@@ -5,10 +5,10 @@ import torch
 
 import finetune
 from finetune.cache_command import main as cache_main
-from finetune.config import validate
+from finetune.config.validation import validate
 from finetune.errors import ConfigError
-from finetune.resume import find_run_dir
 from finetune.run import checkpoint_policy, run
+from finetune.state.resume import find_run_dir
 
 from conftest import FAST, make_config
 

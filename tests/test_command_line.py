@@ -3,7 +3,7 @@
 
 import pytest
 
-from finetune.command_line import check_command_line
+from finetune.config.overrides import check_command_line
 from finetune.errors import ConfigError
 from finetune.threads import jobs_at_once, share_cores
 

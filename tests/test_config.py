@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from finetune.config import validate
+from finetune.config.validation import validate
 from finetune.errors import ConfigError
 
 from conftest import CONF_DIR, make_config

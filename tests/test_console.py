@@ -10,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from finetune.console import app_choices, choice_overrides, config_view
-from finetune.outputs import new_dir
+from finetune.config.store import new_dir
 from finetune.run import build
-from finetune.trainer import Step, train_one_epoch
+from finetune.show.console import app_choices, choice_overrides, config_view
+from finetune.train.trainer import Step, train_one_epoch
 
 from conftest import CONF_DIR, FAST, make_config, run_cli
 

@@ -124,7 +124,7 @@ def test_a_file_that_is_not_utf8_is_named_by_its_line(photos):
 
 
 def test_the_line_that_is_not_utf8_is_found_whatever_the_chunks(tmp_path, monkeypatch):
-    from finetune import csv_data
+    from finetune.data import csv_data
 
     path = tmp_path / "mixed.csv"
     path.write_bytes("image,label\ncafé.png,€\n".encode() + b"b.png,caf\xe9\nc.png,ok\n")

@@ -6,10 +6,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchvision.transforms import InterpolationMode
 
-from finetune.config import validate
-from finetune.data import build_data, image_decoder, read_image, tensor_loader, worker_count
+from finetune.config.validation import validate
+from finetune.data.images import image_decoder, read_image
+from finetune.data.loaders import build_data, tensor_loader, worker_count
 from finetune.errors import ConfigError
-from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from finetune.model.net import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
 from conftest import make_config
 
@@ -214,7 +215,7 @@ def test_images_decode_to_the_pixels_pil_gives_and_pil_reads_the_rest(tmp_path, 
     decoded = {path.name: read_image(str(path)) for path in files}
     with pytest.raises(OSError, match="(?i)truncated"):  # named by PIL, as before
         read_image(str(tmp_path / "cut.jpg"))
-    monkeypatch.setattr("finetune.data.image_decoder", lambda: None)  # PIL alone
+    monkeypatch.setattr("finetune.data.images.image_decoder", lambda: None)  # PIL alone
     for path in files:
         with Image.open(path) as image:
             expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import finetune.export
+import finetune.use.export
 from finetune.errors import ConfigError, TrainingFailed
-from finetune.export import onnx_session
 from finetune.run import run
+from finetune.use.exported import onnx_session
 
 from conftest import FAST, make_config
 
@@ -79,8 +79,8 @@ def test_torchscript_and_exported_programs_are_checked_too(checkpoint, tmp_path,
 
 
 def test_a_mismatch_fails_the_export_and_writes_nothing(checkpoint, tmp_path, monkeypatch):
-    runner = finetune.export.exported_runner
-    monkeypatch.setattr(finetune.export, "exported_runner",
+    runner = finetune.use.export.exported_runner
+    monkeypatch.setattr(finetune.use.export, "exported_runner",
                         lambda *args: (lambda images: runner(*args)(images) + 0.5))
     with pytest.raises(TrainingFailed, match=r"differ from the checkpoint's by up to 0.5.*nothing was"):
         exported(checkpoint, tmp_path / "out")

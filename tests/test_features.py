@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import digest
+from finetune.data import digest
 from finetune.errors import ConfigError
 from finetune.run import build, run
 

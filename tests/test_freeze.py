@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.freeze import apply_freeze, fully_frozen_modules, trainable_flags
-from finetune.model import Net
-from finetune.report import format_report, parameter_rows, write_params_tsv
+from finetune.model.freeze import apply_freeze, fully_frozen_modules, trainable_flags
+from finetune.model.net import Net
+from finetune.model.stages import resolve_aliases
 from finetune.run import build
-from finetune.stages import resolve_aliases
+from finetune.show.report import format_report, parameter_rows, write_params_tsv
 
 from conftest import make_config
 

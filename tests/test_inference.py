@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import finetune
-from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import build, run
+from finetune.state.checkpoint import read_run_checkpoint
 
 from conftest import FAST, make_config
 

@@ -10,8 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from finetune.errors import ConfigError, Interrupted
-from finetune.loggers import store_folder
 from finetune.run import run
+from finetune.show.loggers import store_folder
 
 from conftest import FAST, make_config, run_cli
 

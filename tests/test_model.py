@@ -6,16 +6,9 @@ import torchvision
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.freeze import apply_freeze
-from finetune.model import (
-    Net,
-    build_backbone,
-    build_net,
-    input_spec,
-    resolve_weights,
-    weights_cache_path,
-)
-from finetune.stages import resolve_aliases
+from finetune.model.freeze import apply_freeze
+from finetune.model.net import Net, build_backbone, build_net, input_spec, resolve_weights, weights_cache_path
+from finetune.model.stages import resolve_aliases
 
 from conftest import make_config, parameters_on_meta
 

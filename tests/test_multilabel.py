@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.config import validate
+from finetune.config.validation import validate
 from finetune.errors import ConfigError
-from finetune.inference import load_model
-from finetune.multilabel import multi_label_scores
 from finetune.run import build, run
-from finetune.trainer import Totals
+from finetune.train.multilabel import multi_label_scores
+from finetune.train.trainer import Totals
+from finetune.use.load import load_model
 
 from conftest import FAST, HANG_SECONDS, make_config, run_forked
 

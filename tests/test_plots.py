@@ -6,10 +6,10 @@ import time
 import pytest
 from PIL import Image
 
-import finetune.plots
-from finetune.checkpoint import read_run_checkpoint
+import finetune.show.plots
 from finetune.errors import ConfigError
-from finetune.plots import (
+from finetune.run import run
+from finetune.show.plots import (
     BackgroundPlots,
     log_searched_keys,
     plot_confusion,
@@ -18,7 +18,7 @@ from finetune.plots import (
     sweep_figure,
     swept_keys,
 )
-from finetune.run import run
+from finetune.state.checkpoint import read_run_checkpoint
 from finetune.sweep import group_repeats
 
 from conftest import FAST, make_config
@@ -33,14 +33,14 @@ def png_size(path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_curves_are_redrawn_each_epoch_and_confusion_shows_the_best_epoch(tmp_path, monkeypatch):
     drawn = []
-    real_plot_curves = finetune.plots.plot_curves
+    real_plot_curves = finetune.show.plots.plot_curves
 
     def recording_plot_curves(history, phase_epochs, best_epoch, path):
         drawn.append(([row.epoch for row in history], list(phase_epochs), sorted(
             {group for row in history for group in row.group_lrs})))
         real_plot_curves(history, phase_epochs, best_epoch, path)
 
-    monkeypatch.setattr(finetune.plots, "plot_curves", recording_plot_curves)
+    monkeypatch.setattr(finetune.show.plots, "plot_curves", recording_plot_curves)
     run(make_config(*FAST, "plots=true", "trainer.max_epochs=3", "freeze=[@backbone]",
                     "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"), str(tmp_path))
     assert drawn[0][0] == [1] and drawn[-1][0] == [1, 2, 3]  # the first epoch, and the end
@@ -84,7 +84,7 @@ def test_curves_are_redrawn_after_slow_epochs_and_only_the_newest_waits_after_fa
 def test_plots_off_and_plots_true_without_matplotlib(tmp_path, monkeypatch):
     run(make_config(*FAST, "plots=false"), str(tmp_path / "off"))
     assert not list((tmp_path / "off").glob("*.png"))
-    monkeypatch.setattr(finetune.plots, "matplotlib_installed", lambda: False)
+    monkeypatch.setattr(finetune.show.plots, "matplotlib_installed", lambda: False)
     assert plots_enabled("auto") is False
     with pytest.raises(ConfigError, match=r"plots=true needs matplotlib: pip install"):
         run(make_config(*FAST, "plots=true"), str(tmp_path / "true"))

@@ -19,8 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
 from finetune.cli import compose_unresolved, with_resume_dir
-from finetune.resume import load_last, resumed_config
 from finetune.run import run
+from finetune.state.resume import load_last, resumed_config
 
 from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config, run_cli
 

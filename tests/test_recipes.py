@@ -12,19 +12,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import InterpolationMode
 
-from finetune import trainer
-from finetune.checkpoint import read_run_checkpoint
-from finetune.data import batch_mixing, image_transforms
-from finetune.ema import WeightAverage
+from finetune.data.transforms import batch_mixing, image_transforms
 from finetune.errors import ConfigError
 from finetune.hooks import Hook
-from finetune.inference import load_model
-from finetune.loss import class_weights, dataset_labels
-from finetune.lr_find import range_test
-from finetune.model import InputSpec
+from finetune.model.net import InputSpec
 from finetune.run import build, recipe, run, training_inputs
-from finetune.stopping import EarlyStopping
-from finetune.trainer import EpochMetrics, Monitor, Step, confusion_scores, train_one_epoch
+from finetune.state.checkpoint import read_run_checkpoint
+from finetune.train import trainer
+from finetune.train.ema import WeightAverage
+from finetune.train.loss import class_weights, dataset_labels
+from finetune.train.lr_find import range_test
+from finetune.train.stopping import EarlyStopping
+from finetune.train.trainer import EpochMetrics, Monitor, Step, confusion_scores, train_one_epoch
+from finetune.use.load import load_model
 
 from conftest import FAST, make_config
 from test_resume import interrupt_at, resumed

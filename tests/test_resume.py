@@ -15,12 +15,12 @@ import torch
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from finetune import trainer
-from finetune.checkpoint import read_run_checkpoint
 from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
-from finetune.resume import find_run_dir, load_last, resumed_config
 from finetune.run import run
+from finetune.state.checkpoint import read_run_checkpoint
+from finetune.state.resume import find_run_dir, load_last, resumed_config
+from finetune.train import trainer
 
 from conftest import CONF_DIR, FAST, make_config
 

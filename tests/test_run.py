@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from finetune import run as run_module
-from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import run
+from finetune.state.checkpoint import read_run_checkpoint
 
 from conftest import FAST, RESNET, make_config
 

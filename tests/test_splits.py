@@ -8,11 +8,11 @@ import json
 import pytest
 from PIL import Image
 
-from finetune.calibration import EXTREME, warn_if_doubtful
-from finetune.config import validate
-from finetune.data import build_data, has_test_split, validation_data
+from finetune.config.validation import validate
+from finetune.data.loaders import build_data, has_test_split, validation_data
 from finetune.errors import ConfigError
 from finetune.run import run
+from finetune.use.calibrate import EXTREME, warn_if_doubtful
 
 from conftest import make_config
 from test_data import make_image_folder, spec

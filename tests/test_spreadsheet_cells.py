@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.config import ParamGroupConfig
-from finetune.files import FORMULA_STARTS, spreadsheet_cell
+from finetune.config.schemas import ParamGroupConfig
 from finetune.run import run
+from finetune.state.files import FORMULA_STARTS, spreadsheet_cell
 from finetune.sweep import SweepSummary
 
 from conftest import make_config

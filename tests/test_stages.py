@@ -3,10 +3,10 @@ import torchvision
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.freeze import trainable_flags
-from finetune.model import Net
+from finetune.model.freeze import trainable_flags
+from finetune.model.net import Net
+from finetune.model.stages import Aliases, resolve_aliases
 from finetune.run import build, run
-from finetune.stages import Aliases, resolve_aliases
 
 from conftest import make_config, parameters_on_meta
 

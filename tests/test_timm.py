@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from finetune.errors import ConfigError
-from finetune.inference import load_model
-from finetune.model import Weights, build_backbone, input_spec, resolve_weights
+from finetune.model.net import Weights, build_backbone, input_spec, resolve_weights
+from finetune.model.stages import resolve_aliases
 from finetune.run import build, run
-from finetune.stages import resolve_aliases
+from finetune.use.load import load_model
 
 from conftest import FAST, make_config
 
@@ -271,7 +271,8 @@ def test_the_builders_own_arguments_are_refused_in_backbone_kwargs():
     import timm
     from timm.models import build_model_with_cfg
 
-    from finetune.config import TIMM_BUILDER_KWARGS, validate
+    from finetune.config.schemas import TIMM_BUILDER_KWARGS
+    from finetune.config.validation import validate
 
     builder = {*inspect.signature(timm.create_model).parameters,
                *inspect.signature(build_model_with_cfg).parameters}

@@ -3,12 +3,12 @@ import csv
 import pytest
 import torch
 
-from finetune.checkpoint import CheckpointHook, RunRecord, read_run_checkpoint
 from finetune.errors import ConfigError
-from finetune.files import load_safe
-from finetune.freeze import unchanging_state_names
+from finetune.model.freeze import unchanging_state_names
 from finetune.run import build
-from finetune.trainer import (
+from finetune.state.checkpoint import CheckpointHook, RunRecord, read_run_checkpoint
+from finetune.state.files import load_safe
+from finetune.train.trainer import (
     MetricsCsv,
     Monitor,
     Progress,
@@ -157,9 +157,9 @@ def test_device_auto_is_available_and_unknown_devices_are_refused():
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from finetune import trainer
     from finetune.errors import TrainingFailed
     from finetune.run import run
+    from finetune.train import trainer
 
     calls = {"count": 0}
     cross_entropy = trainer.F.cross_entropy

@@ -17,10 +17,10 @@ from torch import nn
 import finetune
 from finetune.cli import compose_unresolved
 from finetune.errors import ConfigError
-from finetune.files import load_safe
-from finetune.resume import find_run_dir, load_last, resumed_config
 from finetune.run import build, run
-from finetune.trust import check_targets, targets, trusted
+from finetune.state.files import load_safe
+from finetune.state.resume import find_run_dir, load_last, resumed_config
+from finetune.state.trust import check_targets, targets, trusted
 
 from conftest import CONF_DIR, FAST, make_config, run_cli
 

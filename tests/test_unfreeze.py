@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from finetune.checkpoint import read_run_checkpoint
 from finetune.errors import ConfigError
 from finetune.run import build, run
-from finetune.trainer import Step, train_one_epoch
+from finetune.state.checkpoint import read_run_checkpoint
+from finetune.train.trainer import Step, train_one_epoch
 
 from conftest import FAST, RESNET, make_config
 

@@ -26,10 +26,10 @@ from PIL import Image
 
 import finetune
 from finetune.errors import ConfigError
-from finetune.files import load_safe
 from finetune.run import run
+from finetune.state.files import load_safe
+from finetune.state.trust import check_targets
 from finetune.sweep import job_rows
-from finetune.trust import check_targets
 
 from conftest import FAST, HANG_SECONDS, make_config, run_cli
 

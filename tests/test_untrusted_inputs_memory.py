@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from finetune.data import build_data, image_decoder, read_image
+from finetune.data.images import image_decoder, read_image
+from finetune.data.loaders import build_data
 from finetune.errors import ConfigError
-from finetune.files import load_safe
-from finetune.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from finetune.model.net import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from finetune.run import run
+from finetune.state.files import load_safe
 
 from conftest import FAST, HANG_SECONDS, make_config
 
@@ -132,7 +133,7 @@ def large_image(tmp_path, monkeypatch):
 @pytest.mark.parametrize("decoder", ["torchcodec", "pil"])
 def test_an_image_over_pils_limit_is_refused_before_it_is_decoded(large_image, monkeypatch, decoder):
     if decoder == "pil":
-        monkeypatch.setattr("finetune.data.image_decoder", lambda: None)
+        monkeypatch.setattr("finetune.data.images.image_decoder", lambda: None)
     else:
         assert image_decoder() is not None  # the decode extra, part of dev
     with pytest.raises(ConfigError, match=rf"{large_image} is too large an image .*9000000 pixels\) "
@@ -149,7 +150,7 @@ def test_an_animation_is_decoded_one_frame_only(tmp_path, monkeypatch):
     frames[0].save(tmp_path / "still.gif")
     decoded = []
     decode = image_decoder()
-    monkeypatch.setattr("finetune.data.image_decoder",
+    monkeypatch.setattr("finetune.data.images.image_decoder",
                         lambda: lambda path, mode: decoded.append(path) or decode(path, mode=mode))
     first = read_image(str(tmp_path / "animated.gif"))
     assert first.shape == (3, 48, 64) and torch.equal(first, read_image(str(tmp_path / "still.gif")))
@@ -203,7 +204,7 @@ def test_an_image_found_over_the_limit_while_training_is_named_or_skipped(tmp_pa
 @pytest.mark.slow
 def test_predicting_refuses_an_image_over_the_limit(tmp_path, large_image, caplog):
     import finetune
-    from finetune.inference import ImageFiles
+    from finetune.use.predict import ImageFiles
 
     files = ImageFiles(str(large_image.parent), transform=lambda image: image)  # mode=predict's
     assert files[0] is None and f"leaving out unreadable image {large_image}" in caplog.text

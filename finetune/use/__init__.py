@@ -1,0 +1,1 @@
+"""The use wing: after training (load_model, evaluate, predict, export, calibration)."""
