@@ -1,7 +1,7 @@
 """Does a change of code alone (a refactor) leave results alone? Trains the same setups with
 an earlier commit and with the working tree, through `python train.py`, one after the
-other, and compares what they wrote: every tensor of every checkpoint's weights
-bit-identical, and metrics.csv equal apart from its `seconds` column.
+other, and compares what they wrote: every tensor of every checkpoint (weights,
+optimizer state, random states) bit-identical, and metrics.csv equal apart from its `seconds` column.
 
     python benchmarks/same_results.py --against 61bfb10     # prints a table; exit 1 if any differ
     python benchmarks/same_results.py --against 61bfb10 --startup 5   # also `--help` and a dry
@@ -75,6 +75,18 @@ def metrics_rows(run_dir: Path) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
+def tensors(value, prefix: str = "") -> dict:
+    """Every tensor in a loaded checkpoint, by its path of keys (weights, optimizer moments,
+    random states, frozen.pt's tensors); the rest (config, ids) is not compared."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list | tuple) else ())
+    return {path: tensor for key, item in items for path, tensor in tensors(item, f"{prefix}/{key}").items()}
+
+
 def weights_differences(old: Path, new: Path) -> tuple[int, list[str]]:
     """How many tensors were compared, and what differs, over every checkpoint file."""
     import torch
@@ -84,15 +96,13 @@ def weights_differences(old: Path, new: Path) -> tuple[int, list[str]]:
         return 0, [f"different checkpoint files: {names}"]
     compared, differences = 0, []
     for name in names:
-        before = torch.load(old / "checkpoints" / name, weights_only=True)["model"]
-        after = torch.load(new / "checkpoints" / name, weights_only=True)["model"]
+        before, after = (tensors(torch.load(side / "checkpoints" / name, weights_only=True))
+                         for side in (old, new))
         if before.keys() != after.keys():
-            differences.append(f"{name}: different tensor names")
+            differences.append(f"{name}: different tensors ({sorted(before.keys() ^ after.keys())[:3]})")
             continue
-        for key in before:
-            compared += 1
-            if not torch.equal(before[key], after[key]):
-                differences.append(f"{name}: {key}")
+        compared += len(before)
+        differences += [f"{name}{key}" for key in before if not torch.equal(before[key], after[key])]
     return compared, differences
 
 
@@ -128,12 +138,12 @@ def main() -> None:
                    cwd=ROOT, check=True, capture_output=True)
     labels = shapes_csv(work / "shapes")
     failed = False
-    print(f"{args.against} against the working tree:\n")
-    print("| setup | tensors compared | weights | metrics.csv rows |")
-    print("| --- | --- | --- | --- |")
     try:
         if args.startup:
             startup_seconds({"earlier": earlier, "now": ROOT}, work, args.startup)
+        print(f"\n{args.against} against the working tree:\n")
+        print("| setup | tensors compared | checkpoints | metrics.csv rows |")
+        print("| --- | --- | --- | --- |")
         for name in args.only or SETUPS:
             overrides = [*SETUPS[name], *([f"data.file={labels}"] if "data=csv" in SETUPS[name] else [])]
             runs = {side: work / side / name for side in ("earlier", "now")}
