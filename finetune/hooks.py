@@ -1,4 +1,4 @@
-"""The moments of the epoch loop (trainer.fit) that a part of training can act at.
+"""The moments of the epoch loop (train/trainer.py's fit) that a part of training can act at.
 
 A training feature (gradual unfreezing, checkpoints, loggers, plots, the DDP re-wrap, ...)
 is a `Hook` that overrides the moments it needs; fit calls every hook at each moment, in

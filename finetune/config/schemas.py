@@ -381,4 +381,3 @@ def is_multi_label(data: Any) -> bool:
 def augment_policy(value: Any) -> str:
     """data.augment's policy; true and false are the settings of older runs (a boolean)."""
     return {"true": "light", "false": "none"}.get(str(value).lower(), str(value))
-

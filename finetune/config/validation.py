@@ -249,4 +249,3 @@ def validate(cfg: DictConfig) -> None:
         check_single_label(cfg, check)
     if problems:
         raise ConfigError(" ".join(problems))
-

@@ -235,4 +235,3 @@ def collate_readable(batch: "list | ReadWhole"):
         return batch.batch
     readable = [sample for sample in batch if sample is not None]
     return default_collate(readable) if readable else None
-

@@ -63,4 +63,3 @@ def open_image(path: str) -> Image.Image:
                           "tool whichever library decodes them. If you trust the file, raise "
                           "PIL.Image.MAX_IMAGE_PIXELS in Python (None: no limit) before it is read, "
                           "or make the image smaller.") from error
-

@@ -296,4 +296,3 @@ def fingerprint(dataset: Dataset) -> str:
     else:
         raise TypeError(f"no fingerprint for {type(dataset).__name__}")
     return digest.hexdigest()
-

@@ -71,4 +71,3 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, classes: int) -> Calla
     if not chosen:
         return None
     return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
-

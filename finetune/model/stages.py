@@ -1,4 +1,5 @@
-"""Stage aliases: names that mean the same part of the network in every torchvision family.
+"""Stage aliases: names that mean the same part of the network in every torchvision family
+(and in timm's models, from timm's own coarse grouping of their parameters).
 
   @stem          the layers before the first stage
   @stage1..N     the backbone's stages, input side first; @stage-1 is the last one
@@ -169,13 +170,33 @@ FAMILIES: dict[type, Callable[[nn.Module], Stages]] = {
 }
 
 
+def timm_stages(backbone: nn.Module) -> Stages | None:
+    """Stem, stages and classifier from timm's own coarse grouping of the parameters: the
+    first group is the stem, each later one a stage; a last group of shallow parameters only
+    (a final norm or 1x1 conv, as after ConvNeXt's and Swin's last stage) joins the last
+    stage, as it does for torchvision models. A kept classifier is @classifier."""
+    from timm.models import group_parameters
+
+    if not hasattr(backbone, "group_matcher"):
+        return None
+    prefix = f"{backbone.pretrained_cfg.get('classifier') or '-'}."
+    classifier = [name for name, _ in backbone.named_parameters() if name.startswith(prefix)]
+    groups = [[name for name in group if not name.startswith(prefix)] for group in
+              group_parameters(backbone, backbone.group_matcher(coarse=True)).values()]
+    groups = [group for group in groups if group]
+    if len(groups) < 2:
+        return None
+    stem, stages = groups[0], groups[1:]
+    if len(stages) > 1 and all(name.count(".") <= 2 for name in stages[-1]):
+        stages = [*stages[:-2], stages[-2] + stages[-1]]
+    return Stages(stem=stem, stages=stages, classifier=classifier)
+
+
 def backbone_stages(backbone: nn.Module) -> Stages | None:
     for family, describe in FAMILIES.items():
         if isinstance(backbone, family):
             return describe(backbone)
     if type(backbone).__module__.startswith("timm."):
-        from finetune.model.stages import timm_stages
-
         return timm_stages(backbone)
     return None
 
@@ -222,27 +243,3 @@ def resolve_aliases(backbone: nn.Module, prefix: str = "pretrained") -> Aliases:
         paths.update({alias: [f"{prefix}.{path}" for path in members]
                       for alias, members in parts.items()})
     return Aliases(type(backbone).__name__, paths)
-
-
-def timm_stages(backbone: nn.Module):
-    """Stem, stages and classifier from timm's own coarse grouping of the parameters: the
-    first group is the stem, each later one a stage; a last group of shallow parameters only
-    (a final norm or 1x1 conv, as after ConvNeXt's and Swin's last stage) joins the last
-    stage, as it does for torchvision models. A kept classifier is @classifier."""
-    from timm.models import group_parameters
-
-    from finetune.model.stages import Stages
-
-    if not hasattr(backbone, "group_matcher"):
-        return None
-    prefix = f"{backbone.pretrained_cfg.get('classifier') or '-'}."
-    classifier = [name for name, _ in backbone.named_parameters() if name.startswith(prefix)]
-    groups = [[name for name in group if not name.startswith(prefix)] for group in
-              group_parameters(backbone, backbone.group_matcher(coarse=True)).values()]
-    groups = [group for group in groups if group]
-    if len(groups) < 2:
-        return None
-    stem, stages = groups[0], groups[1:]
-    if len(stages) > 1 and all(name.count(".") <= 2 for name in stages[-1]):
-        stages = [*stages[:-2], stages[-2] + stages[-1]]
-    return Stages(stem=stem, stages=stages, classifier=classifier)

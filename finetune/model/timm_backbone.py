@@ -157,5 +157,3 @@ def build_timm_backbone(cfg: Any, kwargs: dict[str, Any]) -> tuple[nn.Module, st
 def data_config(backbone: nn.Module) -> dict[str, Any]:
     """timm's preprocessing for the model: input_size, mean, std, interpolation, crop_pct."""
     return timm_library().data.resolve_data_config({}, model=backbone)
-
-

@@ -1,4 +1,5 @@
-"""The run directory: a fresh one per run, never one that holds results."""
+"""The run directory: never one that holds results, and one that can be written (a fresh
+one per run comes from the config's `finetune_new_dir` resolver, config/store.py)."""
 
 import os
 

@@ -94,4 +94,3 @@ def warn_if_doubtful(scores: dict[str, Any]) -> None:
                     "is far off at this checkpoint (trained briefly, or overfitted), and "
                     "calibrated probabilities are nearly %s", scores["temperature"], low, high,
                     "uniform" if scores["temperature"] > high else "one-hot")
-

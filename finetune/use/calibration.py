@@ -98,4 +98,3 @@ def stored_temperature(checkpoint: dict[str, Any], source: str) -> float:
         raise ConfigError(f"{source}: its calibration entry is not a positive temperature; the "
                           "file is damaged or not this tool's.")
     return value
-

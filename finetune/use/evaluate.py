@@ -168,4 +168,3 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: Sequence[str], model: Loaded
              "results: %s (and per_class.csv beside it)", cfg.checkpoint, seen, result["loss"],
              result["accuracy"], "class", "images", "accuracy", "\n".join(lines), path)
     return result["accuracy"]
-

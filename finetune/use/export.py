@@ -178,4 +178,3 @@ def describe(cfg: DictConfig, model: Any, file_name: str) -> dict[str, Any]:
             "data": model.config["data"], "versions": {
                 "finetune": version("finetune"), "torch": torch.__version__,
                 "torchvision": torchvision.__version__}}
-

@@ -110,4 +110,3 @@ def check_fits(session: Any, description: dict[str, Any], spec: Any, path: str) 
 def ports(arguments: list[Any]) -> str:
     """An ONNX model's inputs or outputs, as its errors name them."""
     return ", ".join(f"{item.name}: {item.type} {item.shape}" for item in arguments) or "nothing"
-

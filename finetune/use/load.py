@@ -56,4 +56,3 @@ def load_model(path: str, device: str | torch.device = "cpu", key: str = "checkp
         fold_adapters(net)
     return LoadedModel(net.to(device).eval(), list(record["class_names"]), spec, OmegaConf.to_container(cfg),
                        temperature)
-

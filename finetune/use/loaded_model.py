@@ -101,4 +101,3 @@ def class_probabilities(step: Step, images: torch.Tensor) -> torch.Tensor:
     a preprocessed batch."""
     logits = step.logits(images.to(step.device))
     return (logits.sigmoid() if step.multi_label else logits.softmax(dim=1)).cpu()
-

@@ -111,4 +111,3 @@ def write_rows(rows: list[dict[str, Any]], path: str) -> None:
         writer.writeheader()
         writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()}
                          for row in rows)
-
