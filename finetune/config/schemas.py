@@ -234,6 +234,26 @@ class UnfreezePhaseConfig:
 
 
 @dataclass
+class SearchConfig:
+    """-m hparams_search=optuna: an Optuna study run by the project's own workers."""
+
+    study_name: str = "finetune"
+    # null: sqlite:///<sweep dir>/optuna.db; a database URL (postgresql://...) for several
+    # machines; a file path (no "://") for a journal file on a shared filesystem
+    storage: str | None = None
+    n_trials: int = 20  # trials in the study, counting those already there
+    n_jobs: int = 1  # worker processes on this machine, each taking the next trial
+    sampler: str = "tpe"  # tpe | random | qmc (seeded with `seed`)
+    pruner: str = "none"  # none | median | hyperband | successive_halving | threshold
+    pruner_startup_trials: int = 5  # median: trials that finish before any is pruned
+    pruner_warmup_epochs: int = 0  # median, threshold: epochs before a trial can be pruned
+    prune_threshold: float | None = None  # threshold: prune below it (above it for a loss)
+    heartbeat_seconds: int = 60  # database storage: a live worker's trial says so this often
+    grace_seconds: int = 180  # a trial silent this long is failed and retried once, resumed
+    params: dict[str, str] = field(default_factory=dict)  # key -> interval / tag(log, ...) / choice
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = MISSING
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -246,6 +266,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)  # mode=export
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # adapter=lora
+    hparams_search: SearchConfig | None = None  # -m hparams_search=optuna
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)

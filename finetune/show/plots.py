@@ -215,10 +215,10 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return {key: name if last.count(name) == 1 else key for key, name in zip(keys, last, strict=True)}
 
 
-def log_searched_keys(sweeper_params: dict[str, Any] | None) -> set[str]:
+def log_searched_keys(search_params: dict[str, Any] | None) -> set[str]:
     """The keys a search samples on a log scale: `tag(log, interval(...))` in
-    hydra.sweeper.params (Optuna)."""
-    return {key for key, value in (sweeper_params or {}).items()
+    hparams_search.params (Optuna)."""
+    return {key for key, value in (search_params or {}).items()
             if str(value).replace(" ", "").startswith("tag(log,")}
 
 
@@ -253,10 +253,12 @@ def sweep_figure(rows: Sequence[dict[str, Any]], metric: str, log_keys: Collecti
     jobs.set_yticks(range(len(done)), labels, fontsize="small")
     jobs.invert_yaxis()  # best first, at the top
     jobs.set_xlabel(metric)
-    failed = len(rows) - len(finished)
+    pruned = sum(row["status"] == "pruned" for row in rows)  # a search's pruned trials
+    failed = len(rows) - len(finished) - pruned
     title = (f"the best {len(done)} of {len(finished)} jobs" if len(done) < len(finished)
              else f"{len(done)} jobs")
-    jobs.set_title(title + (f" ({failed} failed, not shown)" if failed else ""))
+    left_out = [f"{count} {what}" for count, what in ((pruned, "pruned"), (failed, "failed")) if count]
+    jobs.set_title(title + (f" ({', '.join(left_out)}, not shown)" if left_out else ""))
     jobs.grid(axis="x", alpha=0.3)
     for axes, key in zip(panels[1:], keys, strict=True):
         values = [job.get(key, "(default)") for job in settings]

@@ -193,6 +193,12 @@ def check_targets(config: dict, source: str, trust: Sequence[str] = (),
                 f"trust=[{path.rsplit('.', 1)[0]}.*] for its module).")
 
 
+def in_list(key: str, name: str) -> bool:
+    """`key` is a setting inside the list saved at `name` (head.layers.0.out_features under
+    head.layers, which dotted_scalars keeps whole); never an instantiate key (`_target_`)."""
+    return re.fullmatch(rf"{re.escape(name)}\.\d+(\.[A-Za-z]\w*)*", key) is not None
+
+
 def check_file_overrides(overrides: Any, source: str, groups: Sequence[str], saved: dict) -> None:
     """Refuse saved command-line overrides that are not what a run saves: a hydra key
     (search path, launcher), a package or group path (`group@pkg=`, `a/b=`), a config group
@@ -203,14 +209,17 @@ def check_file_overrides(overrides: Any, source: str, groups: Sequence[str], sav
     if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
         raise ConfigError(f"{source}: its saved overrides are not a list of strings. Refusing "
                           "the file.")
-    keys = list(dotted_scalars(saved))  # plain data: nothing resolves
+    flat = dotted_scalars(saved)  # plain data: nothing resolves; lists kept whole, as JSON
+    keys = list(flat)
+    lists = [name for name, value in flat.items() if isinstance(value, str) and value.startswith("[")]
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
         group_option = key in groups and not re.fullmatch(r"[\w\-\[\], ]*", value)
-        unknown = key not in groups and not item.startswith("~") and not any(
-            name == key or name.startswith((key + ".", key + "[")) for name in keys)
+        known = (key in groups or item.startswith("~")
+                 or any(name == key or name.startswith((key + ".", key + "[")) for name in keys)
+                 or any(in_list(key, name) for name in lists))
         if ("${" in item or "\\" in item or key.startswith("hydra") or group_option or "@" in key
-                or "/" in key or unknown or any(ord(char) < 32 for char in item)):
+                or "/" in key or not known or any(ord(char) < 32 for char in item)):
             raise ConfigError(f"{source}: its saved override {item!r} is not one a run of "
                               "this tool saves (hydra keys, package or group paths, keys its "
                               "saved config lacks, interpolations, escapes and control "

@@ -1,0 +1,193 @@
+"""-m hparams_search=optuna on the project's own workers: the search space, exact trial
+counts with several workers on one storage (SQLite, PostgreSQL), pruning, a sweep started
+again, and a killed worker's trial retried from its checkpoint."""
+
+import csv
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from finetune.errors import ConfigError
+from finetune.search.space import distributions
+from finetune.search.worker import counted
+
+from conftest import FAST, HANG_SECONDS, ROOT, run_cli
+
+SEARCH = ("-m", "hparams_search=optuna", *FAST)
+
+
+def study_at(storage: str) -> optuna.Study:
+    return optuna.load_study(study_name="finetune", storage=storage)
+
+
+def sqlite(sweep) -> str:
+    return f"sqlite:///{sweep}/optuna.db"
+
+
+def rows(sweep) -> list[dict]:
+    return list(csv.DictReader(open(sweep / "summary.csv")))
+
+
+def test_the_search_space_becomes_optunas_distributions():
+    space = distributions({"optimizer.lr": "tag(log, interval(1e-4, 1e-1))",
+                           "freeze": 'choice("[pretrained]", "[@stem,@stage1]", "[]")',
+                           "trainer.max_epochs": "range(1, 4)"})
+    assert space["optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    assert space["freeze"].choices == ("[pretrained]", "[@stem,@stage1]", "[]")
+    assert space["trainer.max_epochs"].choices == (1, 2, 3)
+    with pytest.raises(ConfigError, match=r"hparams_search.params.optimizer.lr='between\(1, 2\)' "
+                                          r"is not valid: use interval"):
+        distributions({"optimizer.lr": "between(1, 2)"})
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("hparams_search.pruner=sometimes", "hparams_search.pruner='sometimes' is not valid: use none, median"),
+    ("hparams_search.pruner=threshold", "needs hparams_search.prune_threshold"),
+    ("hparams_search.sampler=grid", "hparams_search.sampler='grid' is not valid"),
+    ("hparams_search.n_jobs=0", "hparams_search.n_jobs=0 is not valid: use 1 or more"),
+    ("optimizer.lr=0.1", "optimizer.lr=0.1: the search samples this key"),
+])
+def test_a_bad_search_setting_is_refused_before_anything_runs(tmp_path, setting, message):
+    result = run_cli(*SEARCH, setting, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2 and message in result.stderr
+    assert not list((tmp_path / "sweep").glob("*/summary.json"))
+
+
+@pytest.mark.slow
+def test_two_workers_finish_exactly_n_trials_each_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    # trials long enough (a few seconds) that the second worker joins while they run
+    result = run_cli(*SEARCH, "hparams_search.n_trials=4", "hparams_search.n_jobs=2",
+                     "data.train_size=256", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    trials = study_at(sqlite(sweep)).get_trials()
+    assert sorted(trial.number for trial in trials) == list(range(4))  # none asked twice
+    assert all(trial.state == TrialState.COMPLETE for trial in trials)
+    assert len({trial.user_attrs["worker"] for trial in trials}) == 2  # both took trials
+    assert sorted(path.parent.name for path in sweep.glob("*/summary.json")) == ["0", "1", "2", "3"]
+    assert {row["trial"] for row in rows(sweep)} == {"0", "1", "2", "3"}
+    best = json.loads((sweep / "search.json").read_text())["best_command"]
+    assert best.startswith("python train.py ") and "optimizer.lr=" in best
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_ends_early_and_is_pruned_in_the_study_and_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(*SEARCH, "hparams_search.n_trials=2", "hparams_search.pruner=threshold",
+                     "hparams_search.prune_threshold=1.01", "trainer.max_epochs=3",
+                     f"hydra.sweep.dir={sweep}")  # no accuracy reaches 1.01: pruned after epoch 1
+    assert result.returncode == 0, result.stderr
+    assert [trial.state for trial in study_at(sqlite(sweep)).get_trials()] == [TrialState.PRUNED] * 2
+    for trial in ("0", "1"):
+        summary = json.loads((sweep / trial / "summary.json").read_text())
+        assert summary["status"] == "pruned" and summary["epochs_completed"] == 1
+        assert summary["stop_reason"].startswith("pruned by the study's pruner after epoch 1")
+        assert len(list(csv.DictReader(open(sweep / trial / "metrics.csv")))) == 1
+        assert (sweep / trial / "checkpoints" / "best.pt").is_file()
+    assert [(row["state"], row["epochs"]) for row in rows(sweep)] == [("pruned", "1")] * 2
+
+
+@pytest.mark.slow
+def test_a_search_started_again_runs_only_the_trials_still_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_cli(*SEARCH, "hparams_search.n_trials=2", f"hydra.sweep.dir={sweep}").returncode == 0
+    finished = {trial: (sweep / trial / "metrics.csv").stat().st_mtime_ns for trial in ("0", "1")}
+    again = run_cli(*SEARCH, "hparams_search.n_trials=3", f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, again.stderr
+    assert len(study_at(sqlite(sweep)).get_trials()) == 3
+    assert {trial: (sweep / trial / "metrics.csv").stat().st_mtime_ns for trial in finished} == finished
+    assert (sweep / "2" / "summary.json").is_file() and len(rows(sweep)) == 3
+
+
+def search_process(sweep, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *SEARCH, *overrides, "plots=false",
+                             f"hydra.sweep.dir={sweep}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(tmp_path):
+    sweep = tmp_path / "sweep"
+    settings = ("hparams_search.n_trials=1", "hparams_search.heartbeat_seconds=1",
+                "hparams_search.grace_seconds=3", "trainer.max_epochs=12", "data.train_size=256")
+    worker = search_process(sweep, *settings)
+    checkpoint = sweep / "0" / "checkpoints" / "last.pt"
+    started = time.monotonic()
+    while not checkpoint.is_file():  # the dead run's epochs must be kept: kill after one
+        assert worker.poll() is None and time.monotonic() - started < HANG_SECONDS
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)  # no goodbye: its heartbeats just stop
+    worker.wait(HANG_SECONDS)
+    dead_epochs = len(list(csv.DictReader(open(sweep / "0" / "metrics.csv"))))
+    assert 1 <= dead_epochs < 12
+    result = run_cli(*SEARCH, *settings, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    first, retry = study_at(sqlite(sweep)).get_trials()
+    assert first.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["run_dir"] == str(sweep / "0")
+    epochs = [int(row["epoch"]) for row in csv.DictReader(open(sweep / "0" / "metrics.csv"))]
+    assert epochs == list(range(1, 13))  # the dead run's epochs kept, the rest added
+    assert not (sweep / "1").exists()  # resumed in place, not started again
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster (Debian's postgresql package; .ci/run installs it),
+    listening on a Unix socket in its own folder; its URL."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))),
+                                            None)
+    if initdb is None:
+        pytest.skip("no PostgreSQL server here: initdb not found (apt-get install postgresql)")
+    bin_dir = os.path.dirname(os.path.realpath(initdb))
+    folder = tempfile.mkdtemp(prefix="finetune-pg-")  # the server's user must reach it
+    user = [] if os.geteuid() else ["runuser", "-u", "postgres", "--"]  # initdb refuses root
+    if user:
+        shutil.chown(folder, "postgres")
+    port, data = free_port(), os.path.join(folder, "data")
+    try:
+        subprocess.run([*user, f"{bin_dir}/initdb", "-D", data, "-U", "postgres", "-A", "trust"],
+                       check=True, capture_output=True, timeout=HANG_SECONDS)
+        subprocess.run([*user, f"{bin_dir}/pg_ctl", "-D", data, "-w", "-l", f"{folder}/log",
+                        "-o", f"-k {folder} -p {port} -c listen_addresses=''", "start"],
+                       check=True, capture_output=True, timeout=HANG_SECONDS)
+    except (subprocess.CalledProcessError, OSError) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"a PostgreSQL server could not be started here: {error}")
+    try:
+        yield f"postgresql+psycopg2://postgres@/postgres?host={folder}&port={port}"
+    finally:
+        subprocess.run([*user, f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                       capture_output=True, timeout=HANG_SECONDS)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_postgresql_study(tmp_path, postgres):
+    sweep = tmp_path / "sweep"
+    result = run_cli(*SEARCH, "hparams_search.n_trials=4", "hparams_search.n_jobs=2",
+                     "data.train_size=256", "trainer.max_epochs=2",
+                     f"hparams_search.storage='{postgres}'", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    trials = study_at(postgres).get_trials()
+    assert sorted(trial.number for trial in trials) == list(range(4))
+    assert all(trial.state == TrialState.COMPLETE for trial in trials)
+    assert len({trial.user_attrs["worker"] for trial in trials}) == 2
+    assert not (sweep / "optuna.db").exists()  # the study lives in the server
+    assert len(counted(trials)) == 4 and len(rows(sweep)) == 4
