@@ -42,8 +42,9 @@ def readme_commands(name: str = "README.md") -> list[str]:
 
 def documented_commands() -> list:
     """One case per command per file (README.md, then docs/), its id naming both."""
-    return [pytest.param(command, id=f"{name}: {command}")
-            for name in DOCS for command in readme_commands(name)]
+    return [pytest.param(command, id=f"{name}: {command}",
+                         marks=[pytest.mark.slow] if "hparams_search=" in command else [])
+            for name in DOCS for command in readme_commands(name)]  # a search runs for real
 
 
 def test_readme_shows_the_contract_commands():
@@ -97,7 +98,7 @@ def check_search(arguments: list[str], tmp_path: Path) -> None:
     jobs = min(2, max([int(arg.split("=")[1]) for arg in arguments
                        if arg.startswith("hparams_search.n_jobs=")] or [1]))
     (tmp_path / "shared").mkdir(exist_ok=True)
-    result = run_cli(*kept, *FAST, "hparams_search.n_trials=2", f"hparams_search.n_jobs={jobs}",
+    result = run_cli("-m", *kept, *FAST, "hparams_search.n_trials=2", f"hparams_search.n_jobs={jobs}",
                      f"hydra.sweep.dir={tmp_path / 'shared' / 'sweep'}")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "shared" / "sweep" / "summary.csv")))

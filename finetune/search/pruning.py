@@ -31,6 +31,12 @@ class TrialReport(Hook):
     def __init__(self, trial: Any, metric: str):
         self.trial, self.metric = trial, metric
 
+    def on_fit_start(self, progress: Any) -> None:
+        pruner = type(self.trial.study.pruner).__name__
+        log.info("search: trial %d of study %r; %s goes to the study after each epoch (%s)",
+                 self.trial.number, self.trial.study.study_name, self.metric,
+                 "no pruning" if pruner == "NopPruner" else f"pruner: {pruner}")
+
     def on_epoch_end(self, progress: Any, improved: bool) -> None:
         value = metric_so_far(progress.history, self.metric)
         if math.isnan(value):
