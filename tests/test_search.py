@@ -119,7 +119,7 @@ def search_process(sweep, *overrides: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     sweep = tmp_path / "sweep"
-    settings = ("hparams_search.n_trials=1", "hparams_search.heartbeat_seconds=1",
+    settings = ("hparams_search.n_trials=2", "hparams_search.heartbeat_seconds=1",
                 "hparams_search.grace_seconds=3", "trainer.max_epochs=12", "data.train_size=256")
     worker = search_process(sweep, *settings)
     checkpoint = sweep / "0" / "checkpoints" / "last.pt"
@@ -130,15 +130,19 @@ def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(tmp_p
     os.killpg(worker.pid, signal.SIGKILL)  # no goodbye: its heartbeats just stop
     worker.wait(HANG_SECONDS)
     dead_epochs = len(list(csv.DictReader(open(sweep / "0" / "metrics.csv"))))
-    assert 1 <= dead_epochs < 12
-    result = run_cli(*SEARCH, *settings, f"hydra.sweep.dir={sweep}")
+    assert 1 <= dead_epochs < 12 and not (sweep / "1").exists()
+    result = run_cli(*SEARCH, *settings, f"hydra.sweep.dir={sweep}")  # the same command again
     assert result.returncode == 0, result.stderr
-    first, retry = study_at(sqlite(sweep)).get_trials()
-    assert first.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    dead, *others = study_at(sqlite(sweep)).get_trials()  # a retry, and one new trial
+    assert dead.state == TrialState.FAIL and len(others) == 2  # the remaining trials only
+    assert all(trial.state == TrialState.COMPLETE for trial in others)
+    retry, new = sorted(others, key=lambda trial: "failed_trial" not in trial.system_attrs)
     assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["run_dir"] == str(sweep / "0")
     epochs = [int(row["epoch"]) for row in csv.DictReader(open(sweep / "0" / "metrics.csv"))]
     assert epochs == list(range(1, 13))  # the dead run's epochs kept, the rest added
-    assert not (sweep / "1").exists()  # resumed in place, not started again
+    assert new.user_attrs["run_dir"] == str(sweep / str(new.number))
+    assert not (sweep / str(retry.number)).exists()  # the retry resumed in place
+    assert len(rows(sweep)) == 2  # the retry stands for trial 0
 
 
 def free_port() -> int:
