@@ -194,13 +194,15 @@ def run_trial(overrides: list[str], run_dir: str, resume: str | None) -> None:
     """One trial of a search in this process: `python train.py -m OVERRIDES` as a sweep of
     one job into `run_dir` (a retried trial: `python train.py resume=RUN_DIR`)."""
     sweep_dir, number = os.path.split(run_dir)
-    argv = (with_resume_dir(["train.py", f"resume={resume}"]) if resume else
-            ["train.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir={number}"])
     root = logging.getLogger()
     handlers, level, saved_argv = root.handlers[:], root.level, sys.argv
-    sys.argv = argv
     try:
+        sys.argv = (with_resume_dir(["train.py", f"resume={resume}"]) if resume else
+                    ["train.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}",
+                     f"hydra.sweep.subdir={number}"])
         hydra_main()
+    except ConfigError as error:  # a retried trial's run directory that cannot be resumed
+        log.error("trial in %s cannot resume: %s", run_dir, error)
     except SystemExit:  # a refused trial: its summary.json says why
         pass
     finally:
