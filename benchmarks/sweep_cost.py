@@ -8,8 +8,9 @@ glyph-pretrained resnet18 (both made and cached by that script's code). Each sea
 `python train.py -m hparams_search=optuna` with the same search space (learning rate,
 weight decay, freeze depth, head width) and sampler seed, `--trials` trials of up to
 `--epochs` epochs, once per pruner: total epochs trained, wall time, best value found.
-Then the same search without pruning on `--worker-trials` trials with one local worker
-and with two: trials per hour. Run it alone: two torch processes on 2 cores slow each
+Then a search without pruning of `--worker-trials` trials that all cost the same (full
+fine-tuning, one head width; only the learning rate and weight decay vary) with one local
+worker and with two: trials per hour. Run it alone: two torch processes on 2 cores slow each
 other down.
 """
 
@@ -28,6 +29,10 @@ SPACE = ('hparams_search.params={optimizer.lr: "tag(log, interval(1e-4, 1e-1))",
          'optimizer.weight_decay: "tag(log, interval(1e-6, 1e-2))", '
          'head.layers.0.out_features: "choice(64, 128, 256)", '
          'freeze: "choice(\'[@backbone]\', \'[@stem,@stage1,@stage2]\', \'[@stem,@stage1]\', \'[]\')"}')
+
+# the workers item: trials that differ only in learning rate and weight decay, so that one
+# worker and two run the same amount of work whatever the samplers propose
+SAME_COST = 'hparams_search.params={head.layers.0.out_features: "choice(128)", freeze: "choice(\'[]\')"}'
 
 
 def search(overrides: list[str], sweep: Path) -> dict:
@@ -52,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--pruners", nargs="+", default=["none", "median", "hyperband"])
+    parser.add_argument("--pruners", nargs="*", default=["none", "median", "hyperband"])
     parser.add_argument("--worker-trials", type=int, default=8, help="0: skip the workers item")
     args = parser.parse_args()
     source, target = image_folders()
@@ -64,8 +69,9 @@ def main() -> None:
                 f"trainer.cache_dir={scratch}/cache", "seed=0", SPACE]
         print(f"target: cluttered digits from the glyph-pretrained resnet18, {args.trials} trials "
               f"of up to {args.epochs} epochs, TPE seed 0 ({time.strftime('%Y-%m-%d')})\n")
-        print("| pruner | epochs trained | ratio to none | wall time | best val acc | pruned |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        if args.pruners:
+            print("| pruner | epochs trained | ratio to none | wall time | best val acc | pruned |")
+            print("| --- | --- | --- | --- | --- | --- |")
         results = {}
         for pruner in args.pruners:
             results[pruner] = found = search([*task, f"hparams_search.n_trials={args.trials}",
@@ -77,11 +83,12 @@ def main() -> None:
             print(f"{pruner}: importances {found['importances']}")
         if not args.worker_trials:
             return
-        print("\n| local workers | trials | wall time | trials per hour |\n| --- | --- | --- | --- |")
-        for jobs in (1, 2):
-            found = search([*task, f"hparams_search.n_trials={args.worker_trials}",
+        print("\n| local workers | trials | epochs | wall time | trials per hour |")
+        print("| --- | --- | --- | --- | --- |")
+        for jobs in (1, 2):  # every trial the same work: full fine-tuning, one head width
+            found = search([*task, SAME_COST, f"hparams_search.n_trials={args.worker_trials}",
                             f"hparams_search.n_jobs={jobs}"], scratch / f"workers-{jobs}")
-            print(f"| {jobs} | {found['trials']} | {found['seconds']:.0f} s "
+            print(f"| {jobs} | {found['trials']} | {found['epochs']} | {found['seconds']:.0f} s "
                   f"| {3600 * found['trials'] / found['seconds']:.1f} |", flush=True)
 
 

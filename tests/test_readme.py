@@ -90,13 +90,13 @@ def saved_run(tmp_path, monkeypatch):
 
 
 def check_search(arguments: list[str], tmp_path: Path) -> None:
-    """A search command, briefly and for real: two trials of one epoch, its workers (two at
-    most) on the storage it names (a /shared path made a tmp one)."""
+    """A search command, briefly and for real: two trials of one epoch, on the storage it
+    names (a /shared path made a tmp one), with two workers where it shares a storage
+    (tests/test_search.py runs the local workers of n_jobs)."""
     small = ("hparams_search.n_trials", "hparams_search.n_jobs", "hydra.sweep.dir")
     kept = [arg.replace("/shared", str(tmp_path / "shared")) for arg in arguments
             if not arg.startswith(small)]
-    jobs = min(2, max([int(arg.split("=")[1]) for arg in arguments
-                       if arg.startswith("hparams_search.n_jobs=")] or [1]))
+    jobs = 2 if any(arg.startswith("hparams_search.storage=") for arg in arguments) else 1
     (tmp_path / "shared").mkdir(exist_ok=True)
     result = run_cli("-m", *kept, *FAST, "hparams_search.n_trials=2", f"hparams_search.n_jobs={jobs}",
                      f"hydra.sweep.dir={tmp_path / 'shared' / 'sweep'}")

@@ -69,7 +69,7 @@ def search(cfg: DictConfig, argv: list[str], base: list[str], sweep_dir: str,
     space = distributions(dict(settings.params))
     worker = int(os.environ.get(WORKER, "0"))
     storage = studies.open_storage(settings, sweep_dir)
-    study = studies.open_study(storage, settings, metric, cfg.seed + worker)
+    study = studies.open_study(storage, settings, metric, cfg.seed)
     if worker == 0:
         log.info("search: study %r in %s, %d trials, %s sampler, pruner %s, %d local workers",
                  settings.study_name, studies.storage_url(settings, sweep_dir), settings.n_trials,

@@ -2,6 +2,7 @@
 or another, opens the same study by storage and name (load_if_exists)."""
 
 import os
+import random
 import warnings
 from typing import Any
 
@@ -52,11 +53,19 @@ def open_storage(settings: Any, sweep_dir: str):
 
 
 def sampler(name: str, seed: int):
+    """The sampler, seeded. TPE as a constant liar: a running trial counts as a bad result,
+    so workers asking at once are not all sent to the same place."""
     import optuna
 
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-                "qmc": optuna.samplers.QMCSampler}
-    return samplers[name](seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return {"random": optuna.samplers.RandomSampler, "qmc": optuna.samplers.QMCSampler}[name](seed=seed)
+
+
+def exists(storage: Any, name: str) -> bool:
+    import optuna
+
+    return name in optuna.study.get_all_study_names(storage)
 
 
 def pruner(settings: Any, metric: str):
@@ -100,9 +109,13 @@ def check_settings(settings: Any) -> None:
 
 
 def open_study(storage: Any, settings: Any, metric: str, seed: int):
-    """The study, made by the first worker and joined by the others."""
+    """The study, made by the first worker (its sampler seeded with `seed`, so a search of
+    one worker is repeatable) and joined by the others (each sampler seeded afresh: two
+    workers with one seed would propose the same trials)."""
     import optuna
 
+    if exists(storage, settings.study_name):
+        seed = random.SystemRandom().randrange(2**31)
     return optuna.create_study(storage=storage,
                                study_name=settings.study_name, load_if_exists=True,
                                direction=direction(metric), sampler=sampler(settings.sampler, seed),
