@@ -90,19 +90,19 @@ def saved_run(tmp_path, monkeypatch):
 
 
 def check_search(arguments: list[str], tmp_path: Path) -> None:
-    """A search command, briefly and for real: two trials of one epoch, on the storage it
-    names (a /shared path made a tmp one), with two workers where it shares a storage
-    (tests/test_search.py runs the local workers of n_jobs)."""
+    """A search command, briefly and for real: one trial of one epoch, on the storage it
+    names (a /shared path made a tmp one); two trials and two workers where it shares a
+    storage (tests/test_search.py runs the local workers of n_jobs)."""
     small = ("hparams_search.n_trials", "hparams_search.n_jobs", "hydra.sweep.dir")
     kept = [arg.replace("/shared", str(tmp_path / "shared")) for arg in arguments
             if not arg.startswith(small)]
     jobs = 2 if any(arg.startswith("hparams_search.storage=") for arg in arguments) else 1
     (tmp_path / "shared").mkdir(exist_ok=True)
-    result = run_cli("-m", *kept, *FAST, "hparams_search.n_trials=2", f"hparams_search.n_jobs={jobs}",
+    result = run_cli("-m", *kept, *FAST, f"hparams_search.n_trials={jobs}", f"hparams_search.n_jobs={jobs}",
                      f"hydra.sweep.dir={tmp_path / 'shared' / 'sweep'}")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "shared" / "sweep" / "summary.csv")))
-    assert len(rows) == 2 and {row["state"] for row in rows} <= {"complete", "pruned"}
+    assert len(rows) == jobs and {row["state"] for row in rows} <= {"complete", "pruned"}
 
 
 def check_sweep(arguments: list[str], tmp_path: Path) -> None:
