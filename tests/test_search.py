@@ -57,6 +57,9 @@ def test_the_search_space_becomes_optunas_distributions():
     ("hparams_search.sampler=grid", "hparams_search.sampler='grid' is not valid"),
     ("hparams_search.n_jobs=0", "hparams_search.n_jobs=0 is not valid: use 1 or more"),
     ("optimizer.lr=0.1", "optimizer.lr=0.1: the search samples this key"),
+    ("hparams_search.storage=/no/such/folder/study.journal", "(a journal file) cannot be opened"),
+    ("hparams_search.storage='postgresql+psycopg2://nobody@/db?host=/no/such/socket'",
+     "hparams_search.storage='postgresql+psycopg2://nobody@/db?host=/no/such/socket' cannot be opened"),
 ])
 def test_a_bad_search_setting_is_refused_before_anything_runs(tmp_path, setting, message):
     result = run_cli(*SEARCH, setting, f"hydra.sweep.dir={tmp_path / 'sweep'}")
@@ -77,16 +80,14 @@ def test_two_workers_finish_exactly_n_trials_each_once(tmp_path):
     assert len({trial.user_attrs["worker"] for trial in trials}) == 2  # both took trials
     assert sorted(path.parent.name for path in sweep.glob("*/summary.json")) == ["0", "1", "2", "3"]
     assert {row["trial"] for row in rows(sweep)} == {"0", "1", "2", "3"}
-    best = json.loads((sweep / "search.json").read_text())["best_command"]
-    assert best.startswith("python train.py ") and "optimizer.lr=" in best
 
 
 @pytest.mark.slow
-def test_a_pruned_trial_ends_early_and_is_pruned_in_the_study_and_the_summary(tmp_path):
+def test_pruned_trials_end_early_and_a_search_started_again_runs_only_what_is_missing(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(*SEARCH, "hparams_search.n_trials=2", "hparams_search.pruner=threshold",
-                     "hparams_search.prune_threshold=1.01", "trainer.max_epochs=3",
-                     f"hydra.sweep.dir={sweep}")  # no accuracy reaches 1.01: pruned after epoch 1
+    pruning = ("hparams_search.pruner=threshold", "hparams_search.prune_threshold=1.01",
+               "trainer.max_epochs=3")  # no accuracy reaches 1.01: pruned after epoch 1
+    result = run_cli(*SEARCH, "hparams_search.n_trials=2", *pruning, f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
     assert [trial.state for trial in study_at(sqlite(sweep)).get_trials()] == [TrialState.PRUNED] * 2
     for trial in ("0", "1"):
@@ -96,18 +97,18 @@ def test_a_pruned_trial_ends_early_and_is_pruned_in_the_study_and_the_summary(tm
         assert len(list(csv.DictReader(open(sweep / trial / "metrics.csv")))) == 1
         assert (sweep / trial / "checkpoints" / "best.pt").is_file()
     assert [(row["state"], row["epochs"]) for row in rows(sweep)] == [("pruned", "1")] * 2
+    assert json.loads((sweep / "search.json").read_text())["best_trial"] is None  # none finished
 
-
-@pytest.mark.slow
-def test_a_search_started_again_runs_only_the_trials_still_missing(tmp_path):
-    sweep = tmp_path / "sweep"
-    assert run_cli(*SEARCH, "hparams_search.n_trials=2", f"hydra.sweep.dir={sweep}").returncode == 0
     finished = {trial: (sweep / trial / "metrics.csv").stat().st_mtime_ns for trial in ("0", "1")}
-    again = run_cli(*SEARCH, "hparams_search.n_trials=3", f"hydra.sweep.dir={sweep}")
+    again = run_cli(*SEARCH, "hparams_search.n_trials=3", "trainer.max_epochs=1",
+                    f"hydra.sweep.dir={sweep}")  # the same study, one more trial, no pruner
     assert again.returncode == 0, again.stderr
-    assert len(study_at(sqlite(sweep)).get_trials()) == 3
+    assert [trial.state for trial in study_at(sqlite(sweep)).get_trials()][2] == TrialState.COMPLETE
     assert {trial: (sweep / trial / "metrics.csv").stat().st_mtime_ns for trial in finished} == finished
-    assert (sweep / "2" / "summary.json").is_file() and len(rows(sweep)) == 3
+    order = [row["trial"] for row in rows(sweep)]
+    assert order[0] == "2" and sorted(order[1:]) == ["0", "1"]  # complete first, then pruned
+    best = json.loads((sweep / "search.json").read_text())["best_command"]
+    assert best.startswith("python train.py ") and "optimizer.lr=" in best
 
 
 def search_process(sweep, *overrides: str) -> subprocess.Popen:

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 
-import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -89,19 +88,6 @@ def test_a_sweep_records_failures_and_a_rerun_skips_finished_jobs(tmp_path):
     for job, mtime in finished.items():
         assert (tmp_path / "sweep" / job / "metrics.csv").stat().st_mtime_ns == mtime
     assert len(list((tmp_path / "sweep").glob("*/attempt-*"))) == 2  # the failed ones, kept
-
-
-@pytest.mark.slow
-def test_an_optuna_search_ends_with_its_best_value_first_in_summary_csv(tmp_path):
-    result = run_cli("-m", "hparams_search=optuna", "hparams_search.n_trials=2", *SMALL,
-                     f"hydra.sweep.dir={tmp_path}")
-    assert result.returncode == 0, result.stderr
-    study = optuna.load_study(study_name="finetune", storage=f"sqlite:///{tmp_path}/optuna.db")
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert len(rows) == 2 and all(row["state"] == "complete" for row in rows)
-    assert float(rows[0]["value"]) == study.best_value
-    assert "head.layers.0.out_features=" in rows[0]["params"]  # the searched head width
-    assert json.loads((tmp_path / "search.json").read_text())["best_trial"] == study.best_trial.number
 
 
 @pytest.mark.parametrize("launcher, target, settings", [

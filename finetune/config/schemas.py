@@ -238,7 +238,7 @@ class SearchConfig:
     """-m hparams_search=optuna: an Optuna study run by the project's own workers."""
 
     study_name: str = "finetune"
-    # null: sqlite:///<sweep dir>/optuna.db; a database URL (postgresql://...) for several
+    # null: sqlite:///<sweep dir>/optuna.db; a database URL (postgresql+psycopg2://...) for several
     # machines; a file path (no "://") for a journal file on a shared filesystem
     storage: str | None = None
     n_trials: int = 20  # trials in the study, counting those already there

@@ -37,19 +37,26 @@ def open_storage(settings: Any, sweep_dir: str):
     if not is_database(url):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(os.path.expanduser(url)))
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(os.path.expanduser(url)))
+        except OSError as error:
+            raise ConfigError(f"hparams_search.storage={url!r} (a journal file) cannot be "
+                              f"opened: {error}. Use a file path in a folder that exists and "
+                              "every worker can write.") from error
     try:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=settings.heartbeat_seconds, grace_period=settings.grace_seconds,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except ImportError as error:
         raise ConfigError(f"hparams_search.storage={url!r} needs a database driver that is not "
-                          f"installed ({error}); for PostgreSQL: pip install psycopg2-binary.") from error
+                          f"installed ({error.__cause__ or error}); for PostgreSQL write "
+                          "postgresql+psycopg2://... with the postgres extra installed "
+                          "(pip install -e '.[postgres]').") from error
     except Exception as error:  # SQLAlchemy's errors: a server not reached, a bad URL, ...
         first = str(error).splitlines()[0]
         raise ConfigError(f"hparams_search.storage={url!r} cannot be opened: {first}. Use a "
                           "database URL the workers can reach (sqlite:///PATH, "
-                          "postgresql://USER@HOST/DB) or a journal file path.") from error
+                          "postgresql+psycopg2://USER@HOST/DB) or a journal file path.") from error
 
 
 def sampler(name: str, seed: int):
