@@ -7,8 +7,10 @@ name, adds workers to the same study: the trials already there count towards n_t
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
 from typing import Any
 
 from omegaconf import DictConfig
@@ -23,6 +25,7 @@ from finetune.threads import machine_cores
 log = logging.getLogger(__name__)
 
 WORKER = "FINETUNE_SEARCH_WORKER"  # set in the workers this command starts: 1, 2, ...
+READY_WAIT_SECONDS = 600  # the longest the first worker waits for the others to start
 
 
 def check_base(settings: Any, base: list[str]) -> None:
@@ -47,6 +50,24 @@ def start_workers(count: int, argv: list[str], sweep_dir: str, threads: int) -> 
         env.setdefault("OMP_NUM_THREADS", str(threads))
         workers.append(subprocess.Popen(command, env=env))
     return workers
+
+
+def ready_file(sweep_dir: str, worker: int) -> str:
+    return os.path.join(sweep_dir, ".workers", f"ready-{worker}")
+
+
+def wait_for(others: list[subprocess.Popen], sweep_dir: str) -> None:
+    """Start together: the local workers import torch and open the study while this one
+    does the same, then all take trials (so the first does not take several before the
+    others exist). A worker that exits or is slow is not waited for past the limit."""
+    import torch  # noqa: F401  (the import the others are doing: done meanwhile, not after)
+
+    deadline = time.monotonic() + READY_WAIT_SECONDS
+    pending = dict(enumerate(others, start=1))
+    while pending and time.monotonic() < deadline:
+        pending = {index: process for index, process in pending.items()
+                   if process.poll() is None and not os.path.exists(ready_file(sweep_dir, index))}
+        time.sleep(0.1)
 
 
 def share_cores(jobs: int) -> int:
@@ -75,8 +96,16 @@ def search(cfg: DictConfig, argv: list[str], base: list[str], sweep_dir: str,
                  settings.study_name, studies.storage_url(settings, sweep_dir), settings.n_trials,
                  settings.sampler, settings.pruner, settings.n_jobs)
     threads = share_cores(settings.n_jobs if worker == 0 else 1)
+    if worker == 0:
+        shutil.rmtree(os.path.dirname(ready_file(sweep_dir, 0)), ignore_errors=True)
     others = start_workers(settings.n_jobs - 1, argv, sweep_dir, threads) if worker == 0 else []
+    if worker:  # ready: torch imported, the study open
+        import torch  # noqa: F401
+
+        os.makedirs(os.path.dirname(ready_file(sweep_dir, worker)), exist_ok=True)
+        open(ready_file(sweep_dir, worker), "w").close()
     try:
+        wait_for(others, sweep_dir)
         work(Search(study, storage, space, settings.n_trials, base, sweep_dir, metric, run_trial))
     finally:
         for other in others:
