@@ -35,6 +35,15 @@ def sqlite(sweep) -> str:
     return f"sqlite:///{sweep}/optuna.db"
 
 
+def assert_surplus_never_ran(all_trials, counted_trials, sweep) -> None:
+    """Two workers asking at once for the last place: the later trial is marked surplus,
+    failed, and never run (docs/sweeps.md)."""
+    numbers = {trial.number for trial in counted_trials}
+    for trial in (trial for trial in all_trials if trial.number not in numbers):
+        assert trial.user_attrs.get("surplus") and trial.state == TrialState.FAIL
+        assert not (sweep / str(trial.number)).exists()
+
+
 def rows(sweep) -> list[dict]:
     return list(csv.DictReader(open(sweep / "summary.csv")))
 
@@ -73,12 +82,13 @@ def test_two_workers_finish_exactly_n_trials_each_once(tmp_path):
     result = run_cli(*SEARCH, "hparams_search.n_trials=4", "hparams_search.n_jobs=2",
                      "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}")  # the workers start together
     assert result.returncode == 0, result.stderr
-    trials = study_at(sqlite(sweep)).get_trials()
-    assert sorted(trial.number for trial in trials) == list(range(4))  # none asked twice
-    assert all(trial.state == TrialState.COMPLETE for trial in trials)
+    trials = counted(all_trials := study_at(sqlite(sweep)).get_trials())
+    assert len(trials) == 4 and all(trial.state == TrialState.COMPLETE for trial in trials)
     assert len({trial.user_attrs["worker"] for trial in trials}) == 2  # both took trials
-    assert sorted(path.parent.name for path in sweep.glob("*/summary.json")) == ["0", "1", "2", "3"]
-    assert {row["trial"] for row in rows(sweep)} == {"0", "1", "2", "3"}
+    ran = sorted(path.parent.name for path in sweep.glob("*/summary.json"))
+    assert ran == sorted(str(trial.number) for trial in trials)  # each once, a directory each
+    assert {row["trial"] for row in rows(sweep)} == set(ran)
+    assert_surplus_never_ran(all_trials, trials, sweep)
 
 
 @pytest.mark.slow
@@ -189,9 +199,9 @@ def test_two_workers_on_a_postgresql_study(tmp_path, postgres):
                      "trainer.max_epochs=2", f"hparams_search.storage='{postgres}'",
                      f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
-    trials = study_at(postgres).get_trials()
-    assert sorted(trial.number for trial in trials) == list(range(4))
-    assert all(trial.state == TrialState.COMPLETE for trial in trials)
+    trials = counted(all_trials := study_at(postgres).get_trials())
+    assert len(trials) == 4 and all(trial.state == TrialState.COMPLETE for trial in trials)
     assert len({trial.user_attrs["worker"] for trial in trials}) == 2
     assert not (sweep / "optuna.db").exists()  # the study lives in the server
-    assert len(counted(trials)) == 4 and len(rows(sweep)) == 4
+    assert len(rows(sweep)) == 4
+    assert_surplus_never_ran(all_trials, trials, sweep)
