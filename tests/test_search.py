@@ -76,6 +76,31 @@ def test_a_bad_search_setting_is_refused_before_anything_runs(tmp_path, setting,
     assert not list((tmp_path / "sweep").glob("*/summary.json"))
 
 
+def crafted_study(sweep, values: dict) -> None:
+    """The sweep's default storage, a file, with a queued trial of these values."""
+    sweep.mkdir()
+    study = optuna.create_study(storage=sqlite(sweep), study_name="finetune", direction="maximize")
+    study.enqueue_trial(values, skip_if_exists=False)
+
+
+def test_a_stored_trial_outside_the_search_space_is_failed_not_run(tmp_path):
+    sweep, marker = tmp_path / "sweep", tmp_path / "code_ran"
+    crafted_study(sweep, {"optimizer.lr": 5.0, "optimizer.weight_decay": 1e-4, "freeze": "[]",
+                          "head.layers.0.out_features": 64})  # lr out of its interval
+    result = run_cli(*SEARCH, "hparams_search.n_trials=1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 1  # the one trial did not finish
+    [trial] = study_at(sqlite(sweep)).get_trials()
+    assert trial.state == TrialState.FAIL and not (sweep / "0").exists()
+    crafted = tmp_path / "crafted"
+    crafted_study(crafted, {"optimizer.lr": 0.01, "optimizer.weight_decay": 1e-4,
+                            "freeze": f"${{oc.create:{{_target_: os.system, command: touch {marker}}}}}",
+                            "head.layers.0.out_features": 64})  # not one of freeze's choices
+    result = run_cli(*SEARCH, "hparams_search.n_trials=1", f"hydra.sweep.dir={crafted}")
+    assert result.returncode == 2
+    assert "a queued trial's values are not in hparams_search.params" in result.stderr
+    assert not marker.exists() and not (crafted / "0").exists()
+
+
 @pytest.mark.slow
 def test_two_workers_finish_exactly_n_trials_each_once(tmp_path):
     sweep = tmp_path / "sweep"

@@ -20,6 +20,7 @@ from finetune.search import study as studies
 from finetune.search.results import summarize
 from finetune.search.space import distributions
 from finetune.search.worker import RunTrial, Search, work
+from finetune.sweep import sweep_plots
 from finetune.threads import machine_cores
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def search(cfg: DictConfig, argv: list[str], base: list[str], sweep_dir: str,
             other.wait()
     if worker:
         return 0
-    rows = summarize(study, settings, base, sweep_dir, metric, plots_on(cfg.plots))
+    rows = summarize(study, settings, space, base, sweep_dir, metric, sweep_plots(cfg.plots))
     failed = [row for row in rows if row["state"] not in ("complete", "pruned")]
     if failed:
         print(f"{len(failed)} of {len(rows)} trials did not finish; the same command with "
@@ -120,8 +121,3 @@ def search(cfg: DictConfig, argv: list[str], base: list[str], sweep_dir: str,
               file=sys.stderr)
     return 1 if failed else 0
 
-
-def plots_on(setting: str) -> bool:
-    from finetune.sweep import sweep_plots
-
-    return sweep_plots(setting)

@@ -92,12 +92,9 @@ def plot_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "overrides": row["params"], "override_list": row["params"].split()} for row in rows]
 
 
-def summarize(study: Any, settings: Any, base: list[str], sweep_dir: str, metric: str,
-              plots: bool) -> list[dict[str, Any]]:
+def summarize(study: Any, settings: Any, space: dict[str, Any], base: list[str], sweep_dir: str,
+              metric: str, plots: bool) -> list[dict[str, Any]]:
     """summary.csv, search.json and (with plots) summary.png; the table printed."""
-    from finetune.search.space import distributions
-
-    space = distributions(dict(settings.params))
     rows = trial_rows(study, metric, space)
     write_rows(rows, os.path.join(sweep_dir, "summary.csv"))
     command, mattered = best_command(rows, base), importances(study)

@@ -46,6 +46,16 @@ def distributions(params: dict[str, str]) -> dict[str, Any]:
     return {key: distribution(key, str(text)) for key, text in params.items()}
 
 
+def contains(distribution: Any, value: Any) -> bool:
+    """Whether `value` is one the distribution can give (a stored trial's value, checked)."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return any(type(value) is type(choice) and value == choice for choice in distribution.choices)
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and distribution.low <= value <= distribution.high)
+
+
 def as_overrides(values: dict[str, Any]) -> list[str]:
     """A trial's values as `key=value` overrides (None as null, lists as Hydra lists)."""
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]

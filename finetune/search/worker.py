@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.errors import ConfigError
 from finetune.search import pruning
-from finetune.search.space import as_overrides
+from finetune.search.space import as_overrides, contains
 from finetune.sweep import read_summary
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,17 @@ def counted(trials: list[Any]) -> list[Any]:
             and not trial.user_attrs.get("surplus")]
 
 
-def study_is_full(study: Any, n_trials: int) -> bool:
+def study_is_full(trials: list[Any], n_trials: int) -> bool:
     from optuna.trial import TrialState
 
-    trials = counted(study.get_trials(deepcopy=False))
-    waiting = any(trial.state == TrialState.WAITING for trial in trials)
-    return len(trials) >= n_trials and not waiting
+    kept = counted(trials)
+    return len(kept) >= n_trials and not any(trial.state == TrialState.WAITING for trial in kept)
 
 
-def others_running(study: Any) -> bool:
+def others_running(trials: list[Any]) -> bool:
     from optuna.trial import TrialState
 
-    return any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False))
+    return any(trial.state == TrialState.RUNNING for trial in trials)
 
 
 def is_surplus(study: Any, trial: Any, n_trials: int) -> bool:
@@ -90,11 +90,23 @@ class Heartbeat:
 
 
 def resume_from(search: Search, trial: Any) -> str | None:
-    """A retried trial's run directory (the dead attempt's), when its checkpoint is there."""
-    run_dir = trial.user_attrs.get("run_dir")
-    if "failed_trial" not in retried(search, trial) or not isinstance(run_dir, str):
+    """A retried trial's run directory (the dead attempt's, <sweep dir>/<its number>), when
+    its checkpoint is there. The storage is a file: it gives a number, not a path."""
+    failed = retried(search, trial).get("failed_trial")
+    if type(failed) is not int or failed < 0:
         return None
+    run_dir = os.path.join(search.sweep_dir, str(failed))
     return run_dir if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")) else None
+
+
+def overrides_of(search: Search, trial: Any) -> list[str] | None:
+    """The trial's values as overrides, if they are the search space's (a retried trial's
+    come back from the storage, a file: nothing else may reach the command line)."""
+    values = trial.params
+    if values.keys() != search.space.keys() or not all(
+            contains(distribution, values[key]) for key, distribution in search.space.items()):
+        return None
+    return [*search.base, *as_overrides(values)]
 
 
 def tell(search: Search, trial: Any, run_dir: str) -> None:
@@ -120,6 +132,14 @@ def retried(search: Search, trial: Any) -> dict[str, Any]:
 
 
 def run_one(search: Search, trial: Any) -> None:
+    from optuna.trial import TrialState
+
+    overrides = overrides_of(search, trial)
+    if overrides is None:
+        log.error("trial %d: its values %s are not in hparams_search.params; failed, not run",
+                  trial.number, trial.params)
+        search.study.tell(trial, state=TrialState.FAIL)
+        return
     resumed = resume_from(search, trial)
     run_dir = os.path.abspath(resumed or os.path.join(search.sweep_dir, str(trial.number)))
     trial.set_user_attr("run_dir", run_dir)
@@ -130,10 +150,9 @@ def run_one(search: Search, trial: Any) -> None:
     pruning.current_trial = trial
     try:
         with Heartbeat(search.storage, trial):
-            search.run_trial([*search.base, *as_overrides(trial.params)], run_dir, resumed)
+            search.run_trial(overrides, run_dir, resumed)
     except KeyboardInterrupt:  # failed, and queued again: the next start resumes it
         from optuna.storages import RetryHeartbeatStaleTrialCallback
-        from optuna.trial import TrialState
 
         search.study.tell(trial, state=TrialState.FAIL)
         RetryHeartbeatStaleTrialCallback(max_retry=1)(search.study, search.storage.get_trial(trial._trial_id))
@@ -141,6 +160,16 @@ def run_one(search: Search, trial: Any) -> None:
     finally:
         pruning.current_trial = None
     tell(search, trial, run_dir)
+
+
+def ask(search: Search) -> Any:
+    """The next trial: a queued one (a retry, or one enqueued by hand) first, else a new one."""
+    try:
+        return search.study.ask(search.space)
+    except ValueError as error:  # Optuna checks a queued trial's choices against the space
+        raise ConfigError(f"study {search.study.study_name!r}: a queued trial's values are not "
+                          f"in hparams_search.params ({error}). Its storage holds trials of "
+                          "another search space: use a new study_name or storage.") from error
 
 
 def work(search: Search) -> int:
@@ -152,13 +181,14 @@ def work(search: Search) -> int:
     while True:
         if heartbeats:
             fail_stale_trials(search.study)  # a dead worker's trial: failed, queued once more
-        if study_is_full(search.study, search.n_trials):
-            if not (heartbeats and others_running(search.study)):
+        trials = search.study.get_trials(deepcopy=False)
+        if study_is_full(trials, search.n_trials):
+            if not (heartbeats and others_running(trials)):
                 return ran
             # a trial still runs elsewhere: if its worker dies, this one retries it
             time.sleep(min(POLL_SECONDS, search.storage.get_heartbeat_interval()))
             continue
-        trial = search.study.ask(search.space)
+        trial = ask(search)
         if is_surplus(search.study, trial, search.n_trials):
             trial.set_user_attr("surplus", True)
             search.study.tell(trial, state=TrialState.FAIL)
