@@ -6,7 +6,6 @@ torch is imported only once a run starts, so `--help` stays quick.
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.config.overrides import check_command_line
 from finetune.config.store import register_schemas
 from finetune.errors import ConfigError, Interrupted, TrainingFailed
-from finetune.state.resume import find_run_dir
+from finetune.state.resume import with_resume_dir
 from finetune.state.run_dirs import check_fresh_run_dir, check_writable
 from finetune.sweep import finished_result, record_failure, set_aside_failed_attempt
-from finetune.train.distributed import join, launched_by_torchrun, leave
+from finetune.train.distributed import launch_notes, launched_by_torchrun, leave
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +54,6 @@ class CheckRunDir(Callback):
             check_writable(config.hydra.sweep.dir, key="hydra.sweep.dir")
         except ConfigError as error:
             exit_with(error)
-
-
-def with_resume_dir(argv: list[str]) -> list[str]:
-    """`resume=X` runs in X's directory: name it for Hydra before Hydra picks a new one.
-
-    Hydra's own files for this invocation go to .hydra/resume-<time>/, so the run's saved
-    .hydra/ files stay as they were.
-    """
-    found = [index for index, arg in enumerate(argv) if arg.lstrip("+").startswith("resume=")]
-    value = argv[found[-1]].split("=", 1)[1] if found else "null"
-    if value in ("null", ""):
-        return argv
-    if {"-m", "--multirun"} & set(argv):
-        raise ConfigError(f"resume={value!r} continues one run; it cannot be part of a sweep "
-                          "(-m). Drop -m, or drop resume.")
-    run_dir = find_run_dir(value)
-    if any(arg.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for arg in argv):
-        raise ConfigError(f"resume={value!r} runs in the resumed run's directory; drop "
-                          "hydra.run.dir / hydra.output_subdir.")
-    argv = [arg for index, arg in enumerate(argv) if index not in found]
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [*argv, f"resume={run_dir}", f"hydra.run.dir={run_dir}",
-            f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
 def compose_unresolved(overrides: list[str]) -> dict:
@@ -145,6 +121,8 @@ def start(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
     from finetune.state.resume import load_last, resumed_config
 
     saved = None
+    for note in launch_notes():
+        log.info("%s", note)
     if cfg.resume:
         saved = load_last(cfg.resume)
         cfg = resumed_config(cfg.resume, saved["run"], overrides, compose_unresolved)
@@ -223,7 +201,9 @@ def main() -> float | None:
         sys.argv = with_resume_dir(sys.argv)
         check_command_line(sys.argv, CONFIG_DIR)
         if launched_by_torchrun():
-            sys.argv = join(sys.argv)
+            from finetune.launch import torchrun_argv
+
+            sys.argv = torchrun_argv(sys.argv)
     except ConfigError as error:
         exit_with(error)
     try:

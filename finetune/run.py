@@ -158,8 +158,9 @@ def build(cfg: DictConfig) -> Setup:
     backbone = build_backbone(cfg.backbone, weights)
     spec = input_spec(backbone, weights, cfg.backbone.name, cfg.data.image_size,
                       cfg.data.get("use_weights_transform", False))
-    data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
-                      shard=distributed.shard(), cache_dir=cfg.trainer.cache_dir)
+    with distributed.node_first():  # the node's image cache is decoded once
+        data = build_data(cfg.data, spec, cfg.seed, pin_memory=device.type == "cuda",
+                          shard=distributed.shard(), cache_dir=cfg.trainer.cache_dir)
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size, file_trust(cfg))
     aliases = resolve_aliases(net.pretrained)
     apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
@@ -173,7 +174,7 @@ def build(cfg: DictConfig) -> Setup:
     scheduler = build_scheduler(optimizer, cfg.scheduler, bool(plan), file_trust(cfg))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
-                   bool(plan), distributed.active())
+                   bool(plan))
     criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device,
                                 data.multi_label)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
@@ -229,13 +230,15 @@ class Training:
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
     loaders, module, cache = (setup.data.train_loader, setup.data.val_loader), setup.net, CacheEntry()
     if setup.cache.enabled:
-        train, val, cache = cached_features(
-            setup.net.pretrained, *(loader.dataset for loader in loaders),
-            tuple(fingerprint(loader.dataset) for loader in loaders), cfg.trainer.cache_dir,
-            cfg.data.batch_size, worker_count(cfg.data.num_workers), setup.device, cfg.trainer.precision)
-        pin = setup.device.type == "cuda"
-        loaders = (make_loader(train, cfg.data, True, cfg.seed, pin),
-                   make_loader(val, cfg.data, False, cfg.seed, pin))
+        with distributed.node_first():  # under torchrun, computed once per node
+            train, val, cache = cached_features(
+                setup.net.pretrained, *(loader.dataset for loader in loaders),
+                tuple(fingerprint(loader.dataset) for loader in loaders), cfg.trainer.cache_dir,
+                cfg.data.batch_size, worker_count(cfg.data.num_workers), setup.device,
+                cfg.trainer.precision)
+        pin, shard = setup.device.type == "cuda", distributed.shard()
+        loaders = (make_loader(train, cfg.data, True, cfg.seed, pin, shard),
+                   make_loader(val, cfg.data, False, cfg.seed, pin, shard))
         module = setup.net.add_layers
     step = Step(module, setup.device, cfg.trainer.precision, cfg.trainer.channels_last,
                 cfg.trainer.grad_clip, wrap=functools.partial(wrapped, cfg, setup),
@@ -250,7 +253,8 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
 
 
 def wrapped(cfg: DictConfig, setup: Setup, module: torch.nn.Module):
-    """Under torchrun the Net in DDP (the feature cache is off there); compiled if asked."""
+    """Under torchrun the module (the Net, or the head on cached features) in DDP; compiled
+    if asked."""
     forward = distributed.wrap(module, setup.device) if distributed.active() else module
     return torch.compile(forward) if cfg.trainer.compile else forward
 
@@ -358,6 +362,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     run). `overrides` are the command line's, kept for resuming; a resumed
     run's `checkpoint` is read from cfg.resume unless the caller has read it already."""
     validate(cfg)
+    distributed.connect(resolve_device(cfg.trainer.device))  # under torchrun: the group
     check_loggers(cfg.logger, file_trust(cfg))
     if cfg.data.max_image_pixels is not None:  # before any image is opened; loader workers
         Image.MAX_IMAGE_PIXELS = cfg.data.max_image_pixels  # fork with it
@@ -393,7 +398,8 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
         if progress.epoch >= cfg.trainer.max_epochs or progress.stop_reason:
             return finished_before(cfg, setup, progress, run_dir, overrides)
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
-                       setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads())
+                       setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads(),
+                       distributed.world())
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
     try:  # the loggers close last, however the run ends: some keep the files it wrote
         hooks = training_hooks(cfg, setup, training, run_dir, parts, record, checkpoint, run_log)
@@ -465,6 +471,9 @@ def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str,
         log.warning("the run trained with %d torch threads and goes on with %d: on the CPU its "
                     "results may then differ from an unbroken run's in the last decimals",
                     threads, torch.get_num_threads())
+    world = checkpoint["run"].get("world_size")
+    if world is not None and world != distributed.world():
+        log.warning("%s", world_size_change(world, distributed.world(), cfg.data.batch_size))
     saved_epochs = checkpoint["run"]["config"]["trainer"]["max_epochs"]
     if cfg.trainer.max_epochs > saved_epochs and progress.epoch < cfg.trainer.max_epochs:
         pending = [phase.epoch for phase in setup.unfreeze.plan if phase.epoch > progress.epoch]
@@ -472,6 +481,14 @@ def go_on_from(checkpoint: dict, cfg: DictConfig, setup: Setup, parts: dict[str,
                               progress.epoch, cfg.trainer.max_epochs, pending)
         log.info("trainer.max_epochs raised from %d to %d: %s", saved_epochs,
                  cfg.trainer.max_epochs, how)
+
+
+def world_size_change(before: int, now: int, batch_size: int) -> str:
+    """What a resumed run with another number of processes changes (docs/multi-gpu.md)."""
+    return (f"the run trained with {before} process{'es' * (before > 1)} and goes on with {now}: "
+            f"the global batch is now {batch_size} x {now} = {batch_size * now} images (it was "
+            f"{batch_size * before}; optimizer.lr is not rescaled) and each process reads another "
+            "shard of the data, so the result is not the one an unbroken run would have given")
 
 
 def finished_before(cfg: DictConfig, setup: Setup, progress: Progress, run_dir: str,

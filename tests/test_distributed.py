@@ -60,7 +60,7 @@ def test_two_ranks_share_one_run_and_agree(tmp_path):
     assert len(list((run_dir / "tensorboard").iterdir())) == 1  # rank 0's event file only
     assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1  # rank 0's log only
     assert "the final weights are identical on all 2 ranks" in output
-    assert "feature cache: off: distributed training" in output
+    assert "feature cache: off: unfreeze phases" in output
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     # the ranks' summed validation equals one process evaluating the saved checkpoint

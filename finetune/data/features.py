@@ -57,14 +57,9 @@ class CacheEntry:
                         "differ from an uninterrupted run", self.key, state["key"])
 
 
-def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool,
-                    distributed: bool = False) -> list[str]:
-    """Everything that would make cached features differ from computing them each epoch
-    (or, under torchrun, that this version does not share them between processes)."""
+def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool) -> list[str]:
+    """Everything that would make cached features differ from computing them each epoch."""
     reasons = []
-    if distributed:
-        reasons.append("distributed training (torchrun) shards the data between processes; "
-                       "the cache is not shared between them")
     trainable = trainable_names(net.pretrained)
     adapters = [name for name in trainable if is_adapter_parameter(name)]
     if adapters:
@@ -96,11 +91,11 @@ def timm_version() -> str:
 
 
 def decide(setting: str, net: nn.Module, random_train_transform: bool,
-           has_phases: bool, distributed: bool = False) -> CacheDecision:
+           has_phases: bool) -> CacheDecision:
     """auto: on exactly when the results do not change; true: on, or an error saying why not."""
     if setting == "false":
         return CacheDecision(False, "off (trainer.cache_features=false)")
-    against = reasons_against(net, random_train_transform, has_phases, distributed)
+    against = reasons_against(net, random_train_transform, has_phases)
     if not against:
         return CacheDecision(True, "on: the backbone is frozen and deterministic, so its "
                                    "outputs are computed once and the head trains on them")

@@ -48,6 +48,7 @@ class RunRecord:
     class_names: list[str]
     input_spec: dict[str, Any]  # model.InputSpec.to_dict()
     torch_threads: int | None = None  # CPU results depend on it (None: saved before it was kept)
+    world_size: int | None = None  # processes under torchrun (1 alone; None: not kept then)
 
 
 def capture(net: nn.Module, parts: dict[str, Stateful], record: RunRecord) -> dict[str, Any]:
@@ -126,8 +127,8 @@ def checked(checkpoint: Any, source: str) -> dict[str, Any]:
         record = RunRecord(**checkpoint["run"])
         kinds = {"config": dict, "overrides": list, "class_names": list, "input_spec": dict}
         wrong = [name for name, kind in kinds.items() if not isinstance(getattr(record, name), kind)]
-        wrong += [] if record.torch_threads is None or type(record.torch_threads) is int else [
-            "torch_threads"]
+        wrong += [name for name in ("torch_threads", "world_size")
+                  if getattr(record, name) is not None and type(getattr(record, name)) is not int]
         wrong += [] if isinstance(checkpoint["model"], dict) else ["model"]
         wrong += [] if isinstance(checkpoint["state"], dict) else ["state"]
     except (KeyError, TypeError) as error:

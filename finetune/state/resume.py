@@ -8,6 +8,7 @@ uninterrupted one would have.
 """
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,29 @@ def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
         raise ConfigError(f"resume={value!r}: {os.path.join(run_dir, LAST)} does not exist, so "
                           f"there is nothing to resume ({why}). Start it again without resume.")
     return run_dir
+
+
+def with_resume_dir(argv: list[str]) -> list[str]:
+    """`resume=X` runs in X's directory: name it for Hydra before Hydra picks a new one.
+
+    Hydra's own files for this invocation go to .hydra/resume-<time>/, so the run's saved
+    .hydra/ files stay as they were.
+    """
+    found = [index for index, arg in enumerate(argv) if arg.lstrip("+").startswith("resume=")]
+    value = argv[found[-1]].split("=", 1)[1] if found else "null"
+    if value in ("null", ""):
+        return argv
+    if {"-m", "--multirun"} & set(argv):
+        raise ConfigError(f"resume={value!r} continues one run; it cannot be part of a sweep "
+                          "(-m). Drop -m, or drop resume.")
+    run_dir = find_run_dir(value)
+    if any(arg.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for arg in argv):
+        raise ConfigError(f"resume={value!r} runs in the resumed run's directory; drop "
+                          "hydra.run.dir / hydra.output_subdir.")
+    argv = [arg for index, arg in enumerate(argv) if index not in found]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [*argv, f"resume={run_dir}", f"hydra.run.dir={run_dir}",
+            f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
 def refuse_links(run_dir: str, value: str) -> None:

@@ -2,53 +2,147 @@
 
 `torchrun --nproc_per_node=N train.py ...` starts N processes; each trains on its shard
 of every batch (the global batch is data.batch_size x N) and gradients are averaged.
-All ranks share one run directory, chosen by rank 0 before Hydra starts (otherwise each
-rank would stamp its own time into outputs/<date>/<time>); only rank 0 writes Hydra's
-files, the log, metrics.csv, checkpoints and summary.json. `gloo` on CPU, `nccl` on CUDA.
+Which run directory they share, and whether a restarted job resumes, is finetune/launch.py's
+business; this module joins the processes: first through the job's key-value store
+(`open_job`, before Hydra), then in a process group (`connect`, once the config names the
+device: `gloo` for a CPU run, `nccl` for CUDA). Only rank 0 writes the run's files.
 """
 
 import os
 import time
-from dataclasses import dataclass
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
-from finetune.config.store import new_dir
-from finetune.errors import ConfigError
 from finetune.hooks import Hook
+
+STORE_TIMEOUT = timedelta(minutes=30)  # torch's own default for a process group
+JOB_KEYS = "finetune/job/"  # keys that outlive an attempt: what an earlier one chose
 
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(argv: list[str]) -> list[str]:
-    """Before Hydra: join the process group; the same run directory for every rank, and
-    Hydra's own files and logging on rank 0 only."""
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@dataclass
+class Job:
+    """This process's place in a torchrun job: the job's store (the elastic agent's, which
+    lives as long as the job and so still holds what earlier attempts wrote, or rank 0's)
+    and this attempt's own corner of it."""
+
+    store: Any
+    attempt: Any  # a PrefixStore no earlier attempt wrote into
+    rank: int
+    world: int
+    notes: list[str] = field(default_factory=list)  # said in the run's log once it has one
+
+    def earlier(self, key: str) -> str | None:
+        """What an earlier attempt of this job recorded under `key`, if any."""
+        found = self.store.check([JOB_KEYS + key])
+        return self.store.get(JOB_KEYS + key).decode() if found else None
+
+    def record(self, key: str, value: str) -> None:
+        self.store.set(JOB_KEYS + key, value)
+
+
+_job: Job | None = None
+
+
+def open_job() -> Job:
+    """Reach the job's store and agree with the other ranks on a fresh corner of it."""
+    import torch.distributed as dist
+
+    global _job
+    if _job is None:
+        store, rank, world = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+        token = attempt_token(store, rank, world)
+        _job = Job(store, dist.PrefixStore(f"finetune/attempt/{token}/", store), rank, world)
+    return _job
+
+
+def attempt_token(store, rank: int, world: int) -> str:
+    """A name every rank of this attempt agrees on and no earlier attempt used.
+
+    torchrun's agent keeps one store for the whole job, and an attempt restarted after a
+    lost worker finds the dead workers' keys still in it: a process group built on the
+    bare store reads the dead ranks' gloo addresses ("connectFullMesh failed ... Connection
+    refused") or waits on them, depending on who writes first. TORCHELASTIC_RESTART_COUNT
+    cannot name the attempt either: a node that joins an elastic job counts from 0 while
+    the others may not. So rank 0 draws a token, and every other rank asks for it under a
+    nonce of its own (an answer to a stale nonce is never read) until all have confirmed.
+    """
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"finetune/ask/{rank}", nonce)
+        token = store.get(f"finetune/answer/{nonce}").decode()
+        store.set(f"finetune/confirmed/{token}/{rank}", "1")
+        return token
+    token, answered = uuid.uuid4().hex, set()
+    waiting = set(range(1, world))
+    while waiting:
+        for other in sorted(waiting):
+            if store.check([f"finetune/confirmed/{token}/{other}"]):
+                waiting.discard(other)
+            elif store.check([f"finetune/ask/{other}"]):
+                nonce = store.get(f"finetune/ask/{other}").decode()
+                if nonce not in answered:  # this attempt's, or a dead one's: answer both
+                    store.set(f"finetune/answer/{nonce}", token)
+                    answered.add(nonce)
+        if waiting:
+            time.sleep(0.02)
+    return token
+
+
+def launch_notes() -> list[str]:
+    """What the launch decided that the run's log should say (a restart resumed, say)."""
+    return list(_job.notes) if _job is not None else []
+
+
+def backend_for(device) -> str:
+    """gloo for a run on the CPU (even on a machine with GPUs), nccl for CUDA."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def connect(device) -> None:
+    """Under torchrun, join the process group for a run on `device` (once)."""
     import torch
     import torch.distributed as dist
 
-    if {"-m", "--multirun"} & set(argv):
-        raise ConfigError("torchrun trains one run over several processes; a sweep (-m) "
-                          "cannot run inside it. Drop -m, or sweep without torchrun.")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
-    run_dir = [given[-1] if given else None]
-    if not given and dist.get_rank() == 0:  # rank 0's clock decides, and claims the folder
-        run_dir = [new_dir(time.strftime("outputs/%Y-%m-%d/%H-%M-%S"))]
-    dist.broadcast_object_list(run_dir, src=0)
-    extra = [] if given else [f"hydra.run.dir={run_dir[0]}"]
-    if dist.get_rank() > 0:  # no .hydra/, no log file, errors only on the console
-        extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",
-                  "hydra.job_logging.root.level=ERROR"]
-    return [*argv, *extra]
+    if not launched_by_torchrun() or active():
+        return
+    job = open_job()
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend_for(device), store=dist.PrefixStore("group/", job.attempt),
+                            rank=job.rank, world_size=job.world, timeout=STORE_TIMEOUT)
 
 
 def leave() -> None:
     import torch.distributed as dist
 
+    global _job
     if dist.is_initialized():
         dist.destroy_process_group()
+    _job = None
+
+
+@contextmanager
+def node_first():
+    """The body on each node's local rank 0 first, then on the node's other ranks: what
+    it caches on disk (decoded images, backbone outputs) they then load, not build again."""
+    import torch.distributed as dist
+
+    if active() and local_rank() != 0:
+        dist.barrier()
+    yield
+    if active() and local_rank() == 0:
+        dist.barrier()
 
 
 def active() -> bool:
