@@ -123,11 +123,15 @@ def check_same_place(job: Job, plan: Plan) -> None:
     if job.rank != 0:
         job.attempt.set(f"place/{job.rank}", json.dumps(place))
         problem = job.attempt.get("verdict").decode()
+        job.attempt.set(f"heard/{job.rank}", "1")
     else:
         places = [place] + [json.loads(job.attempt.get(f"place/{rank}"))
                             for rank in range(1, job.world)]
         problem = place_problem(plan.run_dir, places)
         job.attempt.set("verdict", problem)
+        # rank 0 may host the store (a launch without torchrun's agent): it stays until
+        # every rank has the verdict
+        job.attempt.wait([f"heard/{rank}" for rank in range(1, job.world)])
     if problem:
         raise ConfigError(problem)
 

@@ -17,7 +17,7 @@ import timm  # noqa: F401  (imported once, before the ranks are forked)
 
 from finetune.run import run
 
-from conftest import make_config, run_cli, run_forked
+from conftest import FAST, make_config, run_cli, run_forked
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +70,37 @@ def test_two_ranks_share_one_run_and_agree(tmp_path):
     assert accuracy == float(rows[-1]["val_acc"])
     loss = json.loads((evaluated / "evaluation.json").read_text())["loss"]
     assert loss == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
+    # goes on in one process: what that changes is said
+    resumed = run_cli(f"resume={run_dir}", "trainer.max_epochs=3", plots=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ("the run trained with 2 processes and goes on with 1: the global batch is now "
+            "32 x 1 = 32 images (it was 64; optimizer.lr is not rescaled)") in resumed.stdout
+
+
+def probing_rank(rank: int, port: int, folder, arguments: list[str]) -> None:
+    """rank_process, noting each time this rank runs the backbone over a split to cache it."""
+    from finetune.data import features
+
+    compute = features.compute
+
+    def noted(*args, **kwargs):
+        with open(folder / f"computed{rank}", "a") as note:
+            note.write("split\n")
+        return compute(*args, **kwargs)
+
+    features.compute = noted
+    rank_process(rank, port, folder, arguments)
+
+
+def test_each_nodes_first_rank_caches_the_features_the_others_load(tmp_path):
+    """A linear probe under torchrun trains the head on cached backbone outputs: local rank
+    0 computes them (train and val) while rank 1 waits, then rank 1 loads them."""
+    arguments = [*FAST, "freeze=[@backbone]", "trainer.max_epochs=2"]
+    port = free_port()
+    codes = run_forked(probing_rank, [(rank, port, tmp_path, arguments) for rank in range(2)])
+    output = "".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
+    assert codes == [0, 0], output[-3000:]
+    assert "feature cache: on" in output
+    assert (tmp_path / "computed0").read_text() == "split\nsplit\n"
+    assert not (tmp_path / "computed1").exists()
+    assert "the final weights are identical on all 2 ranks" in output
