@@ -1,8 +1,12 @@
 """Under torchrun, before Hydra: the attempt's corner of the job's store, the run directory,
 and whether a restarted attempt resumes (finetune/launch.py, train/distributed.py)."""
 
+import functools
 import os
+import re
+import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -162,3 +166,35 @@ def test_two_nodes_whose_run_directories_differ_are_refused_before_writing(tmp_p
         assert (f"'runs/shared' is {folders[0]}/runs/shared on rank 0 (host {socket.gethostname()})"
                 f" but {folders[1]}/runs/shared on rank 1") in console
         assert not (folder / "runs").exists()
+
+
+def documented_torchrun_commands() -> list[str]:
+    """docs/multi-gpu.md's torchrun command lines (continuations joined), variables given
+    the values SLURM would."""
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "multi-gpu.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    values = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "1234", "ENDPOINT": "node0"}
+    expand = functools.partial(re.sub, r"\$\{?(\w+)\}?", lambda found: values[found.group(1)])
+    return [expand(line) for line in lines if re.match(r"\s*(srun )?torchrun ", line)]
+
+
+def test_the_documented_torchrun_commands_parse_and_the_slurm_script_is_bash():
+    from torch.distributed.run import parse_args
+
+    from conftest import ROOT
+
+    commands = documented_torchrun_commands()
+    assert len(commands) == 3  # one node, several machines, SLURM
+    for command in commands:
+        words = shlex.split(command)
+        words = words[words.index("torchrun") + 1:]
+        parsed = parse_args(words[:words.index("train.py") + 1])
+        assert parsed.training_script == "train.py"
+    slurm = re.search(r"```bash\n(#!/bin/bash\n.*?)```", (ROOT / "docs" / "multi-gpu.md").read_text(),
+                      re.S).group(1)
+    checked = subprocess.run(["bash", "-n"], input=slurm, text=True, capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "--requeue" in slurm and '--rdzv-id="$SLURM_JOB_ID"' in slurm

@@ -19,9 +19,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
-from finetune.cli import compose_unresolved, with_resume_dir
+from finetune.cli import compose_unresolved
 from finetune.run import run
-from finetune.state.resume import load_last, resumed_config
+from finetune.state.resume import load_last, resumed_config, with_resume_dir
 
 from conftest import CONF_DIR, FAST, HANG_SECONDS, ROOT, make_config, run_cli
 
