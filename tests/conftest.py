@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,7 +83,17 @@ def run_forked(target, argument_lists: list[tuple]) -> list[int]:
 
 def one_thread(target, *arguments) -> None:
     torch.set_num_threads(1)
+    own_progress_lock()
     target(*arguments)
+
+
+def own_progress_lock() -> None:
+    """In a forked child: a progress-bar lock of its own. tqdm's lock holds a multiprocessing
+    semaphore that forked children share with the test process; a child SIGKILLed while
+    holding it (the soak test kills at random moments) would block every later bar."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from finetune.state.checkpoint import read_run_checkpoint
 from finetune.state.resume import find_run_dir, load_last, resumed_config
 from finetune.train import trainer
 
-from conftest import CONF_DIR, FAST, make_config
+from conftest import CONF_DIR, FAST, make_config, own_progress_lock
 
 SETUPS = {
     "partial freeze": [],
@@ -269,6 +269,7 @@ def test_only_raising_max_epochs_is_allowed():
 
 def train_in_child(overrides: list[str], run_dir, resume: bool) -> None:
     torch.set_num_threads(1)
+    own_progress_lock()
     cfg = resumed(run_dir) if resume else config(*overrides, epochs=3)
     run(cfg, str(run_dir))
 
