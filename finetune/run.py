@@ -22,7 +22,7 @@ from finetune.config.schemas import EPOCH_SCORES, augment_policy
 from finetune.config.validation import validate
 from finetune.data.digest import tensors_digest
 from finetune.data.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
-from finetune.data.folders import check_data_paths
+from finetune.data.folders import check_data_paths, collate_readable
 from finetune.data.loaders import Data, build_data, fingerprint, has_test_split, make_loader, worker_count
 from finetune.errors import Interrupted, TrainingFailed
 from finetune.hooks import Hook
@@ -68,6 +68,8 @@ from finetune.train.optim import (
     group_rules,
     how_schedule_extends,
 )
+from finetune.train.rgn import RelativeGradientScale, measuring_batches, step_loss
+from finetune.train.rgn import describe as describe_auto
 from finetune.train.stopping import early_stopping
 from finetune.train.trainer import (
     EpochMetrics,
@@ -225,6 +227,7 @@ class Training:
     cache: CacheEntry
     rewrap: Rewrap | None = None
     average: WeightAverage | None = None  # trainer.ema_decay
+    auto: RelativeGradientScale | None = None  # auto.mode=scale
 
 
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
@@ -249,7 +252,21 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
     rewrap = Rewrap(setup.net, step) if distributed.active() else None
     average = (WeightAverage(setup.net, cfg.trainer.ema_decay, unchanging_state_names)
                if cfg.trainer.ema_decay is not None else None)
-    return Training(step, loaders, cache, rewrap, average)
+    return Training(step, loaders, cache, rewrap, average, auto_scale(cfg, setup, step, loaders[0]))
+
+
+def auto_scale(cfg: DictConfig, setup: Setup, step: Step,
+               train_loader: DataLoader) -> RelativeGradientScale | None:
+    """auto.mode=scale: the hook, measuring on batches of what the step trains on."""
+    if cfg.auto.mode != "scale":
+        return None
+    dataset = train_loader.dataset
+
+    def batches(epoch: int) -> list:
+        return measuring_batches(dataset, cfg.data.batch_size, cfg.auto.batches,
+                                 cfg.seed * 100_003 + epoch, collate_readable)
+
+    return RelativeGradientScale(step.module, setup.optimizer, batches, step_loss(step))
 
 
 def wrapped(cfg: DictConfig, setup: Setup, module: torch.nn.Module):
@@ -265,7 +282,7 @@ def stateful_parts(setup: Setup, training: Training, progress: Progress) -> dict
     parts = {"unfreeze": setup.unfreeze, "optimizer": setup.optimizer,
              "scheduler": setup.scheduler, "scaler": training.step.scaler,
              "rng": RandomStreams(training.loaders), "progress": progress,
-             "feature_cache": training.cache, "ema": training.average}
+             "feature_cache": training.cache, "ema": training.average, "auto": training.auto}
     return {name: part for name, part in parts.items() if part is not None}
 
 
@@ -277,6 +294,10 @@ def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: s
     hooks: list[Hook] = [setup.unfreeze]
     if training.rewrap is not None:  # DDP must see the trainable set a phase changed
         hooks.append(training.rewrap)
+    if training.auto is not None:  # after the phases, which add groups
+        if distributed.is_main():
+            training.auto.write_to(os.path.join(run_dir, "rgn.csv"))
+        hooks.append(training.auto)
     if training.average is not None:  # validation sees the average
         hooks.append(training.average)
     stopping = early_stopping(cfg.trainer.early_stopping)
@@ -300,6 +321,8 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
     if setup.adapters is not None:
         lines.append(setup.adapters.describe())
+    if cfg.auto.mode == "scale":
+        lines.append(describe_auto(cfg.auto.batches))
     lines.append(f"feature cache: {setup.cache.reason}")
     if setup.data.image_cache is not None:
         lines.append(f"image cache: {setup.data.image_cache}")

@@ -36,7 +36,8 @@ SETUPS = {
 # interrupted once and resumed (the soak below kills the setups above at random)
 RESUMED_SETUPS = {**SETUPS, "timm backbone, gradual unfreezing": [
     "backbone.name=timm/convnext_atto", "freeze=[@backbone]",
-    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"]}  # and LoRA: tests/test_adapters.py
+    "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],  # and LoRA: tests/test_adapters.py
+    "auto.mode=scale, dropout head": ["experiment=auto_rgn", "head=mlp"]}
 
 
 def config(*overrides: str, epochs: int = 3):

@@ -199,6 +199,15 @@ class AdapterConfig:
 
 
 @dataclass
+class AutoConfig:
+    """auto.mode=scale: each stage's learning rate scaled by its relative gradient norm,
+    measured before every epoch (Auto-RGN; docs/strategies.md)."""
+
+    mode: str = "off"  # off | scale
+    batches: int = 4  # training batches measured before each epoch (no step is taken)
+
+
+@dataclass
 class PredictConfig:
     # multi-label data: a label is predicted when its probability is at least this (also the
     # F1 scores' threshold in validation and mode=evaluate)
@@ -266,6 +275,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)  # mode=export
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # adapter=lora
+    auto: AutoConfig = field(default_factory=AutoConfig)  # auto.mode=scale (Auto-RGN)
     hparams_search: SearchConfig | None = None  # -m hparams_search=optuna
     freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
@@ -315,6 +325,7 @@ OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which
 
 
 FROZEN_MODULE_MODES = ("eval", "train")
+AUTO_MODES = ("off", "scale")  # auto.mode
 
 
 MODES = ("train", "evaluate", "predict", "lr_find", "export", "calibrate")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from finetune.config.schemas import (
     AUGMENT_POLICIES,
+    AUTO_MODES,
     BAD_IMAGE_POLICIES,
     CACHE_SETTINGS,
     CHECKPOINT_POLICIES,
@@ -125,6 +126,10 @@ def check_model(cfg: DictConfig, check: Check) -> None:
               layer, "each head layer needs a _target_, e.g. {_target_: torch.nn.Linear}")
     check(cfg.adapter.name in ("none", "lora"), "adapter.name", cfg.adapter.name,
           "use none, or lora (adapter=lora)")
+    check(cfg.auto.mode in AUTO_MODES, "auto.mode", cfg.auto.mode,
+          f"use {' or '.join(AUTO_MODES)} (scale: each stage's learning rate follows its "
+          "relative gradient norm)")
+    check(cfg.auto.batches >= 1, "auto.batches", cfg.auto.batches, "use 1 or more, e.g. 4")
     check(cfg.adapter.r >= 1, "adapter.r", cfg.adapter.r, "use a rank of 1 or more, e.g. 8")
     check(cfg.adapter.alpha > 0, "adapter.alpha", cfg.adapter.alpha, "use a positive number, e.g. 16")
     check(0 <= cfg.adapter.dropout < 1, "adapter.dropout", cfg.adapter.dropout, "use a number in [0, 1)")

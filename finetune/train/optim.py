@@ -69,7 +69,8 @@ def layer_decay_rules(lr_decay: float, aliases: Aliases) -> list[GroupRule]:
 
 
 def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[GroupRule]:
-    """The rules from cfg.param_groups and cfg.lr_decay, first match wins."""
+    """The rules from cfg.param_groups and cfg.lr_decay (or auto.mode=scale's one group per
+    stage), first match wins."""
     names = [name for name, _ in net.named_parameters()]
     trainable = set(trainable_names(net))
     rules = explicit_rules(cfg.param_groups, names, trainable, aliases)
@@ -79,6 +80,12 @@ def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[Group
                               "rates per stage: phases give their parameters their own lr_mult, "
                               "so use one or the other.")
         rules += layer_decay_rules(cfg.lr_decay, aliases)
+    elif cfg.auto.mode == "scale":  # a group per stage, for the scales to act on
+        if aliases.stage_count == 0:
+            raise ConfigError(f"auto.mode=scale scales each stage's learning rate, but the "
+                              f"backbone ({aliases.family}) has no stage mapping; use "
+                              "param_groups with lr_mult instead.")
+        rules += layer_decay_rules(1.0, aliases)
     return rules
 
 
