@@ -146,8 +146,9 @@ class RelativeGradientScale(Hook):
         units = parameter_units(self.optimizer)
         norms = relative_gradient_norms(self.net, self.batches(epoch), self.loss, units)
         names = sorted(norms)
+        device = next(self.net.parameters()).device  # nccl reduces tensors on the GPU only
         shared = distributed.all_sum(torch.tensor([norms[name] for name in names],
-                                                  dtype=torch.float64))
+                                                  dtype=torch.float64, device=device)).cpu()
         norms = {name: shared[index].item() / distributed.world() for index, name in enumerate(names)}
         row = {"epoch": epoch, "rgn": norms, "scale": scales_from(norms)}
         self.history.append(row)
