@@ -20,6 +20,14 @@ init, as a user runs them (`python train.py ...`, one process each):
    as `data=imagefolder` prepares any image without pretrained weights). The seed preset
    runs on its own data instead: the bundled digits 0 and 1 at 64x64.
 4. One Markdown table: recipe x start -> best val acc, best epoch, epochs run, wall time.
+
+    python benchmarks/transfer.py --shifts --seeds 0 1 [--strategies "linear probe" freeze=auto ...]
+
+instead asks which part of the pretrained resnet18 to train, on three kinds of shift
+(after Lee et al., "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts", ICLR
+2023): the source's own glyph classes with corrupted pixels (input level), the digits
+(feature level), and the glyphs under new labels, 50 classes merged into 10 (output level);
+each with every strategy of STRATEGIES, one table of best val acc (shift x strategy).
 """
 
 import argparse
@@ -35,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CACHE = Path.home() / ".cache" / "finetune" / "transfer"
 DATA_VERSION = "glyphs50-digits-v1"  # change when transfer_data.py changes what it draws
+SHIFT_VERSION = "shifts-v1"  # the same, for its input_shift and output_shift
 IMAGES = ["data=imagefolder", "data.num_workers=0", "data.batch_size=32"]
 COMMON = ["backbone.weights=null", "backbone.allow_download=false", "plots=false"]
 RECIPES = {  # name -> overrides on the target task
@@ -59,6 +68,26 @@ SEED_PRESET = "experiment=seed (alexnet, bundled digits 0 vs 1)"
 RECIPES[SEED_PRESET] = ["experiment=seed"]
 
 
+# Which part trains, on the pretrained resnet18 (stem, 4 stages, head): the first, a middle
+# and the last of three pieces, as the paper's three blocks of a ResNet.
+ONLY = 'freeze=[@backbone,{}]'
+STRATEGIES = {
+    "linear probe": ["experiment=linear_probe"],
+    "first (stem, stage1)": [ONLY.format('"!@stem","!@stage1"')],
+    "middle (stage2, stage3)": [ONLY.format('"!@stage2","!@stage3"')],
+    "last (stage4)": [ONLY.format('"!@stage4"')],
+    "full fine-tuning": ["experiment=full_finetune"],
+    "gradual_unfreeze": ["experiment=gradual_unfreeze"],
+    "freeze=auto": ["freeze=auto"],
+    "freeze=auto:select": ["freeze=auto:select"],
+    "freeze=auto:select, auto.keep=0.7": ["freeze=auto:select", "auto.keep=0.7"],
+}
+FIXED = ["linear probe", "first (stem, stage1)", "middle (stage2, stage3)", "last (stage4)",
+         "full fine-tuning", "gradual_unfreeze"]  # what freeze=auto is measured against
+SHIFTS = {"input (corrupted glyphs)": "input", "feature (digits)": "target",
+          "output (glyphs, merged labels)": "output"}
+
+
 def train(overrides: list[str], run_dir: Path) -> tuple[dict, float]:
     """`python train.py OVERRIDES` into run_dir: its summary.json and wall seconds."""
     command = [sys.executable, str(ROOT / "train.py"), *COMMON, *overrides,
@@ -69,6 +98,25 @@ def train(overrides: list[str], run_dir: Path) -> tuple[dict, float]:
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
     return json.loads((run_dir / "summary.json").read_text()), seconds
+
+
+def shift_folders() -> dict[str, Path]:
+    """Each shift's image folder (the feature-level one is the digits target), drawn once."""
+    import transfer_data
+
+    folder = CACHE / DATA_VERSION / SHIFT_VERSION
+    _, target = image_folders()
+    folders = {"target": target, "input": folder / "input", "output": folder / "output"}
+    if not (folder / "complete").is_file():
+        started = time.perf_counter()
+        for name, draw in (("input", transfer_data.input_shift),
+                           ("output", transfer_data.output_shift)):
+            train_images, train_labels, val_images, val_labels, names = draw()
+            transfer_data.write_split(str(folders[name]), "train", train_images, train_labels, names)
+            transfer_data.write_split(str(folders[name]), "val", val_images, val_labels, names)
+        (folder / "complete").write_text("ok\n")
+        print(f"data: the glyph shifts drawn in {time.perf_counter() - started:.0f} s; {folder}")
+    return folders
 
 
 def image_folders() -> tuple[Path, Path]:
@@ -126,15 +174,74 @@ def pretrained_backbone(arch: str, source: Path, scratch: Path) -> Path:
     return path
 
 
+def run_shifts(args: argparse.Namespace) -> None:
+    """--shifts: every strategy on every shift from the glyph-pretrained resnet18."""
+    folders = shift_folders()
+    source, _ = image_folders()
+    results: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        weights = pretrained_backbone("resnet18", source, scratch)
+        for shift in args.shift_names:
+            data = [*IMAGES, "data.image_size=28", f"data.root={folders[SHIFTS[shift]]}",
+                    f"backbone.checkpoint={weights}", f"trainer.max_epochs={args.epochs}"]
+            for strategy in args.strategies:
+                for seed in args.seeds:
+                    run_dir = scratch / f"{len(results)}-{seed}"
+                    summary, seconds = train([*data, f"seed={seed}", *STRATEGIES[strategy]], run_dir)
+                    results.setdefault((shift, strategy), []).append(summary["best_val_acc"])
+                    print(f"  {shift} | {strategy} | seed {seed}: {summary['best_val_acc']:.3f} "
+                          f"({seconds:.0f} s){chosen(run_dir)}", flush=True)
+    print(f"\nbest val acc, resnet18 pretrained on 50 glyph classes, 28x28, {args.epochs} epochs, "
+          f"seeds {args.seeds}, mean +- sd ({time.strftime('%Y-%m-%d')})\n")
+    print_shift_table(results, args.shift_names, args.strategies)
+
+
+def chosen(run_dir: Path) -> str:
+    """What freeze=auto:select froze, or freeze=auto's first scales, from the run's log."""
+    for line in (run_dir / "train.log").read_text().splitlines():
+        if "freeze=auto:select: relative" in line or "auto: epoch 1 learning-rate" in line:
+            return "; " + line.split(" - ", 1)[-1]
+    return ""
+
+
+def print_shift_table(results: dict[tuple[str, str], list[float]], shifts: list[str],
+                      strategies: list[str]) -> None:
+    """Shift x strategy; then, for freeze=auto, the gap to the best fixed choice and to full
+    fine-tuning, and the mean over the shifts."""
+    print("| strategy | " + " | ".join(shifts) + " | mean |")
+    print("| --- |" + " --- |" * (len(shifts) + 1))
+    for strategy in strategies:
+        means = [statistics.mean(results[shift, strategy]) for shift in shifts]
+        cells = [spread(results[shift, strategy], 3) for shift in shifts]
+        print(f"| {strategy} | " + " | ".join(cells) + f" | {statistics.mean(means):.3f} |")
+    fixed = [name for name in FIXED if name in strategies]
+    for auto in [name for name in strategies if name.startswith("freeze=auto")]:
+        if not fixed:
+            break
+        gaps = [statistics.mean(results[shift, auto]) - max(statistics.mean(results[shift, name])
+                                                            for name in fixed) for shift in shifts]
+        print(f"| {auto} - best fixed | " + " | ".join(f"{gap:+.3f}" for gap in gaps)
+              + f" | {statistics.mean(gaps):+.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15, help="on the target task")
+    parser.add_argument("--shifts", action="store_true",
+                        help="the strategy x shift table instead of the recipes")
+    parser.add_argument("--shift-names", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                        choices=list(STRATEGIES))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--starts", nargs="+", default=["pretrained", "random init"],
                         choices=["pretrained", "random init"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="a run per seed; the table shows their mean and spread")
     args = parser.parse_args()
+    if args.shifts:
+        run_shifts(args)
+        return
     source, target = image_folders()
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)

@@ -156,3 +156,54 @@ def write_split(root: str, split: str, images: list[Image.Image], labels: list[i
         folder = os.path.join(root, split, names[label])
         os.makedirs(folder, exist_ok=True)
         image.save(os.path.join(folder, f"{index:05d}.png"))
+
+
+# The three shifts of `transfer.py --shifts`, after Lee et al. (ICLR 2023): the pretrained
+# backbone's own glyph classes with corrupted pixels (input level), the digits (feature level,
+# target_images above) and the glyphs under new labels (output level). Both glyph shifts draw
+# new images of the source's 50 glyph shapes, not the images the backbone was trained on.
+SHIFT_PER_CLASS = 10  # glyph images per class in each split: 500 training, 500 validation
+MERGED_GROUPS = 10  # output level: glyph k is labelled k mod 10
+
+
+def fresh_glyphs(per_class: int, draw_seed: int) -> tuple[list[Image.Image], list[int]]:
+    """New drawings of the source's glyph classes (the same shapes, other draws)."""
+    rng = np.random.default_rng(draw_seed)
+    shapes = glyph_strokes(GLYPH_CLASSES, np.random.default_rng(12345))  # source_images' shapes
+    images, labels = [], []
+    for label, strokes in enumerate(shapes):
+        for _ in range(per_class):
+            images.append(scene(draw_glyph(strokes, rng), rng))
+            labels.append(label)
+    return images, labels
+
+
+def corrupted(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What the pretraining never saw: a blur, strong pixel noise, and every other 4x4 cell
+    of a fixed checkerboard inverted."""
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32) / 255
+    pixels = np.clip(pixels + rng.normal(0, 0.08, pixels.shape), 0, 1)
+    cells = (np.indices((SIZE, SIZE)) // 4).sum(axis=0) % 2 == 1
+    pixels[cells] = 1 - pixels[cells]
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def input_shift(seed: int = 0):
+    """(train images, train labels, val images, val labels, class names): the glyph classes,
+    corrupted."""
+    rng = np.random.default_rng(seed + 4242)
+    names = [f"glyph_{label:03d}" for label in range(GLYPH_CLASSES)]
+    splits = [fresh_glyphs(SHIFT_PER_CLASS, seed + 1000 + split) for split in range(2)]
+    (train, train_labels), (val, val_labels) = [
+        ([corrupted(image, rng) for image in images], labels) for images, labels in splits]
+    return train, train_labels, val, val_labels, names
+
+
+def output_shift(seed: int = 0):
+    """The glyphs as they were drawn for the source, under new labels: 50 classes merged
+    into 10 groups."""
+    (train, train_labels), (val, val_labels) = [
+        fresh_glyphs(SHIFT_PER_CLASS, seed + 2000 + split) for split in range(2)]
+    merge = [label % MERGED_GROUPS for label in train_labels], [
+        label % MERGED_GROUPS for label in val_labels]
+    return train, merge[0], val, merge[1], [f"group_{group}" for group in range(MERGED_GROUPS)]

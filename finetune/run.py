@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from finetune.config.schemas import EPOCH_SCORES, augment_policy
+from finetune.config.schemas import EPOCH_SCORES, augment_policy, auto_freeze, freeze_patterns
 from finetune.config.validation import validate
 from finetune.data.digest import tensors_digest
 from finetune.data.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
@@ -68,7 +68,7 @@ from finetune.train.optim import (
     group_rules,
     how_schedule_extends,
 )
-from finetune.train.rgn import RelativeGradientScale, measuring_batches, step_loss
+from finetune.train.rgn import RelativeGradientScale, StageChoice, choose_stages, measuring_batches, step_loss
 from finetune.train.rgn import describe as describe_auto
 from finetune.train.stopping import early_stopping
 from finetune.train.trainer import (
@@ -134,6 +134,7 @@ class Setup:
     cache: CacheDecision
     criterion: torch.nn.Module  # the training loss (cfg.loss)
     adapters: AdapterSummary | None = None  # adapter=lora
+    choice: StageChoice | None = None  # freeze=auto:select
 
     def rows(self) -> list[ParamRow]:
         return parameter_rows(self.net, self.optimizer)
@@ -145,8 +146,9 @@ def file_trust(cfg: DictConfig) -> list[str] | None:
     return list(cfg.trust) if cfg.resume else None
 
 
-def build(cfg: DictConfig) -> Setup:
-    """Validate the config and build every stage in order; train nothing, write nothing."""
+def build(cfg: DictConfig, auto_frozen: Any = None) -> Setup:
+    """Validate the config and build every stage in order; train nothing, write nothing.
+    `auto_frozen`: a resumed freeze=auto:select run's first choice, from its checkpoint."""
     validate(cfg)
     check_data_paths(cfg.data)  # the cheap checks first: a stat, then a model of shapes only
     check_patterns(cfg)
@@ -165,22 +167,40 @@ def build(cfg: DictConfig) -> Setup:
                           shard=distributed.shard(), cache_dir=cfg.trainer.cache_dir)
     net = build_net(backbone, cfg.head, data.num_classes, spec.image_size, file_trust(cfg))
     aliases = resolve_aliases(net.pretrained)
-    apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    apply_freeze(net, freeze_patterns(cfg.freeze), cfg.frozen_modules, aliases)
     adapters = adapted(net, cfg.adapter, aliases, spec.image_size)
     if adapters is not None:  # modules holding adapters train: no longer fully frozen
         update_eval_modules(net, cfg.frozen_modules)
     plan = plan_phases(net, cfg.unfreeze, aliases, cfg.trainer.max_epochs)
     net.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last
            else torch.preserve_format)
+    criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device,
+                                data.multi_label)
+    choice = None
+    if auto_freeze(cfg.freeze) == "select":  # before the optimizer: it holds what trains
+        choice = auto_select(cfg, net, aliases, data, criterion, device, auto_frozen)
     optimizer = build_optimizer(net, cfg.optimizer, group_rules(cfg, net, aliases), file_trust(cfg))
     scheduler = build_scheduler(optimizer, cfg.scheduler, bool(plan), file_trust(cfg))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
                    bool(plan))
-    criterion = build_criterion(cfg.loss, data.train_loader.dataset, data.class_names, device,
-                                data.multi_label)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
-                 cache, criterion, adapters)
+                 cache, criterion, adapters, choice)
+
+
+def auto_select(cfg: DictConfig, net: Net, aliases: Aliases, data: Data,
+                criterion: torch.nn.Module, device: torch.device,
+                first_choice: Any = None) -> StageChoice:
+    """freeze=auto:select: freeze the stages its measurement (or, resumed, its first run's
+    choice) names; the modules left fully frozen keep eval mode."""
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return criterion(net(images.to(device)).float(), labels.to(device))
+
+    batches = measuring_batches(data.train_loader.dataset, cfg.data.batch_size, cfg.auto.batches,
+                                cfg.seed * 100_003, collate_readable)
+    choice = choose_stages(net, aliases, batches, loss, cfg.auto.keep, first_choice)
+    apply_freeze(net, choice.frozen, cfg.frozen_modules, aliases)
+    return choice
 
 
 def check_patterns(cfg: DictConfig) -> None:
@@ -199,7 +219,7 @@ def check_patterns(cfg: DictConfig) -> None:
         log.debug("patterns are checked after the build: %s", error)
         return
     aliases = resolve_aliases(net.pretrained)
-    apply_freeze(net, cfg.freeze, cfg.frozen_modules, aliases)
+    apply_freeze(net, freeze_patterns(cfg.freeze), cfg.frozen_modules, aliases)
     if enabled(cfg.adapter):  # the targets only: peft is not loaded for a check
         check_called(net.pretrained, resolve_targets(net.pretrained, cfg.adapter, aliases),
                      size)
@@ -227,7 +247,7 @@ class Training:
     cache: CacheEntry
     rewrap: Rewrap | None = None
     average: WeightAverage | None = None  # trainer.ema_decay
-    auto: RelativeGradientScale | None = None  # auto.mode=scale
+    auto: RelativeGradientScale | None = None  # freeze=auto
 
 
 def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
@@ -257,8 +277,8 @@ def training_inputs(cfg: DictConfig, setup: Setup) -> Training:
 
 def auto_scale(cfg: DictConfig, setup: Setup, step: Step,
                train_loader: DataLoader) -> RelativeGradientScale | None:
-    """auto.mode=scale: the hook, measuring on batches of what the step trains on."""
-    if cfg.auto.mode != "scale":
+    """freeze=auto: the hook, measuring on batches of what the step trains on."""
+    if auto_freeze(cfg.freeze) != "scale":
         return None
     dataset = train_loader.dataset
 
@@ -296,7 +316,9 @@ def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: s
         hooks.append(training.rewrap)
     if training.auto is not None:  # after the phases, which add groups
         if distributed.is_main():
-            training.auto.write_to(os.path.join(run_dir, "rgn.csv"))
+            training.auto.write_to(os.path.join(run_dir, "rgn.csv"),
+                                   os.path.join(run_dir, "rgn.png") if plots_enabled(cfg.plots)
+                                   else None)
         hooks.append(training.auto)
     if training.average is not None:  # validation sees the average
         hooks.append(training.average)
@@ -310,19 +332,23 @@ def training_hooks(cfg: DictConfig, setup: Setup, training: Training, run_dir: s
         hooks += [ParamsTsv(run_dir, setup.net, setup.optimizer),
                   CheckpointHook(run_dir, setup.net, parts, record, unchanging_state_names,
                                  checkpoint),
-                  MetricsCsv(os.path.join(run_dir, "metrics.csv")), run_log]
+                  MetricsCsv(os.path.join(run_dir, "metrics.csv"),
+                             training.auto.units() if training.auto is not None else ()),
+                  run_log]
     return hooks
 
 
 def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
-    lines = [f"parameters (freeze={list(cfg.freeze)}):"]
+    lines = [f"parameters (freeze={freeze_label(cfg.freeze, setup.choice)}):"]
     lines += format_report(rows, setup.optimizer, setup.net.frozen_eval_modules)
     if setup.unfreeze.plan:
         lines += ["unfreeze phases:"] + ["  " + line for line in setup.unfreeze.describe()]
     if setup.adapters is not None:
         lines.append(setup.adapters.describe())
-    if cfg.auto.mode == "scale":
-        lines.append(describe_auto(cfg.auto.batches))
+    if auto_freeze(cfg.freeze) == "scale":
+        lines.append(describe_auto(cfg.auto.batches, cfg.auto.granularity))
+    if setup.choice is not None:
+        lines.append(setup.choice.describe())
     lines.append(f"feature cache: {setup.cache.reason}")
     if setup.data.image_cache is not None:
         lines.append(f"image cache: {setup.data.image_cache}")
@@ -333,6 +359,13 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
     if cfg.dry_run:
         lines += ["aliases:"] + ["  " + line for line in setup.aliases.describe()]
     return "\n".join(lines)
+
+
+def freeze_label(freeze: Any, choice: StageChoice | None) -> str:
+    """The freeze setting as the report shows it: auto:select with what it chose."""
+    if isinstance(freeze, str):
+        return f"{freeze} -> {choice.frozen}" if choice is not None else freeze
+    return str(list(freeze))
 
 
 def recipe(cfg: DictConfig) -> str:
@@ -400,7 +433,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
     writes, fresh = distributed.is_main(), checkpoint is None
     if fresh and writes:
         check_fresh_run_dir(run_dir)
-    setup = build(cfg)
+    setup = build(cfg, None if fresh else checkpoint["run"].get("auto_frozen"))
     log.info("%s", report(cfg, setup, setup.rows()))
     if fresh and writes:
         os.makedirs(run_dir, exist_ok=True)
@@ -422,7 +455,7 @@ def run(cfg: DictConfig, run_dir: str, overrides: Sequence[str] = (),
             return finished_before(cfg, setup, progress, run_dir, overrides)
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), list(overrides),
                        setup.data.class_names, setup.spec.to_dict(), torch.get_num_threads(),
-                       distributed.world())
+                       distributed.world(), setup.choice.frozen if setup.choice else None)
     run_log = start_run_log(cfg, setup, training, run_dir, plots, progress) if writes else None
     try:  # the loggers close last, however the run ends: some keep the files it wrote
         hooks = training_hooks(cfg, setup, training, run_dir, parts, record, checkpoint, run_log)

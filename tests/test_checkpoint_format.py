@@ -92,7 +92,7 @@ def test_a_checkpoint_holds_named_parts_and_no_write_only_keys(trained):
     saved = load_safe(str(trained / "checkpoints" / "last.pt"))
     assert set(saved) == {"format", "run", "model", "frozen_part", "state"}
     assert set(saved["run"]) == {"config", "overrides", "class_names", "input_spec", "torch_threads",
-                                 "world_size"}
+                                 "world_size", "auto_frozen"}
     assert saved["run"]["torch_threads"] == torch.get_num_threads()
     assert saved["run"]["world_size"] == 1
     assert set(saved["state"]) == {"unfreeze", "optimizer", "scheduler", "scaler", "rng",

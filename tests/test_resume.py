@@ -37,7 +37,8 @@ SETUPS = {
 RESUMED_SETUPS = {**SETUPS, "timm backbone, gradual unfreezing": [
     "backbone.name=timm/convnext_atto", "freeze=[@backbone]",
     "unfreeze=[{epoch: 2, patterns: [@stage-1]}]"],  # and LoRA: tests/test_adapters.py
-    "auto.mode=scale, dropout head": ["experiment=auto_rgn", "head=mlp"]}
+    "freeze=auto, dropout head": ["freeze=auto", "head=mlp"],
+    "freeze=auto:select": ["freeze=auto:select"]}
 
 
 def config(*overrides: str, epochs: int = 3):

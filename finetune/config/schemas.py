@@ -200,11 +200,12 @@ class AdapterConfig:
 
 @dataclass
 class AutoConfig:
-    """auto.mode=scale: each stage's learning rate scaled by its relative gradient norm,
-    measured before every epoch (Auto-RGN; docs/strategies.md)."""
+    """freeze=auto and freeze=auto:select: the tool chooses from each part's relative
+    gradient norm, ||g|| / ||theta|| (Auto-RGN; docs/strategies.md)."""
 
-    mode: str = "off"  # off | scale
-    batches: int = 4  # training batches measured before each epoch (no step is taken)
+    batches: int = 4  # training batches measured (before each epoch for auto); no step is taken
+    granularity: str = "stage"  # freeze=auto's unit: stage (@stem, @stage1, .., @head) | tensor
+    keep: float = 0.9  # freeze=auto:select trains the stages whose RGN is >= keep x the largest stage's
 
 
 @dataclass
@@ -275,9 +276,10 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)  # mode=export
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # adapter=lora
-    auto: AutoConfig = field(default_factory=AutoConfig)  # auto.mode=scale (Auto-RGN)
+    auto: AutoConfig = field(default_factory=AutoConfig)  # freeze=auto | auto:select (Auto-RGN)
     hparams_search: SearchConfig | None = None  # -m hparams_search=optuna
-    freeze: list[str] = field(default_factory=list)  # patterns over Net.named_parameters()
+    # patterns over Net.named_parameters(), or auto | auto:select (the tool chooses)
+    freeze: Any = field(default_factory=list)
     unfreeze: list[UnfreezePhaseConfig] = field(default_factory=list)  # gradual unfreezing
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
     lr_decay: float | None = None  # layer-wise decay: x lr_decay per stage from the head down
@@ -325,7 +327,8 @@ OPTIMIZED_METRICS = tuple(f"{which}_{score}" for score in EPOCH_SCORES for which
 
 
 FROZEN_MODULE_MODES = ("eval", "train")
-AUTO_MODES = ("off", "scale")  # auto.mode
+AUTO_FREEZE = {"auto": "scale", "auto:select": "select"}  # freeze=<key> -> what auto does
+AUTO_GRANULARITIES = ("stage", "tensor")  # auto.granularity
 
 
 MODES = ("train", "evaluate", "predict", "lr_find", "export", "calibrate")
@@ -408,6 +411,17 @@ def is_multi_label(data: Any) -> bool:
     """Whether the data config describes multi-label data (data=csv with a label delimiter
     or 0/1 label columns)."""
     return bool(data.get("label_delimiter") or data.get("label_columns"))
+
+
+def auto_freeze(freeze: Any) -> str | None:
+    """freeze=auto: "scale" (every part trains, its rate scaled each epoch); freeze=auto:select:
+    "select" (the parts below auto.keep are frozen once); a pattern list: None."""
+    return AUTO_FREEZE.get(freeze) if isinstance(freeze, str) else None
+
+
+def freeze_patterns(freeze: Any) -> list[str]:
+    """The freeze patterns to apply first: none for auto (everything starts trainable)."""
+    return [] if isinstance(freeze, str) else list(freeze)
 
 
 def augment_policy(value: Any) -> str:

@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from finetune.config.schemas import (
     AUGMENT_POLICIES,
-    AUTO_MODES,
+    AUTO_FREEZE,
+    AUTO_GRANULARITIES,
     BAD_IMAGE_POLICIES,
     CACHE_SETTINGS,
     CHECKPOINT_POLICIES,
@@ -28,6 +29,7 @@ from finetune.config.schemas import (
     TIMM_BUILDER_KWARGS,
     TTA_SETTINGS,
     augment_policy,
+    auto_freeze,
     is_multi_label,
 )
 from finetune.errors import ConfigError
@@ -126,10 +128,6 @@ def check_model(cfg: DictConfig, check: Check) -> None:
               layer, "each head layer needs a _target_, e.g. {_target_: torch.nn.Linear}")
     check(cfg.adapter.name in ("none", "lora"), "adapter.name", cfg.adapter.name,
           "use none, or lora (adapter=lora)")
-    check(cfg.auto.mode in AUTO_MODES, "auto.mode", cfg.auto.mode,
-          f"use {' or '.join(AUTO_MODES)} (scale: each stage's learning rate follows its "
-          "relative gradient norm)")
-    check(cfg.auto.batches >= 1, "auto.batches", cfg.auto.batches, "use 1 or more, e.g. 4")
     check(cfg.adapter.r >= 1, "adapter.r", cfg.adapter.r, "use a rank of 1 or more, e.g. 8")
     check(cfg.adapter.alpha > 0, "adapter.alpha", cfg.adapter.alpha, "use a positive number, e.g. 16")
     check(0 <= cfg.adapter.dropout < 1, "adapter.dropout", cfg.adapter.dropout, "use a number in [0, 1)")
@@ -199,6 +197,29 @@ def check_trainer(cfg: DictConfig, check: Check) -> None:
     check(cfg.lr_find.steps >= 2, "lr_find.steps", cfg.lr_find.steps, "use 2 or more")
 
 
+def check_freeze(cfg: DictConfig, check: Check) -> None:
+    """freeze: a pattern list, or auto / auto:select with its auto.* settings."""
+    freeze = cfg.freeze
+    check(auto_freeze(freeze) is not None or (not isinstance(freeze, str) and isinstance(
+        freeze, Sequence) and all(isinstance(pattern, str) for pattern in freeze)), "freeze",
+        freeze, "use a list of patterns, e.g. '[@stem,@stage1]' or [] (docs/freezing.md), or "
+        f"{' or '.join(AUTO_FREEZE)} to let relative gradient norms choose (docs/strategies.md)")
+    check(cfg.auto.batches >= 1, "auto.batches", cfg.auto.batches, "use 1 or more, e.g. 4")
+    check(cfg.auto.granularity in AUTO_GRANULARITIES, "auto.granularity", cfg.auto.granularity,
+          "use stage (a learning rate per stage alias) or tensor (one per parameter tensor)")
+    check(0 < cfg.auto.keep <= 1, "auto.keep", cfg.auto.keep,
+          "use a share of the largest relative gradient norm in (0, 1], e.g. 0.5")
+    mode = auto_freeze(freeze)
+    if mode is not None:
+        check(not cfg.unfreeze, "unfreeze", list(cfg.unfreeze),
+              f"freeze={freeze} chooses what trains itself; drop the unfreeze phases ([])")
+        check(cfg.adapter.name == "none", "adapter.name", cfg.adapter.name,
+              f"freeze={freeze} chooses among the backbone's own weights; use adapter=none, or "
+              "adapter=lora with a freeze pattern list")
+        check(mode == "scale" or cfg.auto.granularity == "stage", "auto.granularity",
+              cfg.auto.granularity, "freeze=auto:select freezes whole stages; use stage")
+
+
 def check_optimization(cfg: DictConfig, check: Check) -> None:
     """The optimizer, the schedule, the per-part rates and the loss."""
     check(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a positive number")
@@ -234,7 +255,7 @@ def check_single_label(cfg: DictConfig, check: Check) -> None:
 
 
 SECTION_CHECKS = (check_run, check_trainer, check_export_and_predict, check_model, check_data,
-                  check_optimization)
+                  check_freeze, check_optimization)
 
 
 def validate(cfg: DictConfig) -> None:

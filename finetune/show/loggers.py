@@ -308,6 +308,7 @@ class RunLog(Hook):
                    "val/map": row.val_map, "val/micro_f1": row.val_micro_f1,
                    "val/top5_acc": row.val_top5_acc, "epoch_seconds": row.seconds}
         scalars.update({f"lr/{group}": lr for group, lr in row.group_lrs.items()})
+        scalars.update({f"lr_scale/{unit}": scale for unit, scale in row.lr_scales.items()})
         for logger in self.loggers:
             logger.log_metrics(scalars, row.epoch * self.steps_per_epoch)
         if self.plots is not None:

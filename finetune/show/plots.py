@@ -155,6 +155,27 @@ def log_scale_if_wide(axes, values: list[float]) -> None:
         axes.set_yscale("log")
 
 
+def plot_rgn(history: Sequence[dict[str, Any]], path: str) -> None:
+    """freeze=auto's learning-rate scales: one row per unit, one column per epoch (rgn.png)."""
+    units = list(dict.fromkeys(unit for row in history for unit in row["scale"]))
+    epochs = [row["epoch"] for row in history]
+    grid = [[row["scale"].get(unit, math.nan) for row in history] for unit in units]
+    figure = new_figure(max(4.0, 1.2 + 0.45 * len(epochs)), max(2.5, 0.8 + 0.22 * len(units)))
+    axes = figure.subplots()
+    image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    if len(units) * len(epochs) <= 200:  # the figures, where they fit
+        for y, values in enumerate(grid):
+            for x, value in enumerate(values):
+                axes.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if value < 0.5 else "black")
+    axes.set_xticks(range(len(epochs)), [str(epoch) for epoch in epochs])
+    axes.set_yticks(range(len(units)), units, fontsize=7 if len(units) > 20 else None)
+    axes.set_xlabel("epoch")
+    axes.set_title("freeze=auto: learning-rate scale (RGN / largest)")
+    figure.colorbar(image, ax=axes)
+    save(figure, path)
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str,
                    path: str) -> None:
     """Rows: true class, columns: predicted; colour is the share of the true class's images,

@@ -49,6 +49,7 @@ class RunRecord:
     input_spec: dict[str, Any]  # model.InputSpec.to_dict()
     torch_threads: int | None = None  # CPU results depend on it (None: saved before it was kept)
     world_size: int | None = None  # processes under torchrun (1 alone; None: not kept then)
+    auto_frozen: list[str] | None = None  # the stages freeze=auto:select chose, for a resume
 
 
 def capture(net: nn.Module, parts: dict[str, Stateful], record: RunRecord) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 from finetune.errors import ConfigError
 
 RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints")  # a run's results: never overwritten
-RUN_FILES = (*RESULT_FILES, "params.tsv", "rgn.csv")  # what a run writes at its top (a failed attempt's move)
+RUN_FILES = (*RESULT_FILES, "params.tsv", "rgn.csv", "rgn.png")  # what a run writes at its top (a failed attempt's move)
 
 
 def check_fresh_run_dir(run_dir: str) -> None:

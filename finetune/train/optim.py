@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from finetune.config.schemas import auto_freeze
 from finetune.errors import ConfigError
 from finetune.model.freeze import trainable_names
 from finetune.model.patterns import matching, under_any
@@ -69,8 +70,8 @@ def layer_decay_rules(lr_decay: float, aliases: Aliases) -> list[GroupRule]:
 
 
 def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[GroupRule]:
-    """The rules from cfg.param_groups and cfg.lr_decay (or auto.mode=scale's one group per
-    stage), first match wins."""
+    """The rules from cfg.param_groups and cfg.lr_decay (and, for freeze=auto, a group per
+    stage or per tensor for its scales to act on), first match wins."""
     names = [name for name, _ in net.named_parameters()]
     trainable = set(trainable_names(net))
     rules = explicit_rules(cfg.param_groups, names, trainable, aliases)
@@ -79,14 +80,35 @@ def group_rules(cfg: DictConfig, net: nn.Module, aliases: Aliases) -> list[Group
             raise ConfigError(f"lr_decay={cfg.lr_decay} and unfreeze phases both set learning "
                               "rates per stage: phases give their parameters their own lr_mult, "
                               "so use one or the other.")
-        rules += layer_decay_rules(cfg.lr_decay, aliases)
-    elif cfg.auto.mode == "scale":  # a group per stage, for the scales to act on
+    if auto_freeze(cfg.freeze) == "scale" and cfg.auto.granularity == "tensor":
+        return rules + tensor_rules(names, rules, cfg.lr_decay, aliases)
+    if cfg.lr_decay is not None:
+        return rules + layer_decay_rules(cfg.lr_decay, aliases)
+    if auto_freeze(cfg.freeze) == "scale":  # a group per stage
         if aliases.stage_count == 0:
-            raise ConfigError(f"auto.mode=scale scales each stage's learning rate, but the "
-                              f"backbone ({aliases.family}) has no stage mapping; use "
-                              "param_groups with lr_mult instead.")
-        rules += layer_decay_rules(1.0, aliases)
+            raise ConfigError(f"freeze=auto scales each stage's learning rate, but the backbone "
+                              f"({aliases.family}) has no stage mapping; use "
+                              "auto.granularity=tensor (a rate per parameter tensor).")
+        return rules + layer_decay_rules(1.0, aliases)
     return rules
+
+
+def tensor_rules(names: Sequence[str], rules: Sequence[GroupRule], lr_decay: float | None,
+                 aliases: Aliases) -> list[GroupRule]:
+    """A group per parameter tensor not in a param_groups entry, named after it, at its
+    lr_decay stage's rate when lr_decay is set."""
+    stages = layer_decay_rules(lr_decay, aliases) if lr_decay is not None else []
+    taken = {rule.name for rule in rules}
+    tensors = []
+    for name in names:
+        if any(rule.matches(name) for rule in rules):
+            continue
+        if name in taken:
+            raise ConfigError(f"param_groups has a group named {name!r}, the name of a parameter "
+                              "that auto.granularity=tensor gives a group of its own; rename it.")
+        stage = next((rule for rule in stages if rule.matches(name)), None)
+        tensors.append(GroupRule(name, name.__eq__, stage.lr_mult if stage else 1.0))
+    return tensors
 
 
 def optimizer_groups(named: Sequence[tuple[str, nn.Parameter]], name: str, lr_mult: float,

@@ -42,6 +42,7 @@ class EpochMetrics:
     lr: float
     seconds: float
     group_lrs: dict[str, float] = field(default_factory=dict)  # each optimizer group's rate
+    lr_scales: dict[str, float] = field(default_factory=dict)  # freeze=auto's, per unit (rgn.py)
     # from the validation confusion matrix: the mean recall over classes, and the mean F1
     # (NaN in an older run's epochs, which did not record them)
     val_balanced_acc: float = math.nan
@@ -56,7 +57,9 @@ class EpochMetrics:
 
 
 TOP_K = 5  # val_top5_acc
-METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__ if name != "group_lrs"]
+METRIC_COLUMNS = [name for name in EpochMetrics.__dataclass_fields__
+                  if name not in ("group_lrs", "lr_scales")]
+SCALE_COLUMN = "lr_scale/{}"  # metrics.csv's column of each freeze=auto unit
 
 
 def epoch_line(metrics: EpochMetrics) -> str:
@@ -475,15 +478,15 @@ class MetricsCsv(Hook):
     doubled whichever of the two files was written last.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, scale_units: Sequence[str] = ()):
+        self.path, self.scale_units = path, list(scale_units)  # freeze=auto's units
         self.last_row = 0.0
 
     def on_fit_start(self, progress: Progress) -> None:
         with atomic_write(self.path) as handle:
             writer = csv.writer(handle)
-            writer.writerow(METRIC_COLUMNS)
-            writer.writerows(csv_row(row) for row in progress.history)
+            writer.writerow(METRIC_COLUMNS + [SCALE_COLUMN.format(unit) for unit in self.scale_units])
+            writer.writerows(csv_row(row, self.scale_units) for row in progress.history)
         self.last_row = time.perf_counter()
 
     def on_epoch_end(self, progress: Progress, improved: bool) -> None:
@@ -491,11 +494,12 @@ class MetricsCsv(Hook):
         row = replace(progress.history[-1], seconds=now - self.last_row)
         self.last_row = now
         with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow(csv_row(row))
+            csv.writer(handle).writerow(csv_row(row, self.scale_units))
 
 
-def csv_row(metrics: EpochMetrics) -> list:
-    return [spreadsheet_cell(getattr(metrics, column)) for column in METRIC_COLUMNS]
+def csv_row(metrics: EpochMetrics, scale_units: Sequence[str] = ()) -> list:
+    return ([spreadsheet_cell(getattr(metrics, column)) for column in METRIC_COLUMNS]
+            + [spreadsheet_cell(metrics.lr_scales.get(unit, math.nan)) for unit in scale_units])
 
 
 def fit(net: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler: Any,
