@@ -116,6 +116,19 @@ def test_a_logger_of_ones_own_gets_every_epoch_and_the_final_metrics(tmp_path):
                           for score in ("acc", "loss", "balanced_acc", "macro_f1", "top5_acc")}
 
 
+@pytest.mark.slow
+def test_freeze_auto_gives_the_loggers_each_epochs_scales_as_metrics_csv_has_them(tmp_path):
+    run(make_config(*FAST, "trainer.max_epochs=1", "freeze=auto",
+                    "+logger.mine._target_=test_loggers.RecordingLogger"), str(tmp_path))
+    logged = next(call[2] for call in RecordingLogger.calls
+                  if call[0] == "metrics" and "epoch" in call[2])
+    scales = {key: value for key, value in logged.items() if key.startswith("lr_scale/")}
+    row = next(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert scales and scales == {key: float(value) for key, value in row.items()
+                                 if key.startswith("lr_scale/")}
+    assert max(scales.values()) == 1.0 and scales["lr_scale/@head"] == 1.0
+
+
 def test_an_interrupted_run_closes_its_loggers_after_its_last_file(tmp_path):
     with pytest.raises(Interrupted):
         run(make_config(*FAST, "+logger.mine._target_=test_loggers.InterruptingLogger"),

@@ -6,7 +6,8 @@ import os
 from finetune.errors import ConfigError
 
 RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints")  # a run's results: never overwritten
-RUN_FILES = (*RESULT_FILES, "params.tsv", "rgn.csv", "rgn.png")  # what a run writes at its top (a failed attempt's move)
+# what a run writes at its top (a failed attempt's are moved aside)
+RUN_FILES = (*RESULT_FILES, "params.tsv", "rgn.csv", "rgn.png")
 
 
 def check_fresh_run_dir(run_dir: str) -> None:
