@@ -77,13 +77,15 @@ STRATEGIES = {
     "middle (stage2, stage3)": [ONLY.format('"!@stage2","!@stage3"')],
     "last (stage4)": [ONLY.format('"!@stage4"')],
     "full fine-tuning": ["experiment=full_finetune"],
+    "every stage at one rate (freeze=[])": ["freeze=[]"],
     "gradual_unfreeze": ["experiment=gradual_unfreeze"],
     "freeze=auto": ["freeze=auto"],
     "freeze=auto:select": ["freeze=auto:select"],
     "freeze=auto:select, auto.keep=0.7": ["freeze=auto:select", "auto.keep=0.7"],
 }
 FIXED = ["linear probe", "first (stem, stage1)", "middle (stage2, stage3)", "last (stage4)",
-         "full fine-tuning", "gradual_unfreeze"]  # what freeze=auto is measured against
+         "full fine-tuning", "every stage at one rate (freeze=[])",
+         "gradual_unfreeze"]  # what freeze=auto is measured against
 SHIFTS = {"input (corrupted glyphs)": "input", "feature (digits)": "target",
           "output (glyphs, merged labels)": "output"}
 

@@ -6,7 +6,8 @@ Before each epoch a few training batches go through the model without a step. Fo
 optimizer group's parameters (one group per stage alias: @stem, @stage1, ..., @head, or
 one per tensor with auto.granularity=tensor)
 RGN = ||g|| / ||theta||, and the group's learning rate for that epoch is multiplied by
-RGN / the largest RGN, on top of its own lr_mult. The measurement leaves everything a run
+RGN / the largest RGN, on top of its own lr_mult; the new head is not compared (its weights
+are random) and keeps scale 1. The measurement leaves everything a run
 keeps as it was (weights, BatchNorm statistics, gradients, every random stream), so a run
 whose scales are all 1 is bit-identical to a plain run.
 """
