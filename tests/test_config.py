@@ -77,11 +77,17 @@ def test_key_of_another_option_is_refused():
 
 
 @pytest.mark.parametrize("override", ["optimizer.lr=fast", "trainer.max_epochs=ten",
-                                      "dry_run=maybe", "freeze=pretrained"])
+                                      "dry_run=maybe"])
 @pytest.mark.slow
 def test_wrong_type_fails_at_composition(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         make_config(override)
+
+
+def test_a_freeze_pattern_without_its_list_is_named_with_the_list_it_meant():
+    # freeze takes a list, or auto / auto:select: a bare pattern composes, and is refused here
+    with pytest.raises(ConfigError, match=r"freeze='pretrained'.*'freeze=\[pretrained\]'"):
+        validate(make_config("freeze=pretrained"))
 
 
 def test_unknown_group_option_lists_the_valid_ones():

@@ -200,9 +200,10 @@ def check_trainer(cfg: DictConfig, check: Check) -> None:
 def check_freeze(cfg: DictConfig, check: Check) -> None:
     """freeze: a pattern list, or auto / auto:select with its auto.* settings."""
     freeze = cfg.freeze
+    example = f"[{freeze}]" if isinstance(freeze, str) else "[@stem,@stage1]"
     check(auto_freeze(freeze) is not None or (not isinstance(freeze, str) and isinstance(
         freeze, Sequence) and all(isinstance(pattern, str) for pattern in freeze)), "freeze",
-        freeze, "use a list of patterns, e.g. '[@stem,@stage1]' or [] (docs/freezing.md), or "
+        freeze, f"use a list of patterns, e.g. 'freeze={example}' or [] (docs/freezing.md), or "
         f"{' or '.join(AUTO_FREEZE)} to let relative gradient norms choose (docs/strategies.md)")
     check(cfg.auto.batches >= 1, "auto.batches", cfg.auto.batches, "use 1 or more, e.g. 4")
     check(cfg.auto.granularity in AUTO_GRANULARITIES, "auto.granularity", cfg.auto.granularity,
