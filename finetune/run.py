@@ -22,8 +22,16 @@ from finetune.config.schemas import EPOCH_SCORES, augment_policy, auto_freeze, f
 from finetune.config.validation import validate
 from finetune.data.digest import tensors_digest
 from finetune.data.features import CacheDecision, CacheEntry, cache_report, cached_features, decide
-from finetune.data.folders import check_data_paths, collate_readable
-from finetune.data.loaders import Data, build_data, fingerprint, has_test_split, make_loader, worker_count
+from finetune.data.folders import collate_readable
+from finetune.data.loaders import (
+    Data,
+    build_data,
+    check_data_source,
+    fingerprint,
+    has_test_split,
+    make_loader,
+    worker_count,
+)
 from finetune.errors import Interrupted, TrainingFailed
 from finetune.hooks import Hook
 from finetune.model.adapters import AdapterSummary, adapted, check_called, enabled, resolve_targets
@@ -150,7 +158,7 @@ def build(cfg: DictConfig, auto_frozen: Any = None) -> Setup:
     """Validate the config and build every stage in order; train nothing, write nothing.
     `auto_frozen`: a resumed freeze=auto:select run's first choice, from its checkpoint."""
     validate(cfg)
-    check_data_paths(cfg.data)  # the cheap checks first: a stat, then a model of shapes only
+    check_data_source(cfg.data)  # the cheap checks first: a stat, then a model of shapes only
     check_patterns(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
@@ -349,6 +357,7 @@ def report(cfg: DictConfig, setup: Setup, rows: list[ParamRow]) -> str:
         lines.append(describe_auto(cfg.auto.batches, cfg.auto.granularity))
     if setup.choice is not None:
         lines.append(setup.choice.describe())
+    lines.append(f"data: {setup.data.reading}")
     lines.append(f"feature cache: {setup.cache.reason}")
     if setup.data.image_cache is not None:
         lines.append(f"image cache: {setup.data.image_cache}")

@@ -99,6 +99,27 @@ class CsvDataConfig(DataConfig):
 
 
 @dataclass
+class HfDataConfig(DataConfig):
+    name: str = "hf"
+    # a folder of Parquet (or other) data files, a folder written by save_to_disk, or the
+    # name of a data set already in the local Hugging Face cache (read offline)
+    path: str | None = None
+    cache_dir: str | None = None  # where datasets keeps its Arrow copy of data files; null: its own
+    image_column: str = "image"  # a datasets.Image column; its cells hold the image bytes
+    label_column: str = "label"  # a ClassLabel, a list of them (multi-label), or plain values
+    multi_label: bool = False  # true: the label column is a list of ClassLabel per image
+    train_split: str = "train"
+    val_split: str = "validation"
+    val_fraction: float | None = None  # set when there is no validation split: a fixed share of train
+    test_split: str = "test"  # what data.split=test reads (mode=evaluate, and a run's final test)
+    augment: str = "none"  # as data=imagefolder's
+    bad_images: str = "skip"  # as data=imagefolder's
+    use_weights_transform: bool = True
+    cache_images: str = "auto"  # as data=imagefolder's
+    cache_max_gb: float = 20.0
+
+
+@dataclass
 class FakeDataConfig(DataConfig):
     name: str = "fake"
     num_classes: int = 10
@@ -369,7 +390,7 @@ TIMM_BUILDER_KWARGS = ("cache_dir", "checkpoint_path", "feature_cfg", "kwargs", 
 
 
 DATA_SCHEMAS = {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig,
-                "fake": FakeDataConfig, "csv": CsvDataConfig}
+                "fake": FakeDataConfig, "csv": CsvDataConfig, "hf": HfDataConfig}
 
 
 def data_schema(name: Any) -> type:
@@ -385,6 +406,7 @@ SCHEMAS = {
     (None, "schema_data_imagefolder"): ImageFolderDataConfig,
     (None, "schema_data_fake"): FakeDataConfig,
     (None, "schema_data_csv"): CsvDataConfig,
+    (None, "schema_data_hf"): HfDataConfig,
     (None, "schema_optimizer_sgd"): SGDConfig,
     (None, "schema_optimizer_adamw"): AdamWConfig,
     (None, "schema_scheduler_none"): SchedulerConfig,
@@ -409,8 +431,8 @@ def dotted_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def is_multi_label(data: Any) -> bool:
     """Whether the data config describes multi-label data (data=csv with a label delimiter
-    or 0/1 label columns)."""
-    return bool(data.get("label_delimiter") or data.get("label_columns"))
+    or 0/1 label columns, data=hf with data.multi_label)."""
+    return bool(data.get("label_delimiter") or data.get("label_columns") or data.get("multi_label"))
 
 
 def auto_freeze(freeze: Any) -> str | None:

@@ -46,8 +46,9 @@ def valid_class_weights(value: Any) -> bool:
 def multi_label_problems(cfg: DictConfig) -> list[str]:
     """What multi-label data cannot be combined with, one sentence each."""
     data, problems = cfg.data, []
-    why = ("data.label_delimiter" if data.label_delimiter else "data.label_columns") + " is set"
-    if data.label_delimiter and data.label_columns:
+    why = next(f"data.{key} is set" for key in ("label_delimiter", "label_columns", "multi_label")
+               if data.get(key))
+    if data.get("label_delimiter") and data.get("label_columns"):
         problems.append("data.label_delimiter and data.label_columns are both set: multi-label "
                         "labels come either from one column split by the delimiter or from "
                         "one 0/1 column per class; set one of them.")
@@ -135,7 +136,7 @@ def check_model(cfg: DictConfig, check: Check) -> None:
 
 def check_data(cfg: DictConfig, check: Check) -> None:
     data = cfg.data
-    if data.name in ("imagefolder", "csv"):
+    if data.name in ("imagefolder", "csv", "hf"):
         check(augment_policy(data.augment) in AUGMENT_POLICIES, "data.augment", data.augment,
               "use " + ", ".join(AUGMENT_POLICIES))
         check(data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", data.bad_images,
@@ -158,7 +159,7 @@ def check_data(cfg: DictConfig, check: Check) -> None:
     check(data.image_size >= 1, "data.image_size", data.image_size, "use 1 or more")
     check(data.max_image_pixels is None or data.max_image_pixels >= 1, "data.max_image_pixels",
           data.max_image_pixels, "use a number of pixels, or null (PIL's own limit)")
-    if data.name in ("digits", "csv", "imagefolder"):
+    if data.name in ("digits", "csv", "imagefolder") or data.get("val_fraction") is not None:
         check(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction,
               "use a number between 0 and 1")
     check(data.split in DATA_SPLITS, "data.split", data.split,

@@ -4,6 +4,7 @@ empty or unreadable files named), read through the image cache when it is on."""
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -123,11 +124,11 @@ def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[s
             CsvImages(val, classes, transforms["val"], skip, root), classes)
 
 
-def unreadable(paths: list[str]) -> dict[str, str]:
-    """The files PIL cannot open and verify, with the reason (checked in threads)."""
+def unreadable(paths: list[str], opener: Callable = open_image) -> dict[str, str]:
+    """The images PIL cannot open and verify, with the reason (checked in threads)."""
     def problem(path: str) -> str | None:
         try:
-            with open_image(path) as image:  # past PIL's pixel limit: refused, with the advice
+            with opener(path) as image:  # past PIL's pixel limit: refused, with the advice
                 image.verify()
         except Exception as error:  # PIL raises many types for broken files
             return f"{type(error).__name__}: {error}"
@@ -145,11 +146,11 @@ class CheckedImageFolder(datasets.ImageFolder):
     skipped with a warning, instead of crashing a loader worker anonymously."""
 
     def __init__(self, root: str, transform: Prepared, skip: bool):
-        super().__init__(root, transform=transform, loader=read_image)
+        super().__init__(root, transform=transform, loader=self.read_source)
         self.skip = skip
         self.decoded = None  # image_cache.DecodedImages: the fixed part, read back
         self.whole_batches = False  # the cache's batches are read whole (image_cache.read_batch)
-        bad = unreadable([path for path, _ in self.samples])
+        bad = unreadable([path for path, _ in self.samples], self.open_source)
         named = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
         if bad and not skip:
             raise ConfigError(f"data.bad_images=fail: {len(bad)} unreadable image file(s) in "
@@ -160,6 +161,20 @@ class CheckedImageFolder(datasets.ImageFolder):
                         len(bad), root, named)
             self.samples = [sample for sample in self.samples if sample[0] not in bad]
             self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+
+    # Where each sample's image comes from: a file here; a row of a table in data=hf
+    # (finetune/data/hf_data.py). The image cache reads through these too.
+    def read_source(self, path: str) -> torch.Tensor:
+        return read_image(path)
+
+    def open_source(self, path: str):
+        """The image's header, for the start-up check and the image cache's size."""
+        return open_image(path)
+
+    def source_stamp(self, path: str) -> str:
+        """What changes when the image does (the image cache's key)."""
+        stat = os.stat(path)
+        return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
     def __getitems__(self, indices: list[int]):
         """A batch's samples (what DataLoader fetches), or the batch itself, read whole."""

@@ -95,14 +95,14 @@ def batch_readable(dataset) -> bool:
     return one_shape and all(isinstance(step, v2.ToDtype | v2.Normalize) for step in steps)
 
 
-def entry_key(paths: list[str], fixed: object) -> str:
-    """Everything the cached tensors depend on: the files as they are now, the fixed
-    transform and the libraries that decode and resize."""
+def entry_key(stamps: list[str], fixed: object) -> str:
+    """Everything the cached tensors depend on: the images as they are now (each one's
+    stamp: a file's path, size and modification time), the fixed transform and the
+    libraries that decode and resize."""
     digest = hashlib.sha256(f"{FORMAT}|{fixed!r}|{torch.__version__}|{torchvision.__version__}|"
                             f"{decoder_name()}".encode())
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for stamp in stamps:
+        digest.update(stamp.encode())
     return digest.hexdigest()
 
 
@@ -119,7 +119,7 @@ def fixed_size(fixed: object) -> tuple[int, int] | int:
     return short[0] if isinstance(short, list | tuple) else short
 
 
-def estimated_bytes(paths: list[str], fixed: object) -> int:
+def estimated_bytes(paths: list[str], fixed: object, opener=open_image) -> int:
     """The entry's size from the image headers alone (nothing decoded): 3 x the output
     height x width per image, after a center crop's fixed size or a short-side resize."""
 
@@ -128,7 +128,7 @@ def estimated_bytes(paths: list[str], fixed: object) -> int:
         return len(paths) * 3 * size[0] * size[1]
     short, total = size, 0
     for path in paths:
-        with open_image(path) as image:  # the header alone, refused past PIL's pixel limit
+        with opener(path) as image:  # the header alone, refused past PIL's pixel limit
             width, height = image.size
         total += 3 * short * short * max(width, height) // max(min(width, height), 1)
     return total
@@ -264,7 +264,7 @@ def cached_images(dataset, cache_dir: str, max_gb: float, size: int) -> tuple[De
     fixed = dataset.transform.fixed
     folder = os.path.join(os.path.expanduser(cache_dir), "images")
     os.makedirs(folder, exist_ok=True)
-    key = entry_key(paths, fixed)
+    key = entry_key([dataset.source_stamp(path) for path in paths], fixed)
     data_path, index_path = os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt")
     index = load_index(index_path, data_path, key, len(paths), fixed)
     built = index is None

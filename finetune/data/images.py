@@ -4,6 +4,7 @@ before any decoder runs). The image cache and the folders both read through here
 
 import functools
 from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 from PIL import Image
@@ -34,12 +35,13 @@ def decoder_name() -> str:
     return f"torchcodec {importlib.metadata.version('torchcodec')} (else PIL {PIL.__version__})"
 
 
-def read_image(path: str) -> torch.Tensor:
-    """An image file as an RGB uint8 tensor (3, H, W), its first frame if animated. PIL reads
-    its header first (open_image: a file it cannot identify is refused, its size unknown),
-    then TorchCodec decodes it, else PIL (BMP, TIFF; a broken file, naming what is wrong)."""
+def read_image(path: "str | BinaryIO") -> torch.Tensor:
+    """An image file (or its bytes, in a file object) as an RGB uint8 tensor (3, H, W), its
+    first frame if animated. PIL reads its header first (open_image: a file it cannot
+    identify is refused, its size unknown), then TorchCodec decodes a file, else PIL (BMP,
+    TIFF, bytes; a broken file, naming what is wrong)."""
     with open_image(path) as image:
-        decode = image_decoder()
+        decode = image_decoder() if isinstance(path, str) else None
         # TorchCodec decodes every frame of an animation: PIL decodes the first one alone
         if decode is not None and not getattr(image, "is_animated", False):
             try:
@@ -50,7 +52,7 @@ def read_image(path: str) -> torch.Tensor:
         return v2.functional.pil_to_tensor(image.convert("RGB"))
 
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: "str | BinaryIO") -> Image.Image:
     """The image's header (PIL reads no pixels yet), refused past PIL's decompression-bomb
     limit before any decoder runs: TorchCodec has no limit of its own, and a small file can
     declare gigabytes of pixels. PIL reads Image.MAX_IMAGE_PIXELS at each call and refuses

@@ -30,11 +30,13 @@ from finetune.config.schemas import augment_policy, is_multi_label
 from finetune.data.digest import tensors_digest
 from finetune.data.folders import (
     CheckedImageFolder,
+    check_data_paths,
     collate_readable,
     csv_images,
     image_folders,
     split_folders,
 )
+from finetune.data.hf_data import hf_images, local_path
 from finetune.data.transforms import batch_mixing, normalize
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -56,6 +58,7 @@ class Data:
     mix: Callable | None = None  # MixUp/CutMix on training batches: (images, labels) -> soft
     multi_label: bool = False  # targets are 0/1 vectors over the classes (data.label_delimiter)
     image_cache: str | None = None  # data.cache_images's decision, for image files only
+    reading: str = ""  # how the data is read and split across processes (the report's line)
 
     @property
     def num_classes(self) -> int:
@@ -112,7 +115,8 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
 
 
 BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data,
-            "csv": csv_images}
+            "csv": csv_images, "hf": hf_images}
+FILE_DATA = ("imagefolder", "csv", "hf")  # a split read alone; image files, or a table's images
 
 
 def worker_count(setting: int | str) -> int:
@@ -181,6 +185,14 @@ def tensor_loader(dataset: TensorDataset, batch_size: int, order: Sampler | None
                       batch_size=None, generator=generator)
 
 
+def check_data_source(cfg: DictConfig) -> None:
+    """The cheap start-up check of where the data is: a folder, a file, a data set's path."""
+    if cfg.name == "hf":
+        local_path(cfg)
+    else:
+        check_data_paths(cfg)
+
+
 def builder(cfg: DictConfig):
     if cfg.name not in BUILDERS:
         raise ConfigError(f"data.name={cfg.name!r} is not valid: use one of {', '.join(BUILDERS)}.")
@@ -200,7 +212,20 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
                 or mix is not None, mix=mix, multi_label=is_multi_label(cfg),
-                image_cache=image_cache)
+                image_cache=image_cache, reading=reading(cfg, train, val, shard))
+
+
+def reading(cfg: DictConfig, train: Dataset, val: Dataset, shard: Shard | None) -> str:
+    """How the data is read (map-style: any image by its index) and split across processes."""
+    where = {"hf": lambda: f"rows of the data set {cfg.path} (map-style: read by index)",
+             "imagefolder": lambda: f"image files under {cfg.root}",
+             "csv": lambda: f"image files listed in {cfg.file}"}.get(cfg.name, lambda: "in memory")
+    line = f"{len(train)} training and {len(val)} validation images, {where()}"
+    if shard is not None:
+        line += (f"; each of {shard.world} processes trains on its own 1/{shard.world} of the "
+                 f"shuffled training images and validates 1/{shard.world} of the validation "
+                 "images (each image on one process)")
+    return line
 
 
 def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_dir: str) -> str | None:
@@ -212,7 +237,8 @@ def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_di
     files = [dataset for dataset in files if isinstance(dataset, CheckedImageFolder)]
     if not files:
         return None
-    sizes = [image_cache.estimated_bytes([path for path, _ in dataset.samples], dataset.transform.fixed)
+    sizes = [image_cache.estimated_bytes([path for path, _ in dataset.samples],
+                                         dataset.transform.fixed, dataset.open_source)
              for dataset in files]  # read once: the decision, then each entry's room
     decision = image_cache.decide(str(cfg.cache_images).lower(), sum(map(len, files)), sum(sizes),
                                   cfg.cache_max_gb)
@@ -253,7 +279,7 @@ def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: boo
     """The split data.split names alone (mode=evaluate: val, or test: images training never
     saw); an image folder's train/ is not read."""
     split = cfg.get("split", "val")
-    if cfg.name in ("imagefolder", "csv"):
+    if cfg.name in FILE_DATA:
         _, val, class_names = builder(cfg)(cfg, spec, splits=(split,))
     elif split != "val":
         raise ConfigError(f"data.split={split!r}: data={cfg.name} has no test split; data=imagefolder "
@@ -270,6 +296,10 @@ def has_test_split(cfg: DictConfig) -> bool:
     """Whether the data holds a test split (a test/ folder, or rows with split=test)."""
     if cfg.name == "imagefolder":
         return split_folders(cfg) and os.path.isdir(os.path.join(os.path.expanduser(cfg.root), "test"))
+    if cfg.name == "hf":
+        from finetune.data.hf_data import open_splits
+
+        return cfg.test_split in open_splits(cfg)
     if cfg.name == "csv" and cfg.split_column:  # the column alone: no image is looked up
         from finetune.data.csv_data import read_rows
 
@@ -285,10 +315,9 @@ def fingerprint(dataset: Dataset) -> str:
     if isinstance(dataset, TensorDataset):
         return tensors_digest(dataset.tensors)
     digest = hashlib.sha256()
-    if isinstance(dataset, datasets.ImageFolder):
+    if isinstance(dataset, CheckedImageFolder):  # files, or a table's images (data=hf)
         for path, label in dataset.samples:
-            stat = os.stat(path)
-            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(f"{dataset.source_stamp(path)}|{label}".encode())
         digest.update(repr(dataset.transform).encode())
     elif isinstance(dataset, datasets.FakeData):
         digest.update(f"{dataset.size}|{dataset.image_size}|{dataset.num_classes}|"

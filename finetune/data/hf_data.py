@@ -1,0 +1,229 @@
+"""data=hf: a Hugging Face `datasets` data set, map-style: a local folder of Parquet (or
+other data) files, a folder written by `save_to_disk`, or a data set already in the local
+Hugging Face cache, by name (read offline: nothing is downloaded).
+
+The image column's cells must hold the image bytes: a cell that names a file instead is
+refused, since nothing read from a data set may choose a path to read. Labels come from a
+`ClassLabel` column (its names), from a list of them (multi-label), or from a column of
+plain values (the sorted distinct values). The images are then read as an image folder's
+are (finetune/data/folders.py): the same transforms, the same start-up check for
+unreadable images, the same image cache; so the same images in the same order train
+exactly as the folder does.
+"""
+
+import io
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from finetune.data.folders import CheckedImageFolder
+from finetune.data.images import open_image, read_image
+from finetune.data.transforms import image_transforms
+from finetune.errors import ConfigError
+from finetune.model.net import InputSpec
+
+SAVED_DICT, SAVED_ONE = "dataset_dict.json", ("state.json", "dataset_info.json")  # save_to_disk's
+
+
+def local_path(cfg: DictConfig) -> str | None:
+    """data.path as a local folder, or None for a data set's name (a path that does not
+    exist is an error, not a name)."""
+    if not cfg.path:
+        raise ConfigError("data.path is not set: data=hf needs data.path=FOLDER (Parquet files, "
+                          "or a folder written by save_to_disk) or the name of a data set in the "
+                          "local Hugging Face cache.")
+    path = os.path.expanduser(cfg.path)
+    if os.path.isdir(path):
+        return path
+    if path.startswith(("/", ".", "~")) or os.path.exists(path):
+        raise ConfigError(f"data.path={cfg.path!r} is not a folder; give a folder of Parquet "
+                          "files, a folder written by save_to_disk, or a data set's name.")
+    return None
+
+
+def open_splits(cfg: DictConfig) -> dict[str, Any]:
+    """{split name: datasets.Dataset} as the data set has them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it: never download
+    import datasets
+
+    datasets.config.HF_HUB_OFFLINE = True
+    path = local_path(cfg)
+    cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else None
+    try:
+        if path is not None and (os.path.isfile(os.path.join(path, SAVED_DICT))
+                                 or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE)):
+            found = datasets.load_from_disk(path)  # memory-mapped where it is
+        else:  # data files (their Arrow copy goes to data.cache_dir), or a cached data set by name
+            found = datasets.load_dataset(path or cfg.path, cache_dir=cache)
+    except ConnectionError as error:
+        raise ConfigError(f"data.path={cfg.path!r} is not a folder, and no data set of that name "
+                          f"is in the local Hugging Face cache ({cache or 'HF_DATASETS_CACHE'}): "
+                          f"{error}. Download it first with datasets' own tools, or give a "
+                          "folder.") from error
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"data.path={cfg.path!r} cannot be read as a data set: {error}") from error
+    return dict(found) if isinstance(found, datasets.DatasetDict) else {"train": found}
+
+
+def checked_split(splits: dict[str, Any], key: str, name: str) -> Any:
+    if name not in splits:
+        raise ConfigError(f"{key}={name!r} is not a split of the data set: it has "
+                          f"{', '.join(sorted(splits))}.")
+    return splits[name]
+
+
+def label_kind(table: Any, cfg: DictConfig) -> tuple[list[str] | None, bool]:
+    """(class names from the features or None for plain values, multi-label), once the
+    columns the config names are found."""
+    import datasets
+
+    features = table.features
+    for key in ("image_column", "label_column"):
+        if cfg[key] not in features:
+            raise ConfigError(f"data.{key}={cfg[key]!r} is not a column of the data set: its "
+                              f"columns are {list(features)}.")
+    if not isinstance(features[cfg.image_column], datasets.Image):
+        raise ConfigError(f"data.image_column={cfg.image_column!r} holds "
+                          f"{features[cfg.image_column]}, not images (datasets.Image).")
+    label = features[cfg.label_column]
+    inner = getattr(label, "feature", None)
+    multi_label = isinstance(inner, datasets.ClassLabel)
+    if multi_label != bool(cfg.multi_label):
+        holds = ("a list of labels per image: set data.multi_label=true" if multi_label
+                 else "one label per image: set data.multi_label=false")
+        raise ConfigError(f"data.multi_label={cfg.multi_label}: the column data.label_column="
+                          f"{cfg.label_column!r} holds {label}, {holds}.")
+    if multi_label:
+        return list(inner.names), True
+    if isinstance(label, datasets.ClassLabel):
+        return list(label.names), False
+    if isinstance(label, datasets.Value):
+        return None, False
+    raise ConfigError(f"data.label_column={cfg.label_column!r} holds {label}: use a ClassLabel "
+                      "column, a list of them (multi-label), or a column of plain values.")
+
+
+def labelled_rows(table: Any, cfg: DictConfig, names: list[str] | None, multi_label: bool,
+                  split: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(row, its labels as class names) per row. A row without a valid label (a class id
+    outside the class list: datasets writes -1 for "no label"; an empty value) is refused,
+    naming the row. A multi-label row may have none."""
+    rows, problems = [], []
+    for row, value in enumerate(table[cfg.label_column]):
+        ids = list(value) if multi_label else [value]
+        if names is None and value is not None and str(value) != "":
+            rows.append((row, (str(value),)))
+        elif names is not None and all(isinstance(item, int) and 0 <= item < len(names)
+                                       for item in ids):
+            rows.append((row, tuple(sorted({names[item] for item in ids}))))
+        else:
+            problems.append(f"row {row}: {value!r}")
+    if problems:
+        allowed = f"class ids 0 to {len(names) - 1}" if names else "a value"
+        raise ConfigError(f"data.label_column={cfg.label_column!r}, split {split!r}: "
+                          f"{len(problems)} row(s) without a valid label ({allowed}): "
+                          f"{'; '.join(problems[:5])}.")
+    return rows
+
+
+def value_classes(table: Any, cfg: DictConfig) -> list[str]:
+    """A plain label column's classes: its distinct values, sorted as what they are (numbers
+    as numbers), as text."""
+    values = {value for value in table[cfg.label_column] if value is not None and str(value) != ""}
+    return [str(value) for value in sorted(values)]
+
+
+def table_stamp(table: Any) -> str:
+    """What changes when a table's data does: its Arrow files' names, sizes and times (a
+    table in memory: datasets' fingerprint of it)."""
+    files = [entry["filename"] for entry in table.cache_files]
+    if not files:
+        return table._fingerprint
+    return ";".join(f"{name}|{os.stat(name).st_size}|{os.stat(name).st_mtime_ns}" for name in files)
+
+
+class HfImages(CheckedImageFolder):
+    """The rows of a `datasets.Dataset` (its image column read as bytes, decoded here), read
+    as an image folder's files are; each sample's source is '<data.path>/<split>#<row>'."""
+
+    def __init__(self, table: Any, rows: list[tuple[int, tuple[str, ...]]], classes: list[str],
+                 image_column: str, transform, skip: bool, source: str, multi_label: bool):
+        import datasets
+
+        self.table = table.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.source = image_column, source
+        self.rows, self.listed_classes, self.multi_label = rows, classes, multi_label
+        self.stamp = table_stamp(table)
+        super().__init__(source, transform, skip)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.listed_classes, {name: index for index, name in enumerate(self.listed_classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list:
+        samples = []
+        for row, labels in self.rows:
+            if self.multi_label:
+                target = torch.zeros(len(class_to_idx))
+                target[[class_to_idx[label] for label in labels]] = 1.0
+            else:
+                target = class_to_idx[labels[0]]
+            samples.append((f"{self.source}#{row}", target))
+        return samples
+
+    def image_bytes(self, source: str) -> bytes:
+        row = int(source.rpartition("#")[2])
+        cell = self.table[row][self.image_column]
+        if not cell or not cell.get("bytes"):  # a path in a data set's cell is not followed
+            raise ValueError(f"row {row} of {self.source} holds no image bytes (its cell names a "
+                             f"file, {cell and cell.get('path')!r}, which this tool does not open)")
+        return cell["bytes"]
+
+    def read_source(self, path: str) -> torch.Tensor:
+        return read_image(io.BytesIO(self.image_bytes(path)))
+
+    def open_source(self, path: str):
+        return open_image(io.BytesIO(self.image_bytes(path)))
+
+    def source_stamp(self, path: str) -> str:
+        return f"{self.stamp}|{path}"
+
+
+def hf_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):
+    """data=hf: (train, the last split asked for: val or test, class names); train None when
+    not asked for. The classes are the training split's, whichever split is read."""
+    tables = open_splits(cfg)
+    train_table = checked_split(tables, "data.train_split", cfg.train_split)
+    names, multi_label = label_kind(train_table, cfg)
+    chosen = split_rows(cfg, tables, names, multi_label, splits)
+    transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
+    classes = names or value_classes(train_table, cfg)
+    found = {split: HfImages(table, rows, classes, cfg.image_column,
+                             transforms.get(split, transforms["val"]), cfg.bad_images == "skip",
+                             f"{cfg.path}/{name}", multi_label)
+             for split, (table, rows, name) in chosen.items()}
+    return found.get("train"), found[splits[-1]], classes
+
+
+def split_rows(cfg: DictConfig, tables: dict[str, Any], names: list[str] | None,
+               multi_label: bool, splits: tuple[str, ...]) -> dict[str, tuple[Any, list, str]]:
+    """{split: (table, rows, its name in the data set)} for the splits asked for; without
+    data.val_split (data.val_fraction set), a fixed share of the training split validates."""
+    from finetune.data.csv_data import fraction_split
+
+    keys = {"train": "data.train_split", "val": "data.val_split", "test": "data.test_split"}
+    chosen = {}
+    if cfg.val_fraction is not None and ("train" in splits or "val" in splits):
+        table = tables[cfg.train_split]
+        train, val = fraction_split(labelled_rows(table, cfg, names, multi_label, cfg.train_split),
+                                    cfg.val_fraction, not multi_label, f"{cfg.path} {cfg.train_split}",
+                                    "Give a validation split (data.val_split) or more images.")
+        chosen = {"train": (table, sorted(train), cfg.train_split),
+                  "val": (table, sorted(val), cfg.train_split)}
+    for split in splits:
+        if split not in chosen:
+            name = cfg[keys[split].removeprefix("data.")]
+            table = checked_split(tables, keys[split], name)
+            chosen[split] = (table, labelled_rows(table, cfg, names, multi_label, name), name)
+    return {split: chosen[split] for split in splits}

@@ -1,0 +1,169 @@
+"""data=hf: a Hugging Face data set (Parquet files, a save_to_disk folder) trains exactly as
+the same images in class folders do; what the data set holds is checked and named."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from finetune.errors import ConfigError
+from finetune.run import build, run
+
+from conftest import FAST, make_config
+
+datasets = pytest.importorskip("datasets", reason="data=hf needs the hf extra (in dev)")
+
+PER_CLASS = {"train": 6, "validation": 2}
+SMALL = (*FAST[:2], "trainer.max_epochs=2", "trainer.device=cpu", "data.image_size=32",
+         "data.num_workers=0", "data.batch_size=8", "plots=false")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    Image.fromarray(pixels).resize((16, 16)).save(stream, format="PNG")
+    return stream.getvalue()
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """The same digit images twice: folders/{train,val}/<digit>/<n>.png, and Parquet files
+    data/{train,validation}-00000-of-00001.parquet with an Image and a ClassLabel column,
+    rows in the folders' order (class, then file name)."""
+    bundle, names = load_digits(), [f"digit_{digit}" for digit in range(10)]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=names)})
+    used = 0
+    for split, count in PER_CLASS.items():
+        rows = {"image": [], "label": []}
+        for digit in range(10):
+            folder = tmp_path / "folders" / ("val" if split == "validation" else split) / names[digit]
+            folder.mkdir(parents=True)
+            chosen = np.flatnonzero(bundle.target == digit)[used:used + count]
+            for number, index in enumerate(chosen):
+                data = png((bundle.images[index] * 15).astype(np.uint8))
+                (folder / f"{number}.png").write_bytes(data)
+                rows["image"].append({"bytes": data, "path": None})
+                rows["label"].append(digit)
+        used += count
+        table = datasets.Dataset.from_dict(rows, features=features)
+        table.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+    return tmp_path
+
+
+def hf(digits, *overrides: str) -> list[str]:
+    return ["data=hf", f"data.path={digits}/parquet", f"data.cache_dir={digits}/hf-cache", *overrides]
+
+
+def metrics(run_dir):
+    return [{key: value for key, value in row.items() if key != "seconds"}
+            for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_images", ["false", "true"])
+def test_parquet_files_train_exactly_as_the_same_images_in_folders(digits, tmp_path, cache_images):
+    common = [*SMALL, f"data.cache_images={cache_images}", f"trainer.cache_dir={tmp_path}/cache"]
+    run(make_config(*common, "data=imagefolder", f"data.root={digits}/folders"),
+        str(tmp_path / "folder"))
+    run(make_config(*common, *hf(digits)), str(tmp_path / "hf"))
+    assert metrics(tmp_path / "folder") == metrics(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "summary.json").read_text())["epochs_completed"] == 2
+    if cache_images == "true":  # the table's images have an entry of their own, read back
+        setup = build(make_config(*common, *hf(digits)))
+        assert setup.data.image_cache.endswith("read from the cache")
+        assert setup.data.train_loader.dataset.decoded is not None
+
+
+def test_the_splits_classes_and_rows_are_read_as_the_data_set_has_them(digits):
+    setup = build(make_config(*FAST[:2], *hf(digits), "data.num_workers=0", "data.image_size=16",
+                              "dry_run=true"))
+    train, val = setup.data.train_loader.dataset, setup.data.val_loader.dataset
+    assert setup.data.class_names == [f"digit_{digit}" for digit in range(10)]
+    assert (len(train), len(val)) == (60, 20)
+    assert train.targets == sorted(train.targets)  # class, then row: the folders' order
+
+
+@pytest.mark.slow
+def test_a_saved_data_set_without_a_validation_split_is_split_by_val_fraction(digits, tmp_path):
+    table = datasets.load_dataset(f"{digits}/parquet", cache_dir=str(tmp_path / "c"))["train"]
+    table.save_to_disk(str(tmp_path / "saved"))
+    cfg = make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}/saved", "data.val_fraction=0.5",
+                      "data.num_workers=0", "data.image_size=16", "dry_run=true")
+    train, val = (loader.dataset for loader in (build(cfg).data.train_loader, build(cfg).data.val_loader))
+    assert len(train) == len(val) == 30
+    assert sorted(train.targets) == sorted(val.targets)  # stratified: 3 of each class each
+    with pytest.raises(ConfigError, match="data.val_split='validation' is not a split of the "
+                                          "data set: it has train"):
+        build(make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}/saved", "dry_run=true"))
+
+
+def write_table(folder, rows: dict, features=None) -> str:
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "validation-00000-of-00001.parquet"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    (["data.image_column=picture"], r"data.image_column='picture' is not a column of the data "
+                                    r"set: its columns are \['image', 'label'\]"),
+    (["data.label_column=image"], r"data.label_column='image' holds Image"),
+    (["data.train_split=training"], r"data.train_split='training' is not a split of the data "
+                                    "set: it has train, validation"),
+    (["data.multi_label=true"], r"data.multi_label=True: .* one label per image"),
+    (["data.path=/nowhere/at/all"], r"data.path='/nowhere/at/all' is not a folder"),
+])
+def test_bad_settings_are_named(digits, change, message):
+    with pytest.raises(ConfigError, match=message):
+        build(make_config(*FAST[:2], *hf(digits), "data.num_workers=0", "dry_run=true", *change))
+
+
+def test_a_row_without_a_label_and_a_cell_naming_a_file_are_refused(digits, tmp_path):
+    names = datasets.ClassLabel(names=["a", "b"])
+    image = {"bytes": png(np.zeros((8, 8), np.uint8)), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": names})
+    unlabelled = write_table(tmp_path / "unlabelled", {"image": [image] * 3, "label": [0, -1, 1]},
+                             features)
+    with pytest.raises(ConfigError, match=r"1 row\(s\) without a valid label \(class ids 0 to "
+                                          r"1\): row 1: -1"):
+        build(make_config(*FAST[:2], "data=hf", f"data.path={unlabelled}", "dry_run=true",
+                          f"data.cache_dir={tmp_path}/c", "data.num_workers=0"))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image["bytes"])
+    pointing = write_table(tmp_path / "pointing", {
+        "image": [image, {"bytes": None, "path": str(secret)}] * 2, "label": [0, 1, 0, 1]}, features)
+    with pytest.raises(ConfigError, match=r"holds no image bytes \(its cell names a file, "
+                                          f"'{secret}', which this tool does not open\\)"):
+        build(make_config(*FAST[:2], "data=hf", f"data.path={pointing}", "dry_run=true",
+                          f"data.cache_dir={tmp_path}/c", "data.num_workers=0",
+                          "data.bad_images=fail"))
+
+
+def test_a_data_set_not_in_the_local_cache_is_named_without_reaching_the_network(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.path='someone/no-such-set' is not a folder, and "
+                                          "no data set of that name is in the local Hugging Face "
+                                          "cache"):
+        build(make_config(*FAST[:2], "data=hf", "data.path=someone/no-such-set", "dry_run=true",
+                          f"data.cache_dir={tmp_path}"))
+
+
+@pytest.mark.slow
+def test_multi_label_rows_train_with_their_label_lists(tmp_path):
+    names = ["red", "green", "blue"]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "labels": datasets.List(datasets.ClassLabel(names=names))})
+    images = [{"bytes": png(np.full((8, 8), 40 * index, np.uint8)), "path": None} for index in range(6)]
+    folder = write_table(tmp_path / "multi", {"image": images,
+                                              "labels": [[0], [1, 2], [], [2], [0, 1], [1]]}, features)
+    common = [*SMALL, "data=hf", f"data.path={folder}", f"data.cache_dir={tmp_path}/c",
+              "data.label_column=labels"]
+    with pytest.raises(ConfigError, match=r"data.multi_label=False: .* set data.multi_label=true"):
+        build(make_config(*common, "dry_run=true"))
+    run(make_config(*common, "data.multi_label=true"), str(tmp_path / "run"))
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 2 and all(row["val_map"] != "nan" for row in rows)
