@@ -40,3 +40,23 @@ def jpeg_folder() -> Path:
     print(f"jpeg folder: {TRAIN + VAL} images drawn in {time.perf_counter() - started:.0f} s; "
           f"{FOLDER}")
     return FOLDER
+
+
+def parquet_folder() -> Path:
+    """The same 3,000 JPEGs as a Hugging Face data set: data/{train,validation}-*.parquet with
+    an Image column (the JPEG bytes as they are) and a ClassLabel, in the folder's order."""
+    import datasets
+
+    parquet = FOLDER.parent / "jpegs-3000-parquet-v1"
+    if (parquet / "complete").is_file():
+        return parquet
+    root, names = jpeg_folder(), [str(digit) for digit in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for split, folder in (("train", "train"), ("validation", "val")):
+        files = sorted((label, path) for label in names for path in (root / folder / label).iterdir())
+        rows = {"image": [{"bytes": path.read_bytes(), "path": None} for _, path in files],
+                "label": [names.index(label) for label, _ in files]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(parquet / "data" / f"{split}-00000-of-00001.parquet"))
+    (parquet / "complete").write_text("ok\n")
+    return parquet

@@ -48,7 +48,8 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it: never download
     import datasets
 
-    datasets.config.HF_HUB_OFFLINE = True
+    if os.environ["HF_HUB_OFFLINE"] == "1":  # also when datasets was imported before (timm's hub)
+        datasets.config.HF_HUB_OFFLINE = True
     path = local_path(cfg)
     cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else None
     try:
