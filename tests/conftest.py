@@ -5,8 +5,10 @@ import functools
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -29,6 +31,11 @@ register_schemas()
 # One torch thread, in this process and in the runs it starts: the tests' tensors are tiny,
 # so a second thread adds only its hand-offs (and fights the other process where two run).
 # FINETUNE_TEST_THREADS=2 runs the suite with two: every test must hold with either.
+# Hugging Face's caches (datasets' Arrow copies, its modules folder) in a folder of the
+# session's own, removed when it ends: never the user's ~/.cache/huggingface
+HF_HOME = tempfile.mkdtemp(prefix="finetune-tests-hf-")
+os.environ["HF_HOME"] = HF_HOME
+
 THREADS = os.environ.get("FINETUNE_TEST_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS
 torch.set_num_threads(int(THREADS))
@@ -197,6 +204,7 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     """Tests write only under their tmp dirs: a new file or folder in the checkout fails
     the session, naming it."""
+    shutil.rmtree(HF_HOME, ignore_errors=True)
     added = sorted(checkout_outputs() - session.config.stash.get(OUTPUTS_BEFORE, set()))
     if added:
         print(f"\nFAILED: the tests wrote into the checkout: {[str(p) for p in added[:5]]}")

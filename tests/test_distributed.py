@@ -78,7 +78,7 @@ def test_two_ranks_share_one_run_and_agree(tmp_path):
 
 
 @pytest.mark.parametrize("freeze, epochs, line", [
-    ("auto", 2, "auto: epoch 2 learning-rate scales"),
+    ("auto", 1, "auto: epoch 1 learning-rate scales"),
     ("auto:select", 1, "freeze=auto:select: relative gradient norms")])
 def test_auto_measures_alike_on_every_rank(tmp_path, freeze, epochs, line):
     """freeze=auto's scales (each epoch) and auto:select's choice are the mean over the ranks'
@@ -94,7 +94,7 @@ def test_auto_measures_alike_on_every_rank(tmp_path, freeze, epochs, line):
     if freeze == "auto":
         assert (tmp_path / "run" / "rgn.png").is_file()
         rows = list(csv.DictReader(open(tmp_path / "run" / "rgn.csv")))
-        assert [row["epoch"] for row in rows].count("2") == len(rows) // 2
+        assert rows and {row["epoch"] for row in rows} == {"1"}
 
 
 def probing_rank(rank: int, port: int, folder, arguments: list[str]) -> None:

@@ -18,7 +18,7 @@ from conftest import FAST, make_config
 datasets = pytest.importorskip("datasets", reason="data=hf needs the hf extra (in dev)")
 
 PER_CLASS = {"train": 6, "validation": 2}
-SMALL = (*FAST[:2], "trainer.max_epochs=2", "trainer.device=cpu", "data.image_size=32",
+SMALL = (*FAST[:2], "trainer.max_epochs=1", "trainer.device=cpu", "data.image_size=32",
          "data.num_workers=0", "data.batch_size=8", "plots=false")
 
 
@@ -71,7 +71,7 @@ def test_parquet_files_train_exactly_as_the_same_images_in_folders(digits, tmp_p
         str(tmp_path / "folder"))
     run(make_config(*common, *hf(digits)), str(tmp_path / "hf"))
     assert metrics(tmp_path / "folder") == metrics(tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "summary.json").read_text())["epochs_completed"] == 2
+    assert json.loads((tmp_path / "hf" / "summary.json").read_text())["epochs_completed"] == 1
     if cache_images == "true":  # the table's images have an entry of their own, read back
         setup = build(make_config(*common, *hf(digits)))
         assert setup.data.image_cache.endswith("read from the cache")
@@ -93,12 +93,33 @@ def test_a_saved_data_set_without_a_validation_split_is_split_by_val_fraction(di
     table.save_to_disk(str(tmp_path / "saved"))
     cfg = make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}/saved", "data.val_fraction=0.5",
                       "data.num_workers=0", "data.image_size=16", "dry_run=true")
-    train, val = (loader.dataset for loader in (build(cfg).data.train_loader, build(cfg).data.val_loader))
+    data = build(cfg).data
+    train, val = data.train_loader.dataset, data.val_loader.dataset
     assert len(train) == len(val) == 30
     assert sorted(train.targets) == sorted(val.targets)  # stratified: 3 of each class each
     with pytest.raises(ConfigError, match="data.val_split='validation' is not a split of the "
                                           "data set: it has train"):
         build(make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}/saved", "dry_run=true"))
+
+
+@pytest.mark.parametrize("target", ["state.json", "dataset_dict.json"])
+def test_a_saved_folder_cannot_name_files_outside_itself(digits, tmp_path, target):
+    table = datasets.load_dataset(f"{digits}/parquet", cache_dir=str(tmp_path / "c"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    outside = tmp_path / "outside.arrow"
+    outside.write_bytes((tmp_path / "saved" / "train" / "data-00000-of-00001.arrow").read_bytes())
+    if target == "state.json":
+        state = tmp_path / "saved" / "train" / "state.json"
+        saved = json.loads(state.read_text())
+        saved["_data_files"] = [{"filename": "../../outside.arrow"}]
+        state.write_text(json.dumps(saved))
+        message = r"names the data file\(s\) \[\{'filename': '../../outside.arrow'\}\]"
+    else:
+        (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["../saved/train"]}))
+        message = r"names the split '../saved/train', which is not a plain folder name"
+    with pytest.raises(ConfigError, match=message):
+        build(make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}/saved", "dry_run=true",
+                          "data.num_workers=0"))
 
 
 def write_table(folder, rows: dict, features=None) -> str:
@@ -166,4 +187,4 @@ def test_multi_label_rows_train_with_their_label_lists(tmp_path):
         build(make_config(*common, "dry_run=true"))
     run(make_config(*common, "data.multi_label=true"), str(tmp_path / "run"))
     rows = metrics(tmp_path / "run")
-    assert len(rows) == 2 and all(row["val_map"] != "nan" for row in rows)
+    assert len(rows) == 1 and all(row["val_map"] != "nan" for row in rows)

@@ -6,6 +6,7 @@ jobs one by one; `--help`, which only Hydra's command line shows, through train.
 """
 
 import csv
+import io
 import json
 import re
 import shlex
@@ -82,6 +83,25 @@ def photos(tmp_path):
 
 
 @pytest.fixture
+def pets(tmp_path):
+    """/data/pets of the docs (Parquet files, train and validation) and /data/pets-saved (the
+    same data set, written by save_to_disk)."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["cat", "dog"])})
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(image, format="PNG")
+    rows = {"image": [{"bytes": image.getvalue(), "path": None}] * 2, "label": [0, 1]}
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(tmp_path / "pets" / "data" / f"{split}-00000-of-00001.parquet"))
+    datasets.load_dataset(str(tmp_path / "pets"), cache_dir=str(tmp_path / "hf")).save_to_disk(
+        str(tmp_path / "pets-saved"))
+    return tmp_path
+
+
+@pytest.fixture
 def saved_run(tmp_path, monkeypatch):
     """The run the docs' resume / evaluate / predict examples name, under the cwd."""
     overrides = [*FAST, "backbone.allow_download=false"]
@@ -129,6 +149,10 @@ def check_sweep(arguments: list[str], tmp_path: Path) -> None:
 def test_readme_command_runs(command, tmp_path, photos, request):
     arguments = [arg.replace("/data/photos", str(photos)).replace("/data/new_photos", str(photos))
                  for arg in shlex.split(command)[2:]]
+    if "data=hf" in arguments:  # its Arrow copy under the test's folder
+        folder = request.getfixturevalue("pets")
+        arguments = [arg.replace("/data/pets", str(folder / "pets")) for arg in arguments]
+        arguments.append(f"data.cache_dir={folder / 'hf'}")
     if "mode=lr_find" in arguments:  # the range test itself, briefly, on a small model
         cfg = make_config(*arguments, *FAST[:2], "lr_find.steps=4", "trainer.device=cpu")
         assert run(cfg, str(tmp_path / "out")) > 0

@@ -157,34 +157,33 @@ def test_tensor_granularity_gives_each_parameter_tensor_a_group_at_its_stage_rat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("granularity", ["stage", "tensor"])
-def test_with_every_scale_1_a_run_is_bit_identical_to_a_plain_one(tmp_path, monkeypatch,
-                                                                   granularity):
+def test_with_every_scale_1_a_run_is_bit_identical_to_a_plain_one(tmp_path, monkeypatch):
     """The measurement (forward and backward on 4 batches, every epoch) changes nothing a
     run keeps: forced to scales of 1, the auto run trains the plain run's weights exactly,
     though its optimizer holds one group per stage (or per tensor)."""
     common = [*FAST, RESNET, "head=mlp", "trainer.max_epochs=2"]
     run(make_config(*common, "freeze=[]"), str(tmp_path / "plain"))
+    plain = read_run_checkpoint(str(tmp_path / "plain" / "checkpoints" / "last.pt"))["model"]
     monkeypatch.setattr(rgn, "scales_from", lambda norms, fresh=(): dict.fromkeys(norms, 1.0))
-    run(make_config(*common, "freeze=auto", f"auto.granularity={granularity}"),
-        str(tmp_path / "auto"))
-    plain, auto = (read_run_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt"))["model"]
-                   for name in ("plain", "auto"))
-    assert plain.keys() == auto.keys()
-    assert all(torch.equal(plain[name], auto[name]) for name in plain)
-    rows = list(csv.DictReader(open(tmp_path / "auto" / "rgn.csv")))
-    metrics = list(csv.DictReader(open(tmp_path / "auto" / "metrics.csv")))
-    if granularity == "stage":
-        units = ["@stem", "@stage1", "@stage2", "@stage3", "@stage4", "@head"]
-        assert {row["group"] for row in rows} == {"'" + unit for unit in units}  # text
-    else:  # every parameter tensor of the model, by its name
-        units = [row["group"] for row in rows if row["epoch"] == "1"]
-        assert len(units) > 62 and set(units) <= set(plain) and "pretrained.conv1.weight" in units
-    assert [row["epoch"] for row in rows].count("2") == len(units)
-    assert all(row["scale"] == "1" for row in rows)
-    assert [key for key in metrics[0] if key.startswith("lr_scale/")] == [
-        f"lr_scale/{unit}" for unit in units]
-    assert all(float(row[f"lr_scale/{unit}"]) == 1.0 for row in metrics for unit in units)
+    for granularity in ("stage", "tensor"):
+        run_dir = tmp_path / granularity
+        run(make_config(*common, "freeze=auto", f"auto.granularity={granularity}"), str(run_dir))
+        auto = read_run_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["model"]
+        assert plain.keys() == auto.keys()
+        assert all(torch.equal(plain[name], auto[name]) for name in plain), granularity
+        rows = list(csv.DictReader(open(run_dir / "rgn.csv")))
+        metrics = list(csv.DictReader(open(run_dir / "metrics.csv")))
+        if granularity == "stage":
+            units = ["@stem", "@stage1", "@stage2", "@stage3", "@stage4", "@head"]
+            assert {row["group"] for row in rows} == {"'" + unit for unit in units}  # text
+        else:  # every parameter tensor of the model, by its name
+            units = [row["group"] for row in rows if row["epoch"] == "1"]
+            assert len(units) > 62 and set(units) <= set(plain) and "pretrained.conv1.weight" in units
+        assert [row["epoch"] for row in rows].count("2") == len(units)
+        assert all(row["scale"] == "1" for row in rows)
+        assert [key for key in metrics[0] if key.startswith("lr_scale/")] == [
+            f"lr_scale/{unit}" for unit in units]
+        assert all(float(row[f"lr_scale/{unit}"]) == 1.0 for row in metrics for unit in units)
 
 
 @pytest.mark.slow

@@ -43,6 +43,39 @@ def local_path(cfg: DictConfig) -> str | None:
     return None
 
 
+def plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(
+        mark in name for mark in ("/", "\\", "\0"))
+
+
+def check_saved_folder(path: str) -> None:
+    """A save_to_disk folder names its splits' folders and its Arrow files in JSON that
+    load_from_disk joins to the folder: each must be a plain name inside it, so the data
+    set cannot choose a file elsewhere for the tool to read."""
+    import json
+
+    def read(file: str) -> Any:
+        try:
+            with open(file) as handle:
+                return json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.path: {file} cannot be read as JSON: {error}") from error
+
+    index = os.path.join(path, SAVED_DICT)
+    splits = read(index).get("splits", []) if os.path.isfile(index) else [None]
+    for split in splits:
+        if split is not None and not plain_name(split):
+            raise ConfigError(f"data.path: {index} names the split {split!r}, which is not a "
+                              "plain folder name inside it; the file is damaged or crafted.")
+        state = os.path.join(path, split or "", "state.json")
+        files = read(state).get("_data_files", []) if os.path.isfile(state) else []
+        bad = [entry for entry in files
+               if not (isinstance(entry, dict) and plain_name(entry.get("filename")))]
+        if bad:
+            raise ConfigError(f"data.path: {state} names the data file(s) {bad[:3]!r}, not plain "
+                              "file names inside its folder; the file is damaged or crafted.")
+
+
 def open_splits(cfg: DictConfig) -> dict[str, Any]:
     """{split name: datasets.Dataset} as the data set has them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it: never download
@@ -55,6 +88,7 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
     try:
         if path is not None and (os.path.isfile(os.path.join(path, SAVED_DICT))
                                  or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE)):
+            check_saved_folder(path)
             found = datasets.load_from_disk(path)  # memory-mapped where it is
         else:  # data files (their Arrow copy goes to data.cache_dir), or a cached data set by name
             found = datasets.load_dataset(path or cfg.path, cache_dir=cache)
