@@ -147,7 +147,7 @@ def labelled_rows(table: Any, cfg: DictConfig, names: list[str] | None, multi_la
     naming the row. A multi-label row may have none."""
     rows, problems = [], []
     for row, value in enumerate(table[cfg.label_column]):
-        ids = list(value) if multi_label else [value]
+        ids = list(value or []) if multi_label else [value]  # a null list: no label
         if names is None and value is not None and str(value) != "":
             rows.append((row, (str(value),)))
         elif names is not None and all(isinstance(item, int) and 0 <= item < len(names)
