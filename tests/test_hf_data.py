@@ -122,6 +122,24 @@ def test_a_saved_folder_cannot_name_files_outside_itself(digits, tmp_path, targe
                           "data.num_workers=0"))
 
 
+def test_a_readme_in_the_folder_cannot_name_files_outside_it(digits, tmp_path):
+    """datasets reads a data set card's `configs: data_files` when it loads a folder: the
+    tool finds the folder's files by their names alone, and refuses a link out of it."""
+    (tmp_path / "outside").mkdir()
+    outside = tmp_path / "outside" / "secret-00000-of-00001.parquet"
+    datasets.Dataset.from_parquet(str(digits / "parquet" / "data" / "train-00000-of-00001.parquet"),
+                                  cache_dir=str(tmp_path / "c")).select(range(3)).to_parquet(str(outside))
+    (digits / "parquet" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        f"    path: \"{tmp_path}/outside/*.parquet\"\n---\n")
+    setup = build(make_config(*FAST[:2], *hf(digits), "data.num_workers=0", "dry_run=true"))
+    assert len(setup.data.train_loader.dataset) == 60  # the folder's own, not the card's 3
+    link = digits / "parquet" / "data" / "test-00000-of-00001.parquet"
+    link.symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"test-00000-of-00001.parquet leads out of the folder"):
+        build(make_config(*FAST[:2], *hf(digits), "data.num_workers=0", "dry_run=true"))
+
+
 def write_table(folder, rows: dict, features=None) -> str:
     datasets.Dataset.from_dict(rows, features=features).to_parquet(
         str(folder / "data" / "train-00000-of-00001.parquet"))

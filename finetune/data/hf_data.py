@@ -76,6 +76,36 @@ def check_saved_folder(path: str) -> None:
                               "file names inside its folder; the file is damaged or crafted.")
 
 
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # data file -> datasets' reader
+
+
+def data_files(path: str) -> tuple[str, dict[str, list[str]]]:
+    """A folder's data files by split, found by their names alone (datasets' own patterns:
+    data/train-*.parquet, validation.parquet, ...), and the reader they share. Not
+    load_dataset(folder): a README.md in the folder could then name files anywhere for the
+    tool to read. Every file must lie inside the folder (a link out of it is refused)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    except FileNotFoundError as error:
+        raise ConfigError(f"data.path={path!r} holds no data file: {error}") from error
+    root = os.path.realpath(path)
+    files = {str(split): list(names) for split, names in found.items()}
+    every = [name for names in files.values() for name in names]
+    outside = [name for name in every
+               if os.path.commonpath([root, os.path.realpath(name)]) != root]
+    kinds = {os.path.splitext(name)[1].lower() for name in every}
+    if outside:
+        raise ConfigError(f"data.path={path!r}: {outside[0]} leads out of the folder (a link); "
+                          "data files must lie inside it.")
+    if len(kinds) != 1 or not kinds <= set(DATA_FILE_BUILDERS):
+        raise ConfigError(f"data.path={path!r} holds {', '.join(sorted(kinds)) or 'no'} data "
+                          f"files: data=hf reads a folder of {' or '.join(DATA_FILE_BUILDERS)} "
+                          "files of one kind, or a folder written by save_to_disk.")
+    return DATA_FILE_BUILDERS[kinds.pop()], files
+
+
 def open_splits(cfg: DictConfig) -> dict[str, Any]:
     """{split name: datasets.Dataset} as the data set has them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it: never download
@@ -90,8 +120,11 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
                                  or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE)):
             check_saved_folder(path)
             found = datasets.load_from_disk(path)  # memory-mapped where it is
-        else:  # data files (their Arrow copy goes to data.cache_dir), or a cached data set by name
-            found = datasets.load_dataset(path or cfg.path, cache_dir=cache)
+        elif path is not None:  # data files (their Arrow copy goes to data.cache_dir)
+            builder, files = data_files(path)
+            found = datasets.load_dataset(builder, data_files=files, cache_dir=cache)
+        else:  # a data set already in the local Hugging Face cache, by name
+            found = datasets.load_dataset(cfg.path, cache_dir=cache)
     except ConnectionError as error:
         raise ConfigError(f"data.path={cfg.path!r} is not a folder, and no data set of that name "
                           f"is in the local Hugging Face cache ({cache or 'HF_DATASETS_CACHE'}): "
