@@ -62,7 +62,19 @@ def composed(overrides: tuple[str, ...]) -> DictConfig:
 FAST = ("backbone.weights=null", "backbone.name=squeezenet1_1", "data=fake",
         "data.train_size=64", "data.val_size=32", "data.batch_size=16", "trainer.max_epochs=1",
         "trainer.device=cpu")
-RESNET = "backbone.name=resnet18"  # after FAST: where a test needs BatchNorm or resnet's names
+RESNET = "backbone.name=resnet18"
+# one short epoch on small image files, after FAST's backbone (the data tests' runs)
+IMAGE_RUN = ("trainer.max_epochs=1", "trainer.device=cpu", "data.image_size=32", "data.num_workers=0",
+             "data.batch_size=8", "plots=false")
+
+
+def png_bytes(pixels) -> bytes:
+    """A grey uint8 array as a 16x16 PNG file's bytes."""
+    from PIL import Image
+
+    stream = io.BytesIO()
+    Image.fromarray(pixels).resize((16, 16)).save(stream, format="PNG")
+    return stream.getvalue()  # after FAST: where a test needs BatchNorm or resnet's names
 
 
 # Seconds a subprocess may take before a test calls it hung: a guard against hangs only.

@@ -2,30 +2,21 @@
 the same images in class folders do; what the data set holds is checked and named."""
 
 import csv
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from finetune.errors import ConfigError
 from finetune.run import build, run
 
-from conftest import FAST, make_config
+from conftest import FAST, IMAGE_RUN, make_config, png_bytes
 
 datasets = pytest.importorskip("datasets", reason="data=hf needs the hf extra (in dev)")
 
 PER_CLASS = {"train": 6, "validation": 2}
-SMALL = (*FAST[:2], "trainer.max_epochs=1", "trainer.device=cpu", "data.image_size=32",
-         "data.num_workers=0", "data.batch_size=8", "plots=false")
-
-
-def png(pixels: np.ndarray) -> bytes:
-    stream = io.BytesIO()
-    Image.fromarray(pixels).resize((16, 16)).save(stream, format="PNG")
-    return stream.getvalue()
+SMALL = (*FAST[:2], *IMAGE_RUN)
 
 
 @pytest.fixture
@@ -44,7 +35,7 @@ def digits(tmp_path):
             folder.mkdir(parents=True)
             chosen = np.flatnonzero(bundle.target == digit)[used:used + count]
             for number, index in enumerate(chosen):
-                data = png((bundle.images[index] * 15).astype(np.uint8))
+                data = png_bytes((bundle.images[index] * 15).astype(np.uint8))
                 (folder / f"{number}.png").write_bytes(data)
                 rows["image"].append({"bytes": data, "path": None})
                 rows["label"].append(digit)
@@ -164,7 +155,7 @@ def test_bad_settings_are_named(digits, change, message):
 
 def test_a_row_without_a_label_and_a_cell_naming_a_file_are_refused(digits, tmp_path):
     names = datasets.ClassLabel(names=["a", "b"])
-    image = {"bytes": png(np.zeros((8, 8), np.uint8)), "path": None}
+    image = {"bytes": png_bytes(np.zeros((8, 8), np.uint8)), "path": None}
     features = datasets.Features({"image": datasets.Image(), "label": names})
     unlabelled = write_table(tmp_path / "unlabelled", {"image": [image] * 3, "label": [0, -1, 1]},
                              features)
@@ -196,7 +187,7 @@ def test_multi_label_rows_train_with_their_label_lists(tmp_path):
     names = ["red", "green", "blue"]
     features = datasets.Features({"image": datasets.Image(),
                                   "labels": datasets.List(datasets.ClassLabel(names=names))})
-    images = [{"bytes": png(np.full((8, 8), 40 * index, np.uint8)), "path": None} for index in range(6)]
+    images = [{"bytes": png_bytes(np.full((8, 8), 40 * index, np.uint8)), "path": None} for index in range(6)]
     folder = write_table(tmp_path / "multi", {"image": images,
                                               "labels": [[0], [1, 2], [], [2], [0, 1], [1]]}, features)
     common = [*SMALL, "data=hf", f"data.path={folder}", f"data.cache_dir={tmp_path}/c",

@@ -102,6 +102,22 @@ def pets(tmp_path):
 
 
 @pytest.fixture
+def tar_shards(tmp_path):
+    """/data/shards of the docs: three train and three val WebDataset shards."""
+    import webdataset
+
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(image, format="PNG")
+    (tmp_path / "shards").mkdir()
+    for split in ("train", "val"):
+        with webdataset.ShardWriter(str(tmp_path / "shards" / f"{split}-%04d.tar"), maxcount=2,
+                                    verbose=0) as sink:
+            for number in range(6):
+                sink.write({"__key__": f"s{number}", "png": image.getvalue(), "cls": number % 2})
+    return tmp_path / "shards"
+
+
+@pytest.fixture
 def saved_run(tmp_path, monkeypatch):
     """The run the docs' resume / evaluate / predict examples name, under the cwd."""
     overrides = [*FAST, "backbone.allow_download=false"]
@@ -149,6 +165,9 @@ def check_sweep(arguments: list[str], tmp_path: Path) -> None:
 def test_readme_command_runs(command, tmp_path, photos, request):
     arguments = [arg.replace("/data/photos", str(photos)).replace("/data/new_photos", str(photos))
                  for arg in shlex.split(command)[2:]]
+    if "data=webdataset" in arguments:
+        folder = request.getfixturevalue("tar_shards")
+        arguments = [arg.replace("/data/shards", str(folder)) for arg in arguments]
     if "data=hf" in arguments:  # its Arrow copy under the test's folder
         folder = request.getfixturevalue("pets")
         arguments = [arg.replace("/data/pets", str(folder / "pets")) for arg in arguments]

@@ -120,6 +120,24 @@ class HfDataConfig(DataConfig):
 
 
 @dataclass
+class WebDatasetDataConfig(DataConfig):
+    name: str = "webdataset"
+    # local tar shards as brace patterns: /data/train-{0000..0127}.tar
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None  # what data.split=test reads
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    label_key: str = "cls"  # the class number, as text (WebDataset writes an int so)
+    class_names: list[str] | None = None  # the classes in label order; or classes_file
+    classes_file: str | None = None  # one class name per line; neither: 0..the largest label
+    augment: str = "none"  # as data=imagefolder's
+    bad_images: str = "skip"  # as data=imagefolder's
+    use_weights_transform: bool = True
+    cache_images: str = "auto"  # as data=imagefolder's
+    cache_max_gb: float = 20.0
+
+
+@dataclass
 class FakeDataConfig(DataConfig):
     name: str = "fake"
     num_classes: int = 10
@@ -390,7 +408,8 @@ TIMM_BUILDER_KWARGS = ("cache_dir", "checkpoint_path", "feature_cfg", "kwargs", 
 
 
 DATA_SCHEMAS = {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig,
-                "fake": FakeDataConfig, "csv": CsvDataConfig, "hf": HfDataConfig}
+                "fake": FakeDataConfig, "csv": CsvDataConfig, "hf": HfDataConfig,
+                "webdataset": WebDatasetDataConfig}
 
 
 def data_schema(name: Any) -> type:
@@ -407,6 +426,7 @@ SCHEMAS = {
     (None, "schema_data_fake"): FakeDataConfig,
     (None, "schema_data_csv"): CsvDataConfig,
     (None, "schema_data_hf"): HfDataConfig,
+    (None, "schema_data_webdataset"): WebDatasetDataConfig,
     (None, "schema_optimizer_sgd"): SGDConfig,
     (None, "schema_optimizer_adamw"): AdamWConfig,
     (None, "schema_scheduler_none"): SchedulerConfig,

@@ -136,7 +136,7 @@ def check_model(cfg: DictConfig, check: Check) -> None:
 
 def check_data(cfg: DictConfig, check: Check) -> None:
     data = cfg.data
-    if data.name in ("imagefolder", "csv", "hf"):
+    if data.name in ("imagefolder", "csv", "hf", "webdataset"):
         check(augment_policy(data.augment) in AUGMENT_POLICIES, "data.augment", data.augment,
               "use " + ", ".join(AUGMENT_POLICIES))
         check(data.bad_images in BAD_IMAGE_POLICIES, "data.bad_images", data.bad_images,

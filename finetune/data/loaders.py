@@ -37,6 +37,7 @@ from finetune.data.folders import (
     split_folders,
 )
 from finetune.data.hf_data import hf_images, local_path
+from finetune.data.shards import webdataset_images
 from finetune.data.transforms import batch_mixing, normalize
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -115,8 +116,9 @@ def fake_data(cfg: DictConfig, spec: InputSpec):
 
 
 BUILDERS = {"digits": digits_tensors, "imagefolder": image_folders, "fake": fake_data,
-            "csv": csv_images, "hf": hf_images}
-FILE_DATA = ("imagefolder", "csv", "hf")  # a split read alone; image files, or a table's images
+            "csv": csv_images, "hf": hf_images, "webdataset": webdataset_images}
+FILE_DATA = ("imagefolder", "csv", "hf", "webdataset")  # a split read alone (image files, a
+# table's images, tar shards' images)
 
 
 def worker_count(setting: int | str) -> int:
@@ -219,7 +221,10 @@ def reading(cfg: DictConfig, train: Dataset, val: Dataset, shard: Shard | None) 
     """How the data is read (map-style: any image by its index) and split across processes."""
     where = {"hf": lambda: f"rows of the data set {cfg.path} (map-style: read by index)",
              "imagefolder": lambda: f"image files under {cfg.root}",
-             "csv": lambda: f"image files listed in {cfg.file}"}.get(cfg.name, lambda: "in memory")
+             "csv": lambda: f"image files listed in {cfg.file}",
+             "webdataset": lambda: f"tar shards {cfg.train_shards} (their members indexed at "
+                                   "start-up, each image read by its offset: map-style)"
+             }.get(cfg.name, lambda: "in memory")
     line = f"{len(train)} training and {len(val)} validation images, {where()}"
     if shard is not None:
         line += (f"; each of {shard.world} processes trains on its own 1/{shard.world} of the "
@@ -300,6 +305,8 @@ def has_test_split(cfg: DictConfig) -> bool:
         from finetune.data.hf_data import open_splits
 
         return cfg.test_split in open_splits(cfg)
+    if cfg.name == "webdataset":
+        return bool(cfg.test_shards)
     if cfg.name == "csv" and cfg.split_column:  # the column alone: no image is looked up
         from finetune.data.csv_data import read_rows
 

@@ -77,7 +77,8 @@ def checkpoint_data(cfg: DictConfig, model: "LoadedModel", overrides: Sequence[s
     if split is not None:
         data_cfg.split = split
     trained_on = model.config["data"]
-    from_file = [f"data.{key}={data_cfg[key]!r}" for key in ("root", "file", "path")
+    from_file = [f"data.{key}={data_cfg[key]!r}" for key in ("root", "file", "path", "val_shards",
+                                                              "test_shards")
                  if data_cfg.get(key) is not None and data_cfg.get(key) == trained_on.get(key)]
     try:
         loader, classes = validation_data(data_cfg, model.input_spec, cfg.seed, **options)
