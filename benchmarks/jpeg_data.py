@@ -60,3 +60,23 @@ def parquet_folder() -> Path:
             str(parquet / "data" / f"{split}-00000-of-00001.parquet"))
     (parquet / "complete").write_text("ok\n")
     return parquet
+
+
+def shard_folder() -> Path:
+    """The same 3,000 JPEGs as WebDataset shards (webdataset's own writer, 500 samples a
+    shard): train-0000..0004.tar and val-0000.tar, in the folder's order."""
+    import webdataset
+
+    shards = FOLDER.parent / "jpegs-3000-shards-v1"
+    if (shards / "complete").is_file():
+        return shards
+    root = jpeg_folder()
+    shards.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        files = sorted((label, path) for label in map(str, range(10))
+                       for path in (root / split / label).iterdir())
+        with webdataset.ShardWriter(str(shards / f"{split}-%04d.tar"), maxcount=500, verbose=0) as sink:
+            for number, (label, path) in enumerate(files):
+                sink.write({"__key__": f"{number:05d}", "jpg": path.read_bytes(), "cls": int(label)})
+    (shards / "complete").write_text("ok\n")
+    return shards

@@ -465,10 +465,10 @@ def folder_rows(repeats: int) -> list[tuple]:
              *median_of(repeats, lambda _: folder_finetune_ratio(root)))]
 
 
-def hf_ratio(root: Path, parquet: Path) -> tuple[float, str]:
-    """Item 10: the training loader alone, epoch 2, data=hf over Parquet files holding the
-    folder's JPEGs against data=imagefolder on the folder (both with the image cache, as a
-    user runs them): hf images/s / folder images/s."""
+def source_ratio(root: Path, name: str, data: list[str]) -> tuple[float, str]:
+    """Items 10 and 10b: the training loader alone, epoch 2, the same JPEGs read by another
+    data option (`data`) against data=imagefolder on the folder, both with the image cache,
+    as a user runs them: its images/s / the folder's."""
     from hydra import compose, initialize_config_dir
 
     from finetune.config.store import register_schemas
@@ -478,26 +478,31 @@ def hf_ratio(root: Path, parquet: Path) -> tuple[float, str]:
     rates = {}
     with tempfile.TemporaryDirectory() as folder, \
             initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for name, data in (("folder", tool_folder_overrides(root, False)),
-                           ("hf", ["data=hf", f"data.path={parquet}", f"data.cache_dir={folder}/hf",
-                                   f"data.num_workers={FOLDER_WORKERS}"])):
+        for side, overrides in (("folder", tool_folder_overrides(root, False)),
+                                (name, [*data, f"data.num_workers={FOLDER_WORKERS}"])):
             cfg = compose(config_name="config", overrides=[
-                *FOLDER_WORK.overrides(), *data, f"trainer.cache_dir={folder}/{name}"])
+                *FOLDER_WORK.overrides(), *overrides, f"trainer.cache_dir={folder}/{side}",
+                *([f"data.cache_dir={folder}/hf"] if side == "hf" else [])])
             started = time.perf_counter()
             setup = build(cfg)  # the image cache is filled here (and datasets' Arrow copy made)
-            rates[name] = (images_per_second(setup.data.train_loader), time.perf_counter() - started)
-    (hf, hf_start), (files, files_start) = rates["hf"], rates["folder"]
-    return hf[1] / files[1], (f"hf {hf[1]:.0f} images/s (epoch 1: {hf[0]:.0f}; start-up "
-                              f"{hf_start:.1f} s), folder {files[1]:.0f} images/s (epoch 1: "
-                              f"{files[0]:.0f}; start-up {files_start:.1f} s)")
+            rates[side] = (images_per_second(setup.data.train_loader), time.perf_counter() - started)
+    (other, other_start), (files, files_start) = rates[name], rates["folder"]
+    return other[1] / files[1], (f"{name} {other[1]:.0f} images/s (epoch 1: {other[0]:.0f}; "
+                                 f"start-up {other_start:.1f} s), folder {files[1]:.0f} images/s "
+                                 f"(epoch 1: {files[0]:.0f}; start-up {files_start:.1f} s)")
 
 
 def hf_rows(repeats: int) -> list[tuple]:
     import jpeg_data
 
-    root, parquet = jpeg_data.jpeg_folder(), jpeg_data.parquet_folder()
+    root, parquet, shards = jpeg_data.jpeg_folder(), jpeg_data.parquet_folder(), jpeg_data.shard_folder()
+    webdataset = ["data=webdataset", f"data.train_shards='{shards}/train-{{0000..0004}}.tar'",
+                  f"data.val_shards='{shards}/val-0000.tar'"]
     return [("10. data=hf (Parquet of the same JPEGs) / data=imagefolder, training loader, "
-             "epoch 2: images/s", ">= 0.9", *median_of(repeats, lambda _: hf_ratio(root, parquet)))]
+             "epoch 2: images/s", ">= 0.9",
+             *median_of(repeats, lambda _: source_ratio(root, "hf", ["data=hf", f"data.path={parquet}"]))),
+            ("10b. data=webdataset (tar shards of the same JPEGs) / data=imagefolder, the same",
+             ">= 0.9", *median_of(repeats, lambda _: source_ratio(root, "webdataset", webdataset)))]
 
 
 def median_of(repeats: int, measure) -> tuple[float, str]:
@@ -547,7 +552,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true", help="items 1, 2 and 9 on a CUDA GPU")
     parser.add_argument("--folder", action="store_true", help="items 7-8 only (a JPEG folder)")
-    parser.add_argument("--hf", action="store_true", help="item 10 only (data=hf, the hf extra)")
+    parser.add_argument("--hf", action="store_true",
+                        help="items 10 and 10b only (data=hf and data=webdataset against the folder)")
     parser.add_argument("--bare-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_probe:
