@@ -12,12 +12,13 @@ import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 import timm  # noqa: F401  (imported once, before the ranks are forked)
 
 from finetune.run import run
 
-from conftest import FAST, make_config, run_cli, run_forked
+from conftest import FAST, make_config, png_bytes, run_cli, run_forked
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +92,31 @@ def test_auto_measures_alike_on_every_rank(tmp_path):
     assert (tmp_path / "run" / "rgn.png").is_file()  # its weights would differ
     rows = list(csv.DictReader(open(tmp_path / "run" / "rgn.csv")))
     assert rows and {row["epoch"] for row in rows} == {"1"}
+
+
+def test_webdataset_shards_of_uneven_size_end_on_both_ranks(tmp_path):
+    """Three shards (5, 5 and 3 samples) for two ranks: each rank trains on as many batches
+    (DistributedSampler's equal share of the indexed samples), so the job ends, and the
+    ranks agree."""
+    webdataset = pytest.importorskip("webdataset", reason="needs the webdataset extra (in dev)")
+    (tmp_path / "shards").mkdir()
+    for split in ("train", "val"):
+        with webdataset.ShardWriter(str(tmp_path / "shards" / f"{split}-%04d.tar"), maxcount=5,
+                                    verbose=0) as sink:
+            for number in range(13):
+                pixels = np.full((8, 8), 20 * (number % 3), np.uint8)
+                sink.write({"__key__": f"s{number:03d}", "png": png_bytes(pixels), "cls": number % 3})
+    arguments = [*FAST[:2], "data=webdataset", "trainer.device=cpu", "trainer.max_epochs=1",
+                 f"data.train_shards='{tmp_path}/shards/train-{{0000..0002}}.tar'",
+                 f"data.val_shards='{tmp_path}/shards/val-{{0000..0002}}.tar'",
+                 "data.batch_size=4", "data.num_workers=0", "data.image_size=16", "hydra.run.dir=run"]
+    port = free_port()
+    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], "".join(logs)[-3000:]
+    assert "13 training and 13 validation images, tar shards" in logs[0]
+    assert "each of 2 processes trains on its own 1/2" in logs[0]
+    assert "the final weights are identical on all 2 ranks" in logs[0]
 
 
 def probing_rank(rank: int, port: int, folder, arguments: list[str]) -> None:
