@@ -63,23 +63,29 @@ class DigitsDataConfig(DataConfig):
 
 
 @dataclass
-class ImageFolderDataConfig(DataConfig):
-    name: str = "imagefolder"
-    root: str | None = None  # holds train/<class>/* and val/<class>/* (test/<class>/*), or <class>/*
-    val_fraction: float = 0.2  # <class>/* directly under root: this share of each class validates
+class ImageDataConfig(DataConfig):
+    """What every source of image files shares: imagefolder, csv, hf, webdataset."""
+
     # training images only: none | flip | light (random resized crop + flip) | randaugment |
     # trivialaugment | autoaugment (the last three: light, then that torchvision policy)
     augment: str = "none"
     bad_images: str = "skip"  # skip (one warning naming each file) | fail (an error naming them)
     use_weights_transform: bool = True  # with pretrained weights, use their preprocessing
-    # decode and resize each file once, then read the result back (under trainer.cache_dir):
+    # decode and resize each image once, then read the result back (under trainer.cache_dir):
     # auto (when it fits in cache_max_gb) | true | false
     cache_images: str = "auto"
     cache_max_gb: float = 20.0  # the image cache folder's bound; older entries go first
 
 
 @dataclass
-class CsvDataConfig(DataConfig):
+class ImageFolderDataConfig(ImageDataConfig):
+    name: str = "imagefolder"
+    root: str | None = None  # holds train/<class>/* and val/<class>/* (test/<class>/*), or <class>/*
+    val_fraction: float = 0.2  # <class>/* directly under root: this share of each class validates
+
+
+@dataclass
+class CsvDataConfig(ImageDataConfig):
     name: str = "csv"
     file: str | None = None  # a CSV (or .tsv) file, one row per image
     root: str | None = None  # the image paths are relative to it; null: the file's folder
@@ -91,15 +97,10 @@ class CsvDataConfig(DataConfig):
     # " " or ";") ...
     label_delimiter: str | None = None
     label_columns: list[str] | None = None  # ... or one 0/1 column per class, in this order
-    augment: str = "none"  # as data=imagefolder's
-    bad_images: str = "skip"  # as data=imagefolder's
-    use_weights_transform: bool = True
-    cache_images: str = "auto"  # as data=imagefolder's
-    cache_max_gb: float = 20.0
 
 
 @dataclass
-class HfDataConfig(DataConfig):
+class HfDataConfig(ImageDataConfig):
     name: str = "hf"
     # a folder of Parquet (or other) data files, a folder written by save_to_disk, or the
     # name of a data set already in the local Hugging Face cache (read offline)
@@ -112,15 +113,10 @@ class HfDataConfig(DataConfig):
     val_split: str = "validation"
     val_fraction: float | None = None  # set when there is no validation split: a fixed share of train
     test_split: str = "test"  # what data.split=test reads (mode=evaluate, and a run's final test)
-    augment: str = "none"  # as data=imagefolder's
-    bad_images: str = "skip"  # as data=imagefolder's
-    use_weights_transform: bool = True
-    cache_images: str = "auto"  # as data=imagefolder's
-    cache_max_gb: float = 20.0
 
 
 @dataclass
-class WebDatasetDataConfig(DataConfig):
+class WebDatasetDataConfig(ImageDataConfig):
     name: str = "webdataset"
     # local tar shards as brace patterns: /data/train-{0000..0127}.tar
     train_shards: str | None = None
@@ -130,11 +126,6 @@ class WebDatasetDataConfig(DataConfig):
     label_key: str = "cls"  # the class number, as text (WebDataset writes an int so)
     class_names: list[str] | None = None  # the classes in label order; or classes_file
     classes_file: str | None = None  # one class name per line; neither: 0..the largest label
-    augment: str = "none"  # as data=imagefolder's
-    bad_images: str = "skip"  # as data=imagefolder's
-    use_weights_transform: bool = True
-    cache_images: str = "auto"  # as data=imagefolder's
-    cache_max_gb: float = 20.0
 
 
 @dataclass

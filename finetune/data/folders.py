@@ -2,6 +2,7 @@
 by data.val_fraction) and the images a CSV lists, each checked at start-up (missing,
 empty or unreadable files named), read through the image cache when it is on."""
 
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -162,14 +163,20 @@ class CheckedImageFolder(datasets.ImageFolder):
             self.samples = [sample for sample in self.samples if sample[0] not in bad]
             self.imgs, self.targets = self.samples, [target for _, target in self.samples]
 
-    # Where each sample's image comes from: a file here; a row of a table in data=hf
-    # (finetune/data/hf_data.py). The image cache reads through these too.
+    # Where each sample's image comes from: a file here; a table's row (data=hf,
+    # finetune/data/hf_data.py) or a tar shard's member (data=webdataset, shards.py) in the
+    # subclasses, which override image_file and source_stamp. The image cache reads
+    # through these too.
+    def image_file(self, path: str) -> "str | io.BytesIO":
+        """The image as PIL and the decoders open it: the file's path, or its bytes."""
+        return path
+
     def read_source(self, path: str) -> torch.Tensor:
-        return read_image(path)
+        return read_image(self.image_file(path))
 
     def open_source(self, path: str):
         """The image's header, for the start-up check and the image cache's size."""
-        return open_image(path)
+        return open_image(self.image_file(path))
 
     def source_stamp(self, path: str) -> str:
         """What changes when the image does (the image cache's key)."""
@@ -215,12 +222,16 @@ class CsvImages(CheckedImageFolder):
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list:
         if not self.multi_label:
             return sorted((path, class_to_idx[labels[0]]) for path, labels in self.rows)
-        samples = []
-        for path, labels in sorted(self.rows, key=lambda row: row[0]):
-            target = torch.zeros(len(class_to_idx))
-            target[[class_to_idx[label] for label in labels]] = 1.0
-            samples.append((path, target))
-        return samples
+        return [(path, multi_hot(labels, class_to_idx))
+                for path, labels in sorted(self.rows, key=lambda row: row[0])]
+
+
+def multi_hot(labels: tuple[str, ...], class_to_idx: dict[str, int]) -> torch.Tensor:
+    """A multi-label image's target: 1 for each of its classes, 0 elsewhere (what
+    BCE-with-logits takes)."""
+    target = torch.zeros(len(class_to_idx))
+    target[[class_to_idx[label] for label in labels]] = 1.0
+    return target
 
 
 def csv_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("train", "val")):

@@ -15,11 +15,9 @@ import io
 import os
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
-from finetune.data.folders import CheckedImageFolder
-from finetune.data.images import open_image, read_image
+from finetune.data.folders import CheckedImageFolder, multi_hot
 from finetune.data.transforms import image_transforms
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -232,11 +230,8 @@ class HfImages(CheckedImageFolder):
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list:
         samples = []
         for row, labels in self.rows:
-            if self.multi_label:
-                target = torch.zeros(len(class_to_idx))
-                target[[class_to_idx[label] for label in labels]] = 1.0
-            else:
-                target = class_to_idx[labels[0]]
+            target = (multi_hot(labels, class_to_idx) if self.multi_label
+                      else class_to_idx[labels[0]])
             samples.append((f"{self.source}#{row}", target))
         return samples
 
@@ -248,11 +243,8 @@ class HfImages(CheckedImageFolder):
                              f"file, {cell and cell.get('path')!r}, which this tool does not open)")
         return cell["bytes"]
 
-    def read_source(self, path: str) -> torch.Tensor:
-        return read_image(io.BytesIO(self.image_bytes(path)))
-
-    def open_source(self, path: str):
-        return open_image(io.BytesIO(self.image_bytes(path)))
+    def image_file(self, path: str) -> io.BytesIO:
+        return io.BytesIO(self.image_bytes(path))
 
     def source_stamp(self, path: str) -> str:
         return f"{self.stamp}|{path}"

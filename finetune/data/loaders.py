@@ -36,7 +36,7 @@ from finetune.data.folders import (
     image_folders,
     split_folders,
 )
-from finetune.data.hf_data import hf_images, local_path
+from finetune.data.hf_data import hf_images, local_path, open_splits
 from finetune.data.shards import webdataset_images
 from finetune.data.transforms import batch_mixing, normalize
 from finetune.errors import ConfigError
@@ -302,8 +302,6 @@ def has_test_split(cfg: DictConfig) -> bool:
     if cfg.name == "imagefolder":
         return split_folders(cfg) and os.path.isdir(os.path.join(os.path.expanduser(cfg.root), "test"))
     if cfg.name == "hf":
-        from finetune.data.hf_data import open_splits
-
         return cfg.test_split in open_splits(cfg)
     if cfg.name == "webdataset":
         return bool(cfg.test_shards)
@@ -322,7 +320,7 @@ def fingerprint(dataset: Dataset) -> str:
     if isinstance(dataset, TensorDataset):
         return tensors_digest(dataset.tensors)
     digest = hashlib.sha256()
-    if isinstance(dataset, CheckedImageFolder):  # files, or a table's images (data=hf)
+    if isinstance(dataset, CheckedImageFolder):  # files, a table's rows, tar shards' members
         for path, label in dataset.samples:
             digest.update(f"{dataset.source_stamp(path)}|{label}".encode())
         digest.update(repr(dataset.transform).encode())

@@ -22,7 +22,6 @@ from typing import Any
 from omegaconf import DictConfig
 
 from finetune.data.folders import CheckedImageFolder
-from finetune.data.images import open_image, read_image
 from finetune.data.transforms import image_transforms
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -142,11 +141,8 @@ class ShardImages(CheckedImageFolder):
             stream.seek(offset)
             return stream.read(size)
 
-    def read_source(self, path: str):
-        return read_image(io.BytesIO(self.image_bytes(path)))
-
-    def open_source(self, path: str):
-        return open_image(io.BytesIO(self.image_bytes(path)))
+    def image_file(self, path: str) -> io.BytesIO:
+        return io.BytesIO(self.image_bytes(path))
 
     def source_stamp(self, path: str) -> str:
         return f"{self.stamps[self.places[path][0]]}#{path}"
