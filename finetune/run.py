@@ -191,7 +191,7 @@ def build(cfg: DictConfig, auto_frozen: Any = None) -> Setup:
     scheduler = build_scheduler(optimizer, cfg.scheduler, bool(plan), file_trust(cfg))
     unfreeze = UnfreezeSchedule(plan, net, optimizer, scheduler, cfg.optimizer, cfg.frozen_modules)
     cache = decide(str(cfg.trainer.cache_features).lower(), net, data.random_augmentation,
-                   bool(plan))
+                   bool(plan), data.streamed)
     return Setup(device, weights, spec, data, net, aliases, optimizer, scheduler, unfreeze,
                  cache, criterion, adapters, choice)
 

@@ -113,6 +113,8 @@ class HfDataConfig(ImageDataConfig):
     val_split: str = "validation"
     val_fraction: float | None = None  # set when there is no validation split: a fixed share of train
     test_split: str = "test"  # what data.split=test reads (mode=evaluate, and a run's final test)
+    streaming: bool = False  # a folder of Parquet files read as a stream (finetune/data/streaming.py)
+    shuffle_buffer: int = 1000  # streaming: rows shuffled together in each loader worker
 
 
 @dataclass

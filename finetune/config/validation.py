@@ -145,6 +145,8 @@ def check_data(cfg: DictConfig, check: Check) -> None:
               data.cache_images, "use auto, true or false")
         check(data.cache_max_gb > 0, "data.cache_max_gb", data.cache_max_gb,
               "use a positive number of GiB")
+    if data.get("streaming"):
+        check_stream(cfg, check)
     if data.folds is not None:
         check(data.folds >= 2, "data.folds", data.folds, "use 2 or more, or null (off)")
         check(0 <= data.fold < max(data.folds, 1), "data.fold", data.fold,
@@ -167,6 +169,23 @@ def check_data(cfg: DictConfig, check: Check) -> None:
     check(data.split == "val" or cfg.mode == "evaluate", "data.split", data.split,
           f"it chooses what mode=evaluate reads; mode={cfg.mode} always uses val (a run scores "
           "its best checkpoint on the test split by itself when there is one)")
+
+
+def check_stream(cfg: DictConfig, check: Check) -> None:
+    """data.streaming=true reads rows as they come: what needs rows kept or picked is refused."""
+    data = cfg.data
+    check(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer,
+          "use 1 (rows in the order read) or more")
+    check(data.folds is None, "data.folds", data.folds, "a stream (data.streaming=true) has "
+          "no fixed rows to fold; set data.streaming=false for cross-validation")
+    check(data.val_fraction is None, "data.val_fraction", data.val_fraction, "a stream "
+          "(data.streaming=true) reads the data set's validation split (data.val_split); set "
+          "data.streaming=false to set rows aside from the training split")
+    check(str(data.cache_images).lower() != "true", "data.cache_images", data.cache_images,
+          "a stream (data.streaming=true) keeps no image; use auto or false")
+    check(auto_freeze(cfg.freeze) is None, "freeze", cfg.freeze, "freeze=auto measures on "
+          "training rows drawn at random, which a stream (data.streaming=true) does not read; "
+          "give a list of patterns, or set data.streaming=false")
 
 
 def check_trainer(cfg: DictConfig, check: Check) -> None:

@@ -57,9 +57,12 @@ class CacheEntry:
                         "differ from an uninterrupted run", self.key, state["key"])
 
 
-def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool) -> list[str]:
-    """Everything that would make cached features differ from computing them each epoch."""
-    reasons = []
+def reasons_against(net: nn.Module, random_train_transform: bool, has_phases: bool,
+                    streamed: bool = False) -> list[str]:
+    """Everything that would make cached features differ from computing them each epoch (or,
+    for a stream, what is not there to cache)."""
+    reasons = ["the data is streamed (data.streaming=true): its images are read as they come, "
+               "not kept, and each epoch reads other rows"] if streamed else []
     trainable = trainable_names(net.pretrained)
     adapters = [name for name in trainable if is_adapter_parameter(name)]
     if adapters:
@@ -91,11 +94,11 @@ def timm_version() -> str:
 
 
 def decide(setting: str, net: nn.Module, random_train_transform: bool,
-           has_phases: bool) -> CacheDecision:
+           has_phases: bool, streamed: bool = False) -> CacheDecision:
     """auto: on exactly when the results do not change; true: on, or an error saying why not."""
     if setting == "false":
         return CacheDecision(False, "off (trainer.cache_features=false)")
-    against = reasons_against(net, random_train_transform, has_phases)
+    against = reasons_against(net, random_train_transform, has_phases, streamed)
     if not against:
         return CacheDecision(True, "on: the backbone is frozen and deterministic, so its "
                                    "outputs are computed once and the head trains on them")

@@ -8,7 +8,8 @@ refused, since nothing read from a data set may choose a path to read. Labels co
 plain values (the sorted distinct values). The images are then read as an image folder's
 are (finetune/data/folders.py): the same transforms, the same start-up check for
 unreadable images, the same image cache; so the same images in the same order train
-exactly as the folder does.
+exactly as the folder does. With data.streaming=true a folder of Parquet files is read as a
+stream instead (finetune/data/streaming.py).
 """
 
 import io
@@ -18,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from finetune.data.folders import CheckedImageFolder, multi_hot
+from finetune.data.streaming import ParquetSplit, StreamedImages
 from finetune.data.transforms import image_transforms
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -105,7 +107,9 @@ def data_files(path: str) -> tuple[str, dict[str, list[str]]]:
 
 
 def open_splits(cfg: DictConfig) -> dict[str, Any]:
-    """{split name: datasets.Dataset} as the data set has them."""
+    """{split name: datasets.Dataset} as the data set has them (streamed: ParquetSplit)."""
+    if cfg.get("streaming"):
+        return parquet_splits(cfg)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it: never download
     import datasets
 
@@ -131,6 +135,24 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ConfigError(f"data.path={cfg.path!r} cannot be read as a data set: {error}") from error
     return dict(found) if isinstance(found, datasets.DatasetDict) else {"train": found}
+
+
+def parquet_splits(cfg: DictConfig) -> dict[str, ParquetSplit]:
+    """data.streaming=true: a folder of Parquet files, each split's files found by name."""
+    path = local_path(cfg)
+    saved = path is not None and (os.path.isfile(os.path.join(path, SAVED_DICT))
+                                  or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE))
+    if path is None or saved:
+        what = "a folder written by save_to_disk" if saved else "a data set in the Hugging Face cache"
+        raise ConfigError(f"data.streaming=true: data.path={cfg.path!r} is {what}, "
+                          "whose Arrow files are read where they are (memory-mapped, no copy); "
+                          "set data.streaming=false. Streaming reads a folder of Parquet files.")
+    builder, files = data_files(path)
+    if builder != "parquet":
+        raise ConfigError(f"data.streaming=true: data.path={cfg.path!r} holds {builder} files; "
+                          "streaming reads Parquet files (set data.streaming=false for these).")
+    return {split: ParquetSplit(names, f"the split {split!r} of {cfg.path}")
+            for split, names in files.items()}
 
 
 def checked_split(splits: dict[str, Any], key: str, name: str) -> Any:
@@ -259,6 +281,13 @@ def hf_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("trai
     chosen = split_rows(cfg, tables, names, multi_label, splits)
     transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
     classes = names or value_classes(train_table, cfg)
+    if cfg.get("streaming"):
+        found = {split: StreamedImages(table, rows, classes, cfg.image_column,
+                                       transforms.get(split, transforms["val"]),
+                                       cfg.bad_images == "skip", multi_label, cfg.batch_size,
+                                       cfg.shuffle_buffer)
+                 for split, (table, rows, _) in chosen.items()}
+        return found.get("train"), found[splits[-1]], classes
     found = {split: HfImages(table, rows, classes, cfg.image_column,
                              transforms.get(split, transforms["val"]), cfg.bad_images == "skip",
                              f"{cfg.path}/{name}", multi_label)

@@ -38,6 +38,7 @@ from finetune.data.folders import (
 )
 from finetune.data.hf_data import hf_images, local_path, open_splits
 from finetune.data.shards import webdataset_images
+from finetune.data.streaming import StreamedImages
 from finetune.data.transforms import batch_mixing, normalize
 from finetune.errors import ConfigError
 from finetune.model.net import InputSpec
@@ -60,6 +61,7 @@ class Data:
     multi_label: bool = False  # targets are 0/1 vectors over the classes (data.label_delimiter)
     image_cache: str | None = None  # data.cache_images's decision, for image files only
     reading: str = ""  # how the data is read and split across processes (the report's line)
+    streamed: bool = False  # data.streaming=true: read as a stream, nothing kept
 
     @property
     def num_classes(self) -> int:
@@ -132,6 +134,8 @@ def worker_count(setting: int | str) -> int:
 
 def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pin_memory: bool,
                 shard: "Shard | None" = None) -> DataLoader:
+    if isinstance(dataset, StreamedImages):
+        return stream_loader(dataset, cfg, training, seed, pin_memory, shard)
     # a last batch of one image breaks BatchNorm in training mode (unless it is the only one)
     drop_last = training and len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
     # its own generator: shuffling, and even starting an iterator, then leaves the global
@@ -148,6 +152,16 @@ def make_loader(dataset: Dataset, cfg: DictConfig, training: bool, seed: int, pi
         # which checkpoints save, so a resumed run shuffles and augments as an unbroken one
         pin_memory=pin_memory, drop_last=drop_last, generator=generator,
         collate_fn=collate_readable)
+
+
+def stream_loader(dataset: StreamedImages, cfg: DictConfig, training: bool, seed: int,
+                  pin_memory: bool, shard: Shard | None) -> DataLoader:
+    """data.streaming=true: the stream deals its rows to the processes and workers itself
+    (finetune/data/streaming.py); the generator seeds the workers' augmentation."""
+    dataset.place(training, seed, *((shard.rank, shard.world) if shard else (0, 1)))
+    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=worker_count(cfg.num_workers),
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=collate_readable)
 
 
 class EveryNth(Sampler):
@@ -214,11 +228,14 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
                 make_loader(val, cfg, False, seed, pin_memory, shard), class_names,
                 random_augmentation=augment_policy(cfg.get("augment", "none")) != "none"
                 or mix is not None, mix=mix, multi_label=is_multi_label(cfg),
-                image_cache=image_cache, reading=reading(cfg, train, val, shard))
+                image_cache=image_cache, reading=reading(cfg, train, val, shard),
+                streamed=isinstance(train, StreamedImages))
 
 
 def reading(cfg: DictConfig, train: Dataset, val: Dataset, shard: Shard | None) -> str:
     """How the data is read (map-style: any image by its index) and split across processes."""
+    if isinstance(train, StreamedImages):
+        return train.describe(val)
     where = {"hf": lambda: f"rows of the data set {cfg.path} (map-style: read by index)",
              "imagefolder": lambda: f"image files under {cfg.root}",
              "csv": lambda: f"image files listed in {cfg.file}",

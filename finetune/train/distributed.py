@@ -247,9 +247,13 @@ def shard() -> Shard | None:
 
 
 def set_epoch(loader, epoch: int) -> None:
-    """DistributedSampler shuffles by epoch; other orders ignore it."""
+    """DistributedSampler and a stream (data.streaming=true) read by epoch; other orders
+    ignore it."""
     from torch.utils.data.distributed import DistributedSampler
 
+    if hasattr(loader.dataset, "set_epoch"):  # a stream: it has no sampler
+        loader.dataset.set_epoch(epoch)
+        return
     order = loader.batch_sampler or loader.sampler  # tensor_loader: its sampler is batched
     order = getattr(order, "sampler", order)
     if isinstance(order, DistributedSampler):
