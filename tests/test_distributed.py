@@ -119,6 +119,32 @@ def test_webdataset_shards_of_uneven_size_end_on_both_ranks(tmp_path):
     assert "the final weights are identical on all 2 ranks" in logs[0]
 
 
+def test_streamed_parquet_files_of_uneven_size_end_on_both_ranks(tmp_path):
+    """data.streaming=true on three Parquet files (9, 7 and 5 rows) for two ranks of two
+    loader workers each: every rank trains on 21 // (2 x 4) = 2 batches an epoch, so the job
+    ends, and the ranks agree."""
+    datasets = pytest.importorskip("datasets", reason="needs the hf extra (in dev)")
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    for split, sizes in (("train", (9, 7, 5)), ("validation", (7,))):
+        for number, size in enumerate(sizes):
+            rows = {"image": [{"bytes": png_bytes(np.full((8, 8), 20 * (row % 3), np.uint8)),
+                               "path": None} for row in range(size)],
+                    "label": [row % 3 for row in range(size)]}
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(
+                str(tmp_path / "pq" / f"{split}-{number:05d}-of-{len(sizes):05d}.parquet"))
+    arguments = [*FAST[:2], "data=hf", f"data.path={tmp_path}/pq", "data.streaming=true",
+                 "trainer.device=cpu", "trainer.max_epochs=2", "data.batch_size=4",
+                 "data.num_workers=2", "data.image_size=16", "hydra.run.dir=run"]
+    port = free_port()
+    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], "".join(logs)[-3000:]
+    assert "21 training and 7 validation rows streamed from 3 Parquet file(s)" in logs[0]
+    assert "each of 2 process(es) trains on 2 batches of 4 per epoch" in logs[0]
+    assert "the final weights are identical on all 2 ranks" in logs[0]
+
+
 def probing_rank(rank: int, port: int, folder, arguments: list[str]) -> None:
     """rank_process, noting each time this rank runs the backbone over a split to cache it."""
     from finetune.data import features

@@ -92,7 +92,8 @@ def pets(tmp_path):
                                   "label": datasets.ClassLabel(names=["cat", "dog"])})
     image = io.BytesIO()
     Image.new("RGB", (32, 32)).save(image, format="PNG")
-    rows = {"image": [{"bytes": image.getvalue(), "path": None}] * 2, "label": [0, 1]}
+    rows = {"image": [{"bytes": image.getvalue(), "path": None}] * 32,  # a batch (streamed)
+            "label": [0, 1] * 16}
     for split in ("train", "validation"):
         datasets.Dataset.from_dict(rows, features=features).to_parquet(
             str(tmp_path / "pets" / "data" / f"{split}-00000-of-00001.parquet"))

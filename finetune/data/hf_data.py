@@ -48,6 +48,12 @@ def plain_name(name: Any) -> bool:
         mark in name for mark in ("/", "\\", "\0"))
 
 
+def saved_folder(path: str) -> bool:
+    """Whether a folder was written by save_to_disk (a DatasetDict's, or one Dataset's)."""
+    return (os.path.isfile(os.path.join(path, SAVED_DICT))
+            or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE))
+
+
 def check_saved_folder(path: str) -> None:
     """A save_to_disk folder names its splits' folders and its Arrow files in JSON that
     load_from_disk joins to the folder: each must be a plain name inside it, so the data
@@ -118,8 +124,7 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
     path = local_path(cfg)
     cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else None
     try:
-        if path is not None and (os.path.isfile(os.path.join(path, SAVED_DICT))
-                                 or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE)):
+        if path is not None and saved_folder(path):
             check_saved_folder(path)
             found = datasets.load_from_disk(path)  # memory-mapped where it is
         elif path is not None:  # data files (their Arrow copy goes to data.cache_dir)
@@ -140,8 +145,7 @@ def open_splits(cfg: DictConfig) -> dict[str, Any]:
 def parquet_splits(cfg: DictConfig) -> dict[str, ParquetSplit]:
     """data.streaming=true: a folder of Parquet files, each split's files found by name."""
     path = local_path(cfg)
-    saved = path is not None and (os.path.isfile(os.path.join(path, SAVED_DICT))
-                                  or all(os.path.isfile(os.path.join(path, name)) for name in SAVED_ONE))
+    saved = path is not None and saved_folder(path)
     if path is None or saved:
         what = "a folder written by save_to_disk" if saved else "a data set in the Hugging Face cache"
         raise ConfigError(f"data.streaming=true: data.path={cfg.path!r} is {what}, "
