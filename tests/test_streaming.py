@@ -97,6 +97,28 @@ def test_the_shuffle_buffer_keeps_every_sample_once():
     assert list(shuffled(iter(range(5)), 1, random.Random(0))) == list(range(5))
 
 
+def test_each_row_group_is_read_once_however_finely_the_rows_are_asked_for(tmp_path, monkeypatch):
+    """Row groups of 7 rows, read in 10 strided batches of 2 (a worker's validation
+    batches): the right cells, and each group opened at most once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetune.data import streaming
+
+    cells = [{"bytes": str(row).encode(), "path": None} for row in range(30)]
+    pq.write_table(pa.table({"image": cells}), str(tmp_path / "a.parquet"), row_group_size=7)
+    split = streaming.ParquetSplit([str(tmp_path / "a.parquet")], "a test split")
+    assert split.groups == [[7, 7, 7, 7, 2]]
+    monkeypatch.setattr(streaming, "READ_ROWS", 2)
+    reader, opened = streaming.RowReader(split, "image"), []
+    monkeypatch.setattr(reader, "open", lambda *place: opened.append(place) or
+                        streaming.RowReader.open(reader, *place))
+    wanted = [row for start in range(0, 30, 3) for row in range(start, start + 2)]
+    got = [(row, data) for start in range(0, 30, 3) for row, data in reader.read(0, start, start + 2)]
+    assert got == [(row, str(row).encode()) for row in wanted]
+    assert len(opened) <= len(split.groups[0])
+
+
 def images_and_labels(loader):
     batches = list(loader)
     return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])

@@ -64,6 +64,7 @@ class ParquetSplit:
             self.groups.append(row_groups(file, metadata))
         self.features = features
         self.counts = [sum(groups) for groups in self.groups]
+        self.group_starts = [list(itertools.accumulate(groups, initial=0)) for groups in self.groups]
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -148,6 +149,50 @@ def shuffled(samples: Iterator, size: int, draw: random.Random) -> Iterator:
     yield from buffer
 
 
+class RowReader:
+    """The image cells of a split's rows, asked for in increasing order within a file. A
+    Parquet row group can be read only from its start, so a read goes on from where the
+    last one stopped when it is in the same row group: each row group is read once,
+    READ_ROWS rows at a time, however finely a worker's batches divide it."""
+
+    def __init__(self, split: ParquetSplit, column: str):
+        self.split, self.column = split, column
+        self.file, self.batches, self.cells, self.first = None, iter(()), None, 0  # cells: rows first..
+
+    def group_of(self, file: int, row: int) -> int:
+        return bisect.bisect_right(self.split.group_starts[file], row) - 1
+
+    def read(self, file: int, start: int, stop: int) -> Iterator[tuple[int, Any]]:
+        """(row in the file, its image's bytes) for the rows [start, stop)."""
+        going_on = (file == self.file and self.cells is not None and self.first <= start
+                    and self.group_of(file, start) == self.group_of(file, self.first))
+        if not going_on:
+            self.open(file, start)
+        for row in range(start, stop):
+            while self.cells is not None and row >= self.first + len(self.cells):
+                self.advance()
+            if self.cells is None:
+                raise RuntimeError(f"{self.split.files[file]} ends before its row {row}, which its "
+                                   "metadata promised; the file is damaged")
+            yield row, self.cells[row - self.first].as_py()
+
+    def open(self, file: int, start: int) -> None:
+        import pyarrow.parquet as pq
+
+        group = self.group_of(file, start)
+        groups = range(group, len(self.split.groups[file]))
+        reader = pq.ParquetFile(self.split.files[file], buffer_size=2**20)
+        self.file, self.first = file, self.split.group_starts[file][group]
+        self.batches = (batch.column(0).field("bytes")
+                        for batch in reader.iter_batches(READ_ROWS, row_groups=groups,
+                                                         columns=[self.column]))
+        self.cells = next(self.batches, None)
+
+    def advance(self) -> None:
+        self.first += len(self.cells)
+        self.cells = next(self.batches, None)
+
+
 class StreamedImages(IterableDataset):
     """A split's rows as a stream of (image, target), prepared as an image folder's images
     are (read_image, then the same transform). `place` tells it the process and the seed;
@@ -162,7 +207,7 @@ class StreamedImages(IterableDataset):
         self.transform, self.skip, self.multi_label = transform, skip, multi_label
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.training, self.rank, self.world, self.seed, self.epoch = False, 0, 1, 0, 0
-        self.starts = list(itertools.accumulate(split.counts, initial=0))
+        self.file_starts = list(itertools.accumulate(split.counts, initial=0))
 
     def place(self, training: bool, seed: int, rank: int, world: int) -> "StreamedImages":
         self.training, self.seed, self.rank, self.world = training, seed, rank, world
@@ -221,30 +266,12 @@ class StreamedImages(IterableDataset):
 
     def samples(self, pieces: list[tuple]) -> Iterator:
         """The readable samples of the pieces' rows, in order."""
+        reader = RowReader(self.split, self.image_column)
         for file, start, stop in pieces:
-            for row, data in self.image_bytes(file, start, stop):
+            for row, data in reader.read(file, start, stop):
                 sample = self.prepared(file, row, data)
                 if sample is not None:
                     yield sample
-
-    def image_bytes(self, file: int, start: int, stop: int) -> Iterator[tuple[int, Any]]:
-        """(row in the file, its image's bytes) for the rows [start, stop) of a file, read from
-        the row groups that hold them."""
-        import pyarrow.parquet as pq
-
-        reader = pq.ParquetFile(self.split.files[file], buffer_size=2**20)
-        begins = list(itertools.accumulate(self.split.groups[file], initial=0))
-        for group in range(bisect.bisect_right(begins, start) - 1, len(begins) - 1):
-            if begins[group] >= stop:
-                break
-            row = begins[group]
-            for batch in reader.iter_batches(READ_ROWS, row_groups=[group],
-                                             columns=[self.image_column]):
-                cells = batch.column(0).field("bytes")
-                low, high = max(start - row, 0), min(stop - row, len(batch))
-                for offset in range(low, high):
-                    yield row + offset, cells[offset].as_py()
-                row += len(batch)
 
     def prepared(self, file: int, row: int, data: bytes | None):
         """(image, target), or None for an unreadable image left out (data.bad_images=skip)."""
@@ -259,7 +286,7 @@ class StreamedImages(IterableDataset):
                 raise RuntimeError(f"cannot read image {where}: {error}") from error
             log.warning("data.bad_images=skip: leaving out unreadable image %s: %s", where, error)
             return None
-        return self.transform(image), self.target(self.labels[self.starts[file] + row])
+        return self.transform(image), self.target(self.labels[self.file_starts[file] + row])
 
     def describe(self, validation: "StreamedImages") -> str:
         """The start-up report's line: what is read, and each process's share."""
