@@ -465,10 +465,11 @@ def folder_rows(repeats: int) -> list[tuple]:
              *median_of(repeats, lambda _: folder_finetune_ratio(root)))]
 
 
-def source_ratio(root: Path, name: str, data: list[str]) -> tuple[float, str]:
-    """Items 10 and 10b: the training loader alone, epoch 2, the same JPEGs read by another
-    data option (`data`) against data=imagefolder on the folder, both with the image cache,
-    as a user runs them: its images/s / the folder's."""
+def source_ratio(root: Path, name: str, data: list[str], folder_extra: tuple[str, ...] = ()
+                 ) -> tuple[float, str]:
+    """Items 10, 10b and 10c: the training loader alone, epoch 2, the same JPEGs read by another
+    data option (`data`) against data=imagefolder on the folder (and `folder_extra`), both
+    with the image cache unless told, as a user runs them: its images/s / the folder's."""
     from hydra import compose, initialize_config_dir
 
     from finetune.config.store import register_schemas
@@ -478,7 +479,7 @@ def source_ratio(root: Path, name: str, data: list[str]) -> tuple[float, str]:
     rates = {}
     with tempfile.TemporaryDirectory() as folder, \
             initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for side, overrides in (("folder", tool_folder_overrides(root, False)),
+        for side, overrides in (("folder", [*tool_folder_overrides(root, False), *folder_extra]),
                                 (name, [*data, f"data.num_workers={FOLDER_WORKERS}"])):
             cfg = compose(config_name="config", overrides=[
                 *FOLDER_WORK.overrides(), *overrides, f"trainer.cache_dir={folder}/{side}",
@@ -502,7 +503,12 @@ def hf_rows(repeats: int) -> list[tuple]:
              "epoch 2: images/s", ">= 0.9",
              *median_of(repeats, lambda _: source_ratio(root, "hf", ["data=hf", f"data.path={parquet}"]))),
             ("10b. data=webdataset (tar shards of the same JPEGs) / data=imagefolder, the same",
-             ">= 0.9", *median_of(repeats, lambda _: source_ratio(root, "webdataset", webdataset)))]
+             ">= 0.9", *median_of(repeats, lambda _: source_ratio(root, "webdataset", webdataset))),
+            ("10c. data=hf data.streaming=true / data=imagefolder with data.cache_images=false "
+             "(both decode every image each epoch), the same", "(>= 0.9)",
+             *median_of(repeats, lambda _: source_ratio(
+                 root, "streaming", ["data=hf", f"data.path={parquet}", "data.streaming=true"],
+                 ("data.cache_images=false",))))]
 
 
 def median_of(repeats: int, measure) -> tuple[float, str]:
@@ -553,7 +559,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="items 1, 2 and 9 on a CUDA GPU")
     parser.add_argument("--folder", action="store_true", help="items 7-8 only (a JPEG folder)")
     parser.add_argument("--hf", action="store_true",
-                        help="items 10 and 10b only (data=hf and data=webdataset against the folder)")
+                        help="items 10, 10b and 10c only (data=hf, webdataset, streaming vs the folder)")
     parser.add_argument("--bare-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_probe:

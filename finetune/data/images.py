@@ -3,6 +3,7 @@ limit (the header is read first, so a file that declares gigabytes of pixels is 
 before any decoder runs). The image cache and the folders both read through here."""
 
 import functools
+import io
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -38,14 +39,16 @@ def decoder_name() -> str:
 def read_image(path: "str | BinaryIO") -> torch.Tensor:
     """An image file (or its bytes, in a file object) as an RGB uint8 tensor (3, H, W), its
     first frame if animated. PIL reads its header first (open_image: a file it cannot
-    identify is refused, its size unknown), then TorchCodec decodes a file, else PIL (BMP,
-    TIFF, bytes; a broken file, naming what is wrong)."""
+    identify is refused, its size unknown), then TorchCodec decodes a file or bytes in
+    memory (a table's cell, a shard's member), else PIL (BMP, TIFF; a broken file, naming
+    what is wrong)."""
     with open_image(path) as image:
-        decode = image_decoder() if isinstance(path, str) else None
+        source = path.getvalue() if isinstance(path, io.BytesIO) else path
+        decode = image_decoder() if isinstance(source, str | bytes) else None
         # TorchCodec decodes every frame of an animation: PIL decodes the first one alone
         if decode is not None and not getattr(image, "is_animated", False):
             try:
-                decoded = decode(path, mode="RGB")
+                decoded = decode(source, mode="RGB")
                 return decoded[0] if decoded.dim() == 4 else decoded
             except (RuntimeError, ValueError):  # another format, or a broken file: PIL says which
                 pass

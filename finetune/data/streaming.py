@@ -16,8 +16,8 @@ in stored order.
 
 datasets' own stream (`streaming=True` and `split_dataset_by_node`) is not used for the
 rows: it gives processes unequal numbers of rows (shards or every n-th row), and can skip
-to a row only by reading the rows before it. pyarrow (datasets' own reader) reads the rows of
-the row groups a process needs and nothing else.
+to a row only by reading and decoding the rows before it. pyarrow (datasets' own reader)
+reads the row groups a worker needs, each once, and decodes only the rows it takes.
 """
 
 import bisect
@@ -36,7 +36,7 @@ from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MAX_ROW_GROUP_BYTES = 4 * 2**30  # a row group is read whole: its metadata may not ask for more
+MAX_ROW_GROUP_BYTES = 4 * 2**30  # pyarrow may hold a row group's column whole: no more than this
 READ_ROWS = 64  # rows pyarrow decodes at a time from a row group
 
 
@@ -243,35 +243,45 @@ class StreamedImages(IterableDataset):
         counts = self.split.counts
         if not self.training:
             pieces = validation_pieces(counts, self.rank, self.world, worker, workers, self.batch_size)
-            yield from self.samples(pieces)
+            yield from self.readable(self.rows(pieces))
             return
         pieces = training_pieces(counts, self.seed, self.epoch, self.rank, self.world, worker,
                                  workers, self.batch_size)
-        quota = sum(stop - start for _, start, stop in pieces)
         draw = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        yield from shuffled(self.filled(pieces, quota), self.shuffle_buffer, draw)
+        # the rows' bytes are shuffled, not their prepared images: a tenth of the memory, and
+        # an image is prepared just before it is batched
+        rows = shuffled(self.rows(pieces), self.shuffle_buffer, draw)
+        yield from self.filled(rows, pieces, sum(stop - start for _, start, stop in pieces))
 
-    def filled(self, pieces: list[tuple], quota: int) -> Iterator:
+    def filled(self, rows: Iterator, pieces: list[tuple], quota: int) -> Iterator:
         """Exactly `quota` samples: an unreadable image left out (data.bad_images=skip) is
         made up for by the range's first readable rows again, so every process still trains
         on the same number of batches."""
         produced = 0
+        for sample in self.readable(rows):
+            produced += 1
+            yield sample
         while produced < quota:
             before = produced
-            for sample in itertools.islice(self.samples(pieces), quota - produced):
+            for sample in itertools.islice(self.readable(self.rows(pieces)), quota - produced):
                 produced += 1
                 yield sample
             if produced == before:
                 raise RuntimeError(f"no readable image in the rows {pieces} of {self.split.source}")
 
-    def samples(self, pieces: list[tuple]) -> Iterator:
-        """The readable samples of the pieces' rows, in order."""
+    def rows(self, pieces: list[tuple]) -> Iterator[tuple[int, int, Any]]:
+        """(file, row, image bytes) of the pieces' rows, in order."""
         reader = RowReader(self.split, self.image_column)
         for file, start, stop in pieces:
             for row, data in reader.read(file, start, stop):
-                sample = self.prepared(file, row, data)
-                if sample is not None:
-                    yield sample
+                yield file, row, data
+
+    def readable(self, rows: Iterator) -> Iterator:
+        """The rows' samples, prepared; an unreadable one left out (data.bad_images=skip)."""
+        for file, row, data in rows:
+            sample = self.prepared(file, row, data)
+            if sample is not None:
+                yield sample
 
     def prepared(self, file: int, row: int, data: bytes | None):
         """(image, target), or None for an unreadable image left out (data.bad_images=skip)."""
