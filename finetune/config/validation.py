@@ -179,8 +179,8 @@ def check_stream(cfg: DictConfig, check: Check) -> None:
     check(data.folds is None, "data.folds", data.folds, "a stream (data.streaming=true) has "
           "no fixed rows to fold; set data.streaming=false for cross-validation")
     check(data.val_fraction is None, "data.val_fraction", data.val_fraction, "a stream "
-          "(data.streaming=true) reads the data set's validation split (data.val_split); set "
-          "data.streaming=false to set rows aside from the training split")
+          "(data.streaming=true) validates on a split of the data set: set data.val_split to "
+          "one it has (e.g. test), or data.streaming=false to set rows of the training split aside")
     check(str(data.cache_images).lower() != "true", "data.cache_images", data.cache_images,
           "a stream (data.streaming=true) keeps no image; use auto or false")
     check(auto_freeze(cfg.freeze) is None, "freeze", cfg.freeze, "freeze=auto measures on "
