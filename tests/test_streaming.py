@@ -3,6 +3,7 @@ number of whole batches of distinct rows each epoch, validate each row once exac
 map-style does, and resume at an epoch boundary as if never stopped."""
 
 import collections
+import csv
 import itertools
 import json
 import logging
@@ -164,6 +165,22 @@ def test_a_streamed_run_resumed_at_an_epoch_boundary_ends_as_an_unbroken_one(par
 
 
 @pytest.mark.slow
+def test_freeze_auto_measures_on_rows_of_the_stream(parquet):
+    """freeze=auto: each epoch's scales measured on batches of the stream (from a place the
+    seed and epoch draw, the same on every process); auto:select chooses from them."""
+    run(make_config(*streamed(parquet), "backbone.name=resnet18", "freeze=auto",
+                    "trainer.max_epochs=2"), str(parquet / "auto"))
+    rows = list(csv.DictReader(open(parquet / "auto" / "metrics.csv")))
+    scales = [float(row["lr_scale/@stage4"]) for row in rows]
+    assert len(rows) == 2 and all(0 < scale <= 1 for scale in scales)
+    assert {row["epoch"] for row in csv.DictReader(open(parquet / "auto" / "rgn.csv"))} == {"1", "2"}
+    choice = build(make_config(*streamed(parquet), "backbone.name=resnet18", "freeze=auto:select",
+                               "dry_run=true")).choice
+    measured = [unit for unit, norm in choice.norms.items() if norm > 0]
+    assert len(measured) >= 5 and set(choice.frozen) < set(measured)  # the largest trains
+
+
+@pytest.mark.slow
 def test_an_unreadable_image_is_made_up_for_or_named(parquet):
     """bad_images=skip: the training stream still gives its whole batches; fail: the image
     is named by its file and row."""
@@ -186,7 +203,6 @@ def test_an_unreadable_image_is_made_up_for_or_named(parquet):
     (["data.folds=3"], "data.folds=3 is not valid: a stream"),
     (["data.val_fraction=0.2"], "data.val_fraction=0.2 is not valid: a stream"),
     (["data.cache_images=true"], "data.cache_images='True' is not valid: a stream"),
-    (["freeze=auto"], "freeze='auto' is not valid: freeze=auto measures on training rows"),
     (["data.shuffle_buffer=0"], "data.shuffle_buffer=0 is not valid"),
     (["trainer.cache_features=true", "freeze=[pretrained]"],
      "trainer.cache_features=true would change the results: the data is streamed"),

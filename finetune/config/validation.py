@@ -183,9 +183,6 @@ def check_stream(cfg: DictConfig, check: Check) -> None:
           "one it has (e.g. test), or data.streaming=false to set rows of the training split aside")
     check(str(data.cache_images).lower() != "true", "data.cache_images", data.cache_images,
           "a stream (data.streaming=true) keeps no image; use auto or false")
-    check(auto_freeze(cfg.freeze) is None, "freeze", cfg.freeze, "freeze=auto measures on "
-          "training rows drawn at random, which a stream (data.streaming=true) does not read; "
-          "give a list of patterns, or set data.streaming=false")
 
 
 def check_trainer(cfg: DictConfig, check: Check) -> None:

@@ -136,10 +136,13 @@ def measuring_batches(dataset: Dataset, batch_size: int, count: int, seed: int,
     """`count` batches of the training set drawn by their own generator (seeded by the run's
     seed and the epoch), the same on every rank; the run's loaders are not touched."""
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(dataset), generator=generator)[:count * batch_size].tolist()
+    if hasattr(dataset, "measuring_copy"):  # a stream (data.streaming=true): no random access,
+        measured = dataset.measuring_copy(seed)  # its rows from a place the seed draws
+    else:
+        measured = Subset(dataset, torch.randperm(len(dataset), generator=generator)
+                          [:count * batch_size].tolist())
     # its generator, not the global one, seeds the iterator: the run's streams stay as they are
-    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, collate_fn=collate,
-                        generator=generator)
+    loader = DataLoader(measured, batch_size=batch_size, collate_fn=collate, generator=generator)
     # lazy: read (and augmented) inside the measurement, whose streams are put back after
     return (batch for batch in itertools.islice(loader, count) if batch is not None)
 
