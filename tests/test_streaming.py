@@ -213,6 +213,21 @@ def test_what_a_stream_cannot_do_is_named(parquet, overrides, message):
         build(make_config(*streamed(parquet), *overrides, "dry_run=true"))
 
 
+def test_an_image_column_stored_as_something_else_is_named(parquet):
+    """Files whose metadata says images but whose column holds plain bytes: datasets reads
+    the features from the stored types, so the column is named as not images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for file in (parquet / "pq" / "data").glob("train-*"):
+        table = pq.read_table(file)
+        plain = pa.table({"image": pa.array([b"x"] * len(table)), "label": table.column("label")})
+        pq.write_table(plain.replace_schema_metadata(table.schema.metadata), str(file))
+    with pytest.raises(ConfigError, match=r"data.image_column='image' holds Value\('binary'\), "
+                                          "not images"):
+        build(make_config(*streamed(parquet), "dry_run=true"))
+
+
 def test_a_saved_folder_or_arrow_files_are_not_streamed(parquet):
     table = datasets.load_dataset(f"{parquet}/pq", cache_dir=str(parquet / "c"))
     table.save_to_disk(str(parquet / "saved"))

@@ -54,8 +54,8 @@ class ParquetSplit:
         features = None
         for file in self.files:
             try:
-                metadata = pq.read_metadata(file)
-                found = datasets.Features.from_arrow_schema(pq.read_schema(file))
+                metadata = pq.read_metadata(file)  # the features: datasets' reading of the
+                found = datasets.Features.from_arrow_schema(pq.read_schema(file))  # stored types
             except Exception as error:  # pyarrow raises several types for a broken file
                 raise ConfigError(f"data.path: {file} cannot be read as a Parquet file: {error}") from error
             if features is not None and found != features:
