@@ -13,7 +13,7 @@ from finetune.show.report import module_summary
 from finetune.use.load import load_model
 
 from conftest import FAST, make_config
-from test_resume import assert_same, interrupt_at, outcome, resumed
+from test_resume import resumed_run_equals_unbroken
 from test_trainer import snapshot, train_epoch
 
 # a 6-block timm ViT (0.3M parameters) at 32x32: 4 patches and the class token
@@ -83,15 +83,9 @@ def test_adapters_and_what_the_freeze_list_leaves_train_and_nothing_else_moves()
 @pytest.mark.slow
 def test_a_lora_run_resumes_bit_identically_and_exports_merged_with_its_outputs(tmp_path, monkeypatch):
     overrides = (*FAST, *LORA, "freeze=[@backbone,'!re:norm']", "trainer.max_epochs=2")
-    run(make_config(*overrides), str(tmp_path / "twin"))
-    interrupt_at(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_config(*overrides), str(tmp_path / "run"))
-    monkeypatch.undo()
-    run(resumed(tmp_path / "run"), str(tmp_path / "run"))
-    assert_same(outcome(tmp_path / "twin"), outcome(tmp_path / "run"))
+    resumed_run_equals_unbroken(make_config(*overrides), tmp_path, monkeypatch)
 
-    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    best = tmp_path / "stopped" / "checkpoints" / "best.pt"
     saved = torch.load(best, weights_only=True)["model"]
     assert any(name.endswith("lora_B.default.weight") and value.abs().sum() > 0
                for name, value in saved.items())  # the adapters trained

@@ -44,14 +44,21 @@ def rank_process(rank: int, port: int, folder, arguments: list[str]) -> None:
     sys.exit(result.returncode)
 
 
+def two_ranks(tmp_path, arguments: list[str], process=rank_process) -> list[str]:
+    """A forked two-rank job of train.py's main(); each rank's console output, once both
+    ended well."""
+    port = free_port()
+    codes = run_forked(process, [(rank, port, tmp_path, arguments) for rank in range(2)])
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], "".join(logs)[-3000:]
+    return logs
+
+
 def test_two_ranks_share_one_run_and_agree(tmp_path):
     arguments = [*DATA, "trainer.max_epochs=2", "freeze=[@backbone]",  # frozen, then a phase:
                  "unfreeze=[{epoch: 2, patterns: [@stage-1]}]",  # re-wrapped
                  "logger=tensorboard"]
-    port = free_port()
-    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
-    output = "".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
-    assert codes == [0, 0], output[-3000:]
+    output = "".join(two_ranks(tmp_path, arguments))
     runs = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     assert len(runs) == 1  # one directory, whatever each rank's clock said
     run_dir = runs[0]
@@ -83,10 +90,7 @@ def test_auto_measures_alike_on_every_rank(tmp_path):
     gloo, the one auto:select's choice goes through too), so every rank scales alike and
     the ranks end with the same weights; rank 0 writes rgn.csv and rgn.png."""
     arguments = [*DATA, "trainer.max_epochs=1", "freeze=auto", "hydra.run.dir=run"]
-    port = free_port()
-    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
-    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
-    assert codes == [0, 0], "".join(logs)[-3000:]
+    logs = two_ranks(tmp_path, arguments)
     assert "auto: epoch 1 learning-rate scales" in logs[0]  # rank 0 reports; had a rank
     assert "the final weights are identical on all 2 ranks" in logs[0]  # scaled otherwise,
     assert (tmp_path / "run" / "rgn.png").is_file()  # its weights would differ
@@ -110,10 +114,7 @@ def test_webdataset_shards_of_uneven_size_end_on_both_ranks(tmp_path):
                  f"data.train_shards='{tmp_path}/shards/train-{{0000..0002}}.tar'",
                  f"data.val_shards='{tmp_path}/shards/val-{{0000..0002}}.tar'",
                  "data.batch_size=4", "data.num_workers=0", "data.image_size=16", "hydra.run.dir=run"]
-    port = free_port()
-    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
-    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
-    assert codes == [0, 0], "".join(logs)[-3000:]
+    logs = two_ranks(tmp_path, arguments)
     assert "13 training and 13 validation images, tar shards" in logs[0]
     assert "each of 2 processes trains on its own 1/2" in logs[0]
     assert "the final weights are identical on all 2 ranks" in logs[0]
@@ -136,10 +137,7 @@ def test_streamed_parquet_files_of_uneven_size_end_on_both_ranks(tmp_path):
     arguments = [*FAST[:2], "data=hf", f"data.path={tmp_path}/pq", "data.streaming=true",
                  "trainer.device=cpu", "trainer.max_epochs=2", "data.batch_size=4",
                  "data.num_workers=2", "data.image_size=16", "hydra.run.dir=run"]
-    port = free_port()
-    codes = run_forked(rank_process, [(rank, port, tmp_path, arguments) for rank in range(2)])
-    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
-    assert codes == [0, 0], "".join(logs)[-3000:]
+    logs = two_ranks(tmp_path, arguments)
     assert "21 training and 7 validation rows streamed from 3 Parquet file(s)" in logs[0]
     assert "each of 2 process(es) trains on 2 batches of 4 per epoch" in logs[0]
     assert "the final weights are identical on all 2 ranks" in logs[0]
@@ -164,10 +162,7 @@ def test_each_nodes_first_rank_caches_the_features_the_others_load(tmp_path):
     """A linear probe under torchrun trains the head on cached backbone outputs: local rank
     0 computes them (train and val) while rank 1 waits, then rank 1 loads them."""
     arguments = [*FAST, "freeze=[@backbone]", "trainer.max_epochs=2"]
-    port = free_port()
-    codes = run_forked(probing_rank, [(rank, port, tmp_path, arguments) for rank in range(2)])
-    output = "".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
-    assert codes == [0, 0], output[-3000:]
+    output = "".join(two_ranks(tmp_path, arguments, probing_rank))
     assert "feature cache: on" in output
     assert (tmp_path / "computed0").read_text() == "split\nsplit\n"
     assert not (tmp_path / "computed1").exists()

@@ -1,5 +1,6 @@
 """Resume: a stopped run, continued from its last checkpoint, ends as if never stopped."""
 
+import copy
 import csv
 import json
 import math
@@ -80,6 +81,18 @@ def interrupt_at(monkeypatch, epoch: int) -> None:
         return original(*args)
 
     monkeypatch.setattr(trainer, "train_and_validate", train_and_validate)
+
+
+def resumed_run_equals_unbroken(cfg, folder, monkeypatch, stop_at: int = 2) -> None:
+    """`cfg` run unbroken, and again stopped (Ctrl-C) at the start of epoch `stop_at` then
+    resumed: both end alike (weights, metrics.csv, summary.json)."""
+    run(copy.deepcopy(cfg), str(folder / "unbroken"))  # a copy each: a run may set keys
+    interrupt_at(monkeypatch, stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        run(copy.deepcopy(cfg), str(folder / "stopped"))
+    monkeypatch.undo()
+    run(resumed(folder / "stopped"), str(folder / "stopped"))
+    assert_same(outcome(folder / "unbroken"), outcome(folder / "stopped"))
 
 
 @pytest.fixture(scope="module")

@@ -196,14 +196,21 @@ class CheckedImageFolder(datasets.ImageFolder):
         if self.decoded is not None:  # None: unreadable when the entry was built (it said so)
             image = self.decoded.get(index)
             return None if image is None else (self.transform.varying(image), target)
-        try:
-            image = self.loader(path)
-        except Exception as error:
-            if not self.skip:
-                raise RuntimeError(f"cannot read image {path}: {error}") from error
-            log.warning("data.bad_images=skip: leaving out unreadable image %s: %s", path, error)
-            return None
-        return self.transform(image), target
+        image = read_or_skip(lambda: self.loader(path), path, self.skip)
+        return None if image is None else (self.transform(image), target)
+
+
+def read_or_skip(read: Callable[[], torch.Tensor], where: str, skip: bool) -> torch.Tensor | None:
+    """An image read while training: one that breaks (a truncated file passes the start-up
+    check; a stream checks none) is named in the error, or left out with a warning naming
+    it (data.bad_images=skip: None)."""
+    try:
+        return read()
+    except Exception as error:
+        if not skip:
+            raise RuntimeError(f"cannot read image {where}: {error}") from error
+        log.warning("data.bad_images=skip: leaving out unreadable image %s: %s", where, error)
+        return None
 
 
 class CsvImages(CheckedImageFolder):

@@ -24,18 +24,15 @@ import bisect
 import copy
 import io
 import itertools
-import logging
 import random
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from finetune.data.folders import multi_hot
+from finetune.data.folders import multi_hot, read_or_skip
 from finetune.data.images import read_image
 from finetune.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MAX_ROW_GROUP_BYTES = 4 * 2**30  # pyarrow may hold a row group's column whole: no more than this
 READ_ROWS = 64  # rows pyarrow decodes at a time from a row group
@@ -204,6 +201,7 @@ class StreamedImages(IterableDataset):
                  batch_size: int, shuffle_buffer: int):
         index = {name: number for number, name in enumerate(classes)}
         self.labels = [tuple(index[name] for name in labels) for _, labels in rows]
+        self.class_ids = {number: number for number in index.values()}  # labels are ids here
         self.split, self.classes, self.image_column = split, classes, image_column
         self.transform, self.skip, self.multi_label = transform, skip, multi_label
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
@@ -235,9 +233,7 @@ class StreamedImages(IterableDataset):
         return [self.target(labels) for labels in self.labels]
 
     def target(self, labels: tuple[int, ...]):
-        if self.multi_label:
-            return multi_hot(labels, {number: number for number in range(len(self.classes))})
-        return labels[0]
+        return multi_hot(labels, self.class_ids) if self.multi_label else labels[0]
 
     def __len__(self) -> int:
         """This process's rows per epoch (training: its whole batches)."""
@@ -294,16 +290,14 @@ class StreamedImages(IterableDataset):
 
     def prepared(self, file: int, row: int, data: bytes | None):
         """(image, target), or None for an unreadable image left out (data.bad_images=skip)."""
-        where = f"{self.split.files[file]}#{row}"
-        try:
+        def read():
             if not data:  # a path in a data set's cell is not followed
                 raise ValueError("the row holds no image bytes (its cell names a file, which "
                                  "this tool does not open)")
-            image = read_image(io.BytesIO(data))
-        except Exception as error:
-            if not self.skip:
-                raise RuntimeError(f"cannot read image {where}: {error}") from error
-            log.warning("data.bad_images=skip: leaving out unreadable image %s: %s", where, error)
+            return read_image(io.BytesIO(data))
+
+        image = read_or_skip(read, f"{self.split.files[file]}#{row}", self.skip)
+        if image is None:
             return None
         return self.transform(image), self.target(self.labels[self.file_starts[file] + row])
 
