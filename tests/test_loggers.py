@@ -236,8 +236,13 @@ def wandb_records(path):
 
 @pytest.mark.slow
 def test_a_wandb_offline_run_records_the_epochs_config_and_final_metrics(tmp_path):
+    import wandb
+
     run(make_config(*FAST, "trainer.max_epochs=2", "logger=wandb", "logger.wandb.mode=offline"),
         str(tmp_path / "run"))
+    # run.finish() only asks wandb's service to close the log; a loaded machine showed it
+    # still empty on return. teardown waits for the service, as a process's exit does.
+    wandb.teardown()
     (log_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     records = list(wandb_records(log_file))
     history = [{item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
