@@ -74,14 +74,15 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 # -- the agents --------------------------------------------------------------------------
 
-def worker(folder: str, arguments: list[str], kill_at_step: int | None) -> None:
+def worker(folder: str, arguments: list[str], kill: tuple[int, int] | None) -> None:
     """A worker as torchrun starts it, running train.py's main(); its console output to
-    worker-rank<R>-attempt<A>.log. With `kill_at_step`, rank 1 of the first attempt SIGKILLs
-    itself at that optimizer step, once the epoch before it has its checkpoint on disk."""
+    worker-rank<R>-attempt<A>.log. With `kill` = (rank, step), that rank of the first
+    attempt SIGKILLs itself at that optimizer step, once the epoch before it has its
+    checkpoint on disk."""
     torch.set_num_threads(1)
     rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
-    if kill_at_step is not None and rank == "1" and attempt == "0":
-        die_at_step(kill_at_step)
+    if kill is not None and rank == str(kill[0]) and attempt == "0":
+        die_at_step(kill[1])
     result = run_cli(*arguments)
     Path(folder, f"worker-rank{rank}-attempt{attempt}.log").write_text(result.stdout + result.stderr)
     if result.returncode:
@@ -107,7 +108,7 @@ def die_at_step(number: int) -> None:
 
 
 def agent(folder: Path, torchrun: list[str], arguments: list[str], namespace: str | None = None,
-          interface: str | None = None, kill_at_step: int | None = None) -> None:
+          interface: str | None = None, kill: tuple[int, int] | None = None) -> None:
     """`torchrun TORCHRUN train.py ARGUMENTS` on one host (a network namespace, or this one)."""
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
@@ -120,7 +121,7 @@ def agent(folder: Path, torchrun: list[str], arguments: list[str], namespace: st
     config, _, _ = config_from_args(parse_args(
         [*torchrun, f"--log-dir={folder / 'torchelastic'}", "--monitor-interval=0.1", "train.py"]))
     config.start_method = "fork"  # workers forked from here: no new interpreter
-    elastic_launch(config, worker)(str(folder), arguments, kill_at_step)
+    elastic_launch(config, worker)(str(folder), arguments, kill)
 
 
 def enter_namespace(name: str) -> None:
@@ -202,7 +203,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_exactly(tmp_path, refe
     torchrun = ["--nnodes=1", "--nproc-per-node=2", "--max-restarts=1",
                 f"--master-port={free_port()}"]
     started = time.perf_counter()
-    codes = run_forked(agent, [(tmp_path, torchrun, TRAINING, None, None, 3)])
+    codes = run_forked(agent, [(tmp_path, torchrun, TRAINING, None, None, (1, 3))])
     print(f"job with a restart: {time.perf_counter() - started:.1f} s")
     logs = worker_logs(tmp_path)
     assert codes == [0], logs[-4000:]
@@ -216,3 +217,30 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_exactly(tmp_path, refe
     assert [line.split(",")[0] for line in (run_dir / "metrics.csv").read_text().splitlines()] == [
         "epoch", "1", "2", "3"]
     assert_same_weights(final_weights(run_dir), reference)
+
+
+def plain_run(folder: Path) -> None:
+    """`python train.py` without torchrun, as the reference for a one-process job."""
+    result = run_cli(*TRAINING, f"hydra.run.dir={folder / 'run'}")
+    (folder / "plain.log").write_text(result.stdout + result.stderr)
+    sys.exit(result.returncode)
+
+
+def test_a_one_process_job_is_restarted_and_resumes_exactly(tmp_path):
+    """`torchrun --nproc-per-node=1 --max-restarts=1` (a one-GPU job kept alive): no process
+    group, yet a restart resumes the run as a job of several processes does, and the final
+    weights equal a plain run's."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run_forked(plain_run, [(plain,)]) == [0], (plain / "plain.log").read_text()[-3000:]
+    torchrun = ["--nnodes=1", "--nproc-per-node=1", "--max-restarts=1",
+                f"--master-port={free_port()}"]
+    codes = run_forked(agent, [(tmp_path, torchrun, TRAINING, None, None, (0, 6))])  # epoch 2
+    logs = worker_logs(tmp_path)
+    assert codes == [0], logs[-4000:]
+    assert {path.name for path in tmp_path.glob("worker-*.log")} == {"worker-rank0-attempt1.log"}
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*")]  # one, kept on restart
+    log = (run_dir / "train.log").read_text()
+    assert "torchrun restart 1 of at most 1 (a worker or node was lost): resuming" in log
+    assert f"resumed {run_dir} after epoch 1 of 3" in log
+    assert_same_weights(final_weights(run_dir), final_weights(plain / "run"))

@@ -23,6 +23,13 @@ JOB_KEYS = "finetune/job/"  # keys that outlive an attempt: what an earlier one 
 
 
 def launched_by_torchrun() -> bool:
+    """torchrun's agent names its job even with one process (`--nproc-per-node=1`), whose
+    restarts must resume like any job's; a launch without the agent sets WORLD_SIZE."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or several_processes()
+
+
+def several_processes() -> bool:
+    """A process group only where there are processes to join: one trains as a plain run."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -114,7 +121,7 @@ def connect(device) -> None:
     import torch
     import torch.distributed as dist
 
-    if not launched_by_torchrun() or active():
+    if not several_processes() or active():
         return
     job = open_job()
     if device.type == "cuda":
