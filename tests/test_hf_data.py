@@ -174,6 +174,23 @@ def test_a_row_without_a_label_and_a_cell_naming_a_file_are_refused(digits, tmp_
                           "data.bad_images=fail"))
 
 
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_a_plain_label_the_training_split_lacks_is_named(tmp_path, streaming):
+    """Plain values' classes are the training split's: a validation value outside them was
+    a KeyError."""
+    image = {"bytes": png_bytes(np.zeros((8, 8), np.uint8)), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    for split, labels in (("train", ["cat", "dog"] * 2), ("validation", ["cat", "dog", "bird", "dog"])):
+        datasets.Dataset.from_dict({"image": [image] * 4, "label": labels}, features=features
+                                   ).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    with pytest.raises(ConfigError, match=r"data.label_column='label', split 'validation': 1 row\(s\) "
+                                          r"with a label the training split 'train' does not have "
+                                          r"\(its 2 classes: cat, dog\): row 2: 'bird'\."):
+        build(make_config(*FAST[:2], "data=hf", f"data.path={tmp_path}", "dry_run=true",
+                          f"data.cache_dir={tmp_path}/c", "data.num_workers=0",
+                          f"data.streaming={streaming}", "data.batch_size=2"))
+
+
 def test_a_data_set_not_in_the_local_cache_is_named_without_reaching_the_network(tmp_path):
     with pytest.raises(ConfigError, match=r"data.path='someone/no-such-set' is not a folder, and "
                                           "no data set of that name is in the local Hugging Face "

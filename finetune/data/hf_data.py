@@ -83,6 +83,7 @@ def check_saved_folder(path: str) -> None:
 
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # data file -> datasets' reader
+MAX_LISTED = 5  # classes and rows an error names
 
 
 def data_files(path: str) -> tuple[str, dict[str, list[str]]]:
@@ -216,7 +217,7 @@ def labelled_rows(table: Any, cfg: DictConfig, names: list[str] | None, multi_la
         allowed = f"class ids 0 to {len(names) - 1}" if names else "a value"
         raise ConfigError(f"data.label_column={cfg.label_column!r}, split {split!r}: "
                           f"{len(problems)} row(s) without a valid label ({allowed}): "
-                          f"{'; '.join(problems[:5])}.")
+                          f"{'; '.join(problems[:MAX_LISTED])}.")
     return rows
 
 
@@ -225,6 +226,22 @@ def value_classes(table: Any, cfg: DictConfig) -> list[str]:
     as numbers), as text."""
     values = {value for value in table[cfg.label_column] if value is not None and str(value) != ""}
     return [str(value) for value in sorted(values)]
+
+
+def check_known_values(chosen: dict[str, tuple[Any, list, str]], classes: list[str],
+                       cfg: DictConfig) -> None:
+    """A plain label column's classes are the training split's values (so a checkpoint
+    means the same classes whichever split is read later): another split's value outside
+    them is refused, naming its rows."""
+    known = set(classes)
+    for _, rows, name in chosen.values():
+        unknown = [f"row {row}: {labels[0]!r}" for row, labels in rows if labels[0] not in known]
+        if unknown:
+            listed = ", ".join(classes[:MAX_LISTED]) + (", ..." if len(classes) > MAX_LISTED else "")
+            raise ConfigError(f"data.label_column={cfg.label_column!r}, split {name!r}: "
+                              f"{len(unknown)} row(s) with a label the training split "
+                              f"{cfg.train_split!r} does not have (its {len(classes)} classes: "
+                              f"{listed}): {'; '.join(unknown[:MAX_LISTED])}.")
 
 
 def table_stamp(table: Any) -> str:
@@ -285,6 +302,8 @@ def hf_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("trai
     chosen = split_rows(cfg, tables, names, multi_label, splits)
     transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
     classes = names or value_classes(train_table, cfg)
+    if names is None:
+        check_known_values(chosen, classes, cfg)
     if cfg.get("streaming"):
         found = {split: StreamedImages(table, rows, classes, cfg.image_column,
                                        transforms.get(split, transforms["val"]),
