@@ -214,3 +214,40 @@ def test_multi_label_rows_train_with_their_label_lists(tmp_path):
     run(make_config(*common, "data.multi_label=true"), str(tmp_path / "run"))
     rows = metrics(tmp_path / "run")
     assert len(rows) == 1 and all(row["val_map"] != "nan" for row in rows)
+
+
+@pytest.mark.parametrize("names, multi_label, cells", [
+    (["a", "b", "c"], False, [[0, 2], [1, 1, 0]]),
+    (["a", "b", "c"], False, [[0, -1], [5, None, 2, -1, 7, 9, 9]]),
+    (None, False, [[10, 2], [10, 33]]),
+    (None, False, [["cat", "", None], ["dog"]]),
+    (["a", "b", "c"], True, [[[0, 2], None, []], [[1, 1], [2]]]),
+    (["a", "b", "c"], True, [[[0], [0, -1]], [None, [7], [1, None]]]),
+])
+def test_a_streams_class_ids_are_the_map_style_rows_labels(names, multi_label, cells):
+    """A stream reads its labels column-wise into one array of class ids: the targets, and
+    the refusal of a row without a valid label, are map-style's row by row."""
+    import pyarrow as pa
+    import torch
+    from omegaconf import OmegaConf
+
+    from finetune.data.folders import multi_hot
+    from finetune.data.hf_labels import column_ids, labelled_rows, value_classes
+
+    cfg = OmegaConf.create({"label_column": "label", "train_split": "train"})
+    column = pa.chunked_array(cells)  # two chunks, as two Parquet files give
+    classes = names or value_classes(column.to_pylist())
+    try:
+        rows = labelled_rows({"label": column.to_pylist()}, cfg, names, multi_label, "train")
+    except ConfigError as refused:
+        with pytest.raises(ConfigError) as streamed:
+            column_ids(column, cfg, names, multi_label, classes, "train")
+        assert str(streamed.value) == str(refused)
+        return
+    ids = column_ids(column, cfg, names, multi_label, classes, "train")
+    index = {name: number for number, name in enumerate(classes)}
+    expected = [multi_hot(labels, index) if multi_label else index[labels[0]] for _, labels in rows]
+    assert len(ids) == len(expected) == len(column)
+    assert all(torch.equal(torch.as_tensor(ids.target(row)), torch.as_tensor(target))
+               for row, target in enumerate(expected))
+    assert torch.equal(ids.targets(), torch.stack(expected) if multi_label else torch.tensor(expected))

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from finetune.data.folders import CheckedImageFolder, multi_hot
+from finetune.data.hf_labels import check_known_values, column_ids, label_kind, labelled_rows, value_classes
 from finetune.data.streaming import ParquetSplit, StreamedImages
 from finetune.data.transforms import image_transforms
 from finetune.errors import ConfigError
@@ -82,8 +83,8 @@ def check_saved_folder(path: str) -> None:
                               "file names inside its folder; the file is damaged or crafted.")
 
 
+SPLIT_KEYS = {"train": "data.train_split", "val": "data.val_split", "test": "data.test_split"}
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # data file -> datasets' reader
-MAX_LISTED = 5  # classes and rows an error names
 
 
 def data_files(path: str) -> tuple[str, dict[str, list[str]]]:
@@ -167,83 +168,6 @@ def checked_split(splits: dict[str, Any], key: str, name: str) -> Any:
     return splits[name]
 
 
-def label_kind(table: Any, cfg: DictConfig) -> tuple[list[str] | None, bool]:
-    """(class names from the features or None for plain values, multi-label), once the
-    columns the config names are found."""
-    import datasets
-
-    features = table.features
-    for key in ("image_column", "label_column"):
-        if cfg[key] not in features:
-            raise ConfigError(f"data.{key}={cfg[key]!r} is not a column of the data set: its "
-                              f"columns are {list(features)}.")
-    if not isinstance(features[cfg.image_column], datasets.Image):
-        raise ConfigError(f"data.image_column={cfg.image_column!r} holds "
-                          f"{features[cfg.image_column]}, not images (datasets.Image).")
-    label = features[cfg.label_column]
-    inner = getattr(label, "feature", None)
-    multi_label = isinstance(inner, datasets.ClassLabel)
-    if multi_label != bool(cfg.multi_label):
-        holds = ("a list of labels per image: set data.multi_label=true" if multi_label
-                 else "one label per image: set data.multi_label=false")
-        raise ConfigError(f"data.multi_label={cfg.multi_label}: the column data.label_column="
-                          f"{cfg.label_column!r} holds {label}, {holds}.")
-    if multi_label:
-        return list(inner.names), True
-    if isinstance(label, datasets.ClassLabel):
-        return list(label.names), False
-    if isinstance(label, datasets.Value):
-        return None, False
-    raise ConfigError(f"data.label_column={cfg.label_column!r} holds {label}: use a ClassLabel "
-                      "column, a list of them (multi-label), or a column of plain values.")
-
-
-def labelled_rows(table: Any, cfg: DictConfig, names: list[str] | None, multi_label: bool,
-                  split: str) -> list[tuple[int, tuple[str, ...]]]:
-    """(row, its labels as class names) per row. A row without a valid label (a class id
-    outside the class list: datasets writes -1 for "no label"; an empty value) is refused,
-    naming the row. A multi-label row may have none."""
-    rows, problems = [], []
-    for row, value in enumerate(table[cfg.label_column]):
-        ids = list(value or []) if multi_label else [value]  # a null list: no label
-        if names is None and value is not None and str(value) != "":
-            rows.append((row, (str(value),)))
-        elif names is not None and all(isinstance(item, int) and 0 <= item < len(names)
-                                       for item in ids):
-            rows.append((row, tuple(sorted({names[item] for item in ids}))))
-        else:
-            problems.append(f"row {row}: {value!r}")
-    if problems:
-        allowed = f"class ids 0 to {len(names) - 1}" if names else "a value"
-        raise ConfigError(f"data.label_column={cfg.label_column!r}, split {split!r}: "
-                          f"{len(problems)} row(s) without a valid label ({allowed}): "
-                          f"{'; '.join(problems[:MAX_LISTED])}.")
-    return rows
-
-
-def value_classes(table: Any, cfg: DictConfig) -> list[str]:
-    """A plain label column's classes: its distinct values, sorted as what they are (numbers
-    as numbers), as text."""
-    values = {value for value in table[cfg.label_column] if value is not None and str(value) != ""}
-    return [str(value) for value in sorted(values)]
-
-
-def check_known_values(chosen: dict[str, tuple[Any, list, str]], classes: list[str],
-                       cfg: DictConfig) -> None:
-    """A plain label column's classes are the training split's values (so a checkpoint
-    means the same classes whichever split is read later): another split's value outside
-    them is refused, naming its rows."""
-    known = set(classes)
-    for _, rows, name in chosen.values():
-        unknown = [f"row {row}: {labels[0]!r}" for row, labels in rows if labels[0] not in known]
-        if unknown:
-            listed = ", ".join(classes[:MAX_LISTED]) + (", ..." if len(classes) > MAX_LISTED else "")
-            raise ConfigError(f"data.label_column={cfg.label_column!r}, split {name!r}: "
-                              f"{len(unknown)} row(s) with a label the training split "
-                              f"{cfg.train_split!r} does not have (its {len(classes)} classes: "
-                              f"{listed}): {'; '.join(unknown[:MAX_LISTED])}.")
-
-
 def table_stamp(table: Any) -> str:
     """What changes when a table's data does: its Arrow files' names, sizes and times (a
     table in memory: datasets' fingerprint of it)."""
@@ -299,23 +223,38 @@ def hf_images(cfg: DictConfig, spec: InputSpec, splits: tuple[str, ...] = ("trai
     tables = open_splits(cfg)
     train_table = checked_split(tables, "data.train_split", cfg.train_split)
     names, multi_label = label_kind(train_table, cfg)
-    chosen = split_rows(cfg, tables, names, multi_label, splits)
     transforms = dict(zip(("train", "val"), image_transforms(spec, cfg.augment), strict=True))
-    classes = names or value_classes(train_table, cfg)
+    if cfg.get("streaming"):
+        found, classes = streamed_splits(cfg, tables, names, multi_label, splits, transforms)
+        return found.get("train"), found[splits[-1]], classes
+    chosen = split_rows(cfg, tables, names, multi_label, splits)
+    classes = names or value_classes(train_table[cfg.label_column])
     if names is None:
         check_known_values(chosen, classes, cfg)
-    if cfg.get("streaming"):
-        found = {split: StreamedImages(table, rows, classes, cfg.image_column,
-                                       transforms.get(split, transforms["val"]),
-                                       cfg.bad_images == "skip", multi_label, cfg.batch_size,
-                                       cfg.shuffle_buffer)
-                 for split, (table, rows, _) in chosen.items()}
-        return found.get("train"), found[splits[-1]], classes
     found = {split: HfImages(table, rows, classes, cfg.image_column,
                              transforms.get(split, transforms["val"]), cfg.bad_images == "skip",
                              f"{cfg.path}/{name}", multi_label)
              for split, (table, rows, name) in chosen.items()}
     return found.get("train"), found[splits[-1]], classes
+
+
+def streamed_splits(cfg: DictConfig, tables: dict[str, ParquetSplit], names: list[str] | None,
+                    multi_label: bool, splits: tuple[str, ...], transforms: dict
+                    ) -> tuple[dict[str, StreamedImages], list[str]]:
+    """{split: its stream} and the class names; the labels read as class ids, column-wise."""
+    import pyarrow.compute as pc
+
+    classes = names or value_classes(
+        pc.unique(tables[cfg.train_split].column(cfg.label_column)).to_pylist())
+    found = {}
+    for split in splits:
+        name = cfg[SPLIT_KEYS[split].removeprefix("data.")]
+        table = checked_split(tables, SPLIT_KEYS[split], name)
+        labels = column_ids(table.column(cfg.label_column), cfg, names, multi_label, classes, name)
+        found[split] = StreamedImages(table, labels, classes, cfg.image_column,
+                                      transforms.get(split, transforms["val"]),
+                                      cfg.bad_images == "skip", cfg.batch_size, cfg.shuffle_buffer)
+    return found, classes
 
 
 def split_rows(cfg: DictConfig, tables: dict[str, Any], names: list[str] | None,
@@ -324,7 +263,6 @@ def split_rows(cfg: DictConfig, tables: dict[str, Any], names: list[str] | None,
     data.val_split (data.val_fraction set), a fixed share of the training split validates."""
     from finetune.data.csv_data import fraction_split
 
-    keys = {"train": "data.train_split", "val": "data.val_split", "test": "data.test_split"}
     chosen = {}
     if cfg.val_fraction is not None and ("train" in splits or "val" in splits):
         table = tables[cfg.train_split]
@@ -335,7 +273,7 @@ def split_rows(cfg: DictConfig, tables: dict[str, Any], names: list[str] | None,
                   "val": (table, sorted(val), cfg.train_split)}
     for split in splits:
         if split not in chosen:
-            name = cfg[keys[split].removeprefix("data.")]
-            table = checked_split(tables, keys[split], name)
+            name = cfg[SPLIT_KEYS[split].removeprefix("data.")]
+            table = checked_split(tables, SPLIT_KEYS[split], name)
             chosen[split] = (table, labelled_rows(table, cfg, names, multi_label, name), name)
     return {split: chosen[split] for split in splits}

@@ -28,9 +28,11 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from finetune.data.folders import multi_hot, read_or_skip
+from finetune.data.folders import read_or_skip
+from finetune.data.hf_labels import ClassIds
 from finetune.data.images import read_image
 from finetune.errors import ConfigError
 
@@ -39,8 +41,8 @@ READ_ROWS = 64  # rows pyarrow decodes at a time from a row group
 
 
 class ParquetSplit:
-    """One split's Parquet files: their features, rows per row group, and (as a table's
-    column is) the label column: what hf_data.label_kind and labelled_rows read."""
+    """One split's Parquet files: their features and rows per row group, and a column read
+    whole (the labels: what hf_labels reads)."""
 
     def __init__(self, files: list[str], source: str):
         import datasets
@@ -67,12 +69,13 @@ class ParquetSplit:
     def __len__(self) -> int:
         return sum(self.counts)
 
-    def __getitem__(self, column: str) -> list:
-        """A column's values over the files, in order (the labels: read whole, nothing else)."""
+    def column(self, name: str) -> Any:
+        """A column's values over the files, in order, as one pyarrow ChunkedArray."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return [value for file in self.files
-                for value in pq.read_table(file, columns=[column]).column(column).to_pylist()]
+        read = [pq.read_table(file, columns=[name]).column(name) for file in self.files]
+        return pa.chunked_array([chunk for column in read for chunk in column.chunks], read[0].type)
 
 
 def row_groups(file: str, metadata: Any) -> list[int]:
@@ -196,14 +199,10 @@ class StreamedImages(IterableDataset):
     are (read_image, then the same transform). `place` tells it the process and the seed;
     `set_epoch` which epoch's rows to read."""
 
-    def __init__(self, split: ParquetSplit, rows: list[tuple[int, tuple[str, ...]]],
-                 classes: list[str], image_column: str, transform, skip: bool, multi_label: bool,
-                 batch_size: int, shuffle_buffer: int):
-        index = {name: number for number, name in enumerate(classes)}
-        self.labels = [tuple(index[name] for name in labels) for _, labels in rows]
-        self.class_ids = {number: number for number in index.values()}  # labels are ids here
-        self.split, self.classes, self.image_column = split, classes, image_column
-        self.transform, self.skip, self.multi_label = transform, skip, multi_label
+    def __init__(self, split: ParquetSplit, labels: ClassIds, classes: list[str],
+                 image_column: str, transform, skip: bool, batch_size: int, shuffle_buffer: int):
+        self.split, self.labels, self.classes, self.image_column = split, labels, classes, image_column
+        self.transform, self.skip = transform, skip
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.training, self.rank, self.world, self.seed, self.epoch = False, 0, 1, 0, 0
         self.file_starts = list(itertools.accumulate(split.counts, initial=0))
@@ -228,12 +227,9 @@ class StreamedImages(IterableDataset):
         return measured
 
     @property
-    def targets(self) -> list:
+    def targets(self) -> torch.Tensor:
         """Every row's target (loss.class_weights=balanced counts them)."""
-        return [self.target(labels) for labels in self.labels]
-
-    def target(self, labels: tuple[int, ...]):
-        return multi_hot(labels, self.class_ids) if self.multi_label else labels[0]
+        return self.labels.targets()
 
     def __len__(self) -> int:
         """This process's rows per epoch (training: its whole batches)."""
@@ -299,7 +295,7 @@ class StreamedImages(IterableDataset):
         image = read_or_skip(read, f"{self.split.files[file]}#{row}", self.skip)
         if image is None:
             return None
-        return self.transform(image), self.target(self.labels[self.file_starts[file] + row])
+        return self.transform(image), self.labels.target(self.file_starts[file] + row)
 
     def describe(self, validation: "StreamedImages") -> str:
         """The start-up report's line: what is read, and each process's share."""

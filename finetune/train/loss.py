@@ -27,6 +27,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     if hasattr(dataset, "targets"):  # ImageFolder and its kind (multi-label: 0/1 vectors)
         targets = dataset.targets
+        if torch.is_tensor(targets):  # a stream's labels, kept as one array
+            return targets
         return torch.stack(targets) if targets and torch.is_tensor(targets[0]) else torch.as_tensor(targets)
     return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))])
 
