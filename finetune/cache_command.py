@@ -1,6 +1,6 @@
-"""`finetune cache`: what the feature and decoded-image caches hold on this machine, and
-clearing them (`finetune cache clear`). Both live under trainer.cache_dir; only the files
-this tool names there are counted or removed.
+"""`finetune cache`: what the feature and decoded-image caches hold on this machine, and the
+start-up check's kept verdicts, and clearing them (`finetune cache clear`). All live under
+trainer.cache_dir; only the files this tool names there are counted or removed.
 """
 
 import argparse
@@ -9,19 +9,21 @@ import re
 
 from finetune.config.schemas import TrainerConfig
 
-FEATURE_ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # features.cache_key's
-IMAGE_ENTRY = re.compile(r"[0-9a-f]+\.(u8|idx\.pt)")  # image_cache's data and index files
+CACHES = {  # name: (folder under trainer.cache_dir, the names of its files)
+    "feature cache": ("", re.compile(r"[0-9a-f]{32}\.pt")),  # features.cache_key's
+    "image cache": ("images", re.compile(r"[0-9a-f]+\.(u8|idx\.pt)")),  # data and index files
+    "image checks": ("checks", re.compile(r"[0-9a-f]{64}\.json")),  # image_check's verdicts
+}
 
 
-def entries(cache_dir: str) -> dict[str, list[str]]:
-    """The cache files under `cache_dir`, per cache."""
-    folders = {"feature cache": (cache_dir, FEATURE_ENTRY),
-               "image cache": (os.path.join(cache_dir, "images"), IMAGE_ENTRY)}
+def entries(cache_dir: str) -> dict[str, tuple[str, list[str]]]:
+    """The cache files under `cache_dir`, per cache: (its folder, its files)."""
     found = {}
-    for name, (folder, pattern) in folders.items():
+    for name, (place, pattern) in CACHES.items():
+        folder = os.path.join(cache_dir, place) if place else cache_dir
         files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        found[name] = [os.path.join(folder, file) for file in files if pattern.fullmatch(file)
-                       and os.path.isfile(os.path.join(folder, file))]
+        found[name] = (folder, [os.path.join(folder, file) for file in files
+                                if pattern.fullmatch(file) and os.path.isfile(os.path.join(folder, file))])
     return found
 
 
@@ -36,9 +38,8 @@ def main(arguments: list[str]) -> int:
                         help="trainer.cache_dir of the runs (default %(default)s)")
     options = parser.parse_args(arguments)
     cache_dir = os.path.expanduser(options.dir)
-    for name, files in entries(cache_dir).items():
+    for name, (folder, files) in entries(cache_dir).items():
         size = sum(os.path.getsize(path) for path in files)
-        folder = cache_dir if name == "feature cache" else os.path.join(cache_dir, "images")
         if options.action == "clear":
             for path in files:
                 os.remove(path)
@@ -47,5 +48,5 @@ def main(arguments: list[str]) -> int:
             print(f"{name}: {len(files)} files, {size_text(size)} in {folder}")
     if options.action == "list":
         where = "" if options.dir == TrainerConfig.cache_dir else f" --dir {options.dir}"
-        print(f"clear both: finetune cache clear{where}")
+        print(f"clear them all: finetune cache clear{where}")
     return 0

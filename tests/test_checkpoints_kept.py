@@ -61,9 +61,14 @@ def test_the_cache_command_lists_and_clears_only_the_caches_files(tmp_path, caps
     run(make_config(*FAST, "experiment=linear_probe", "trainer.max_epochs=1",
                     f"trainer.cache_dir={cache}"), str(tmp_path / "probe"))
     (cache / "notes.txt").write_text("mine")
+    (cache / "checks").mkdir()
+    (cache / "checks" / f"{'a' * 64}.json").write_text("{}")  # a start-up check's verdict
+    (cache / "checks" / "mine.json").write_text("{}")
     assert cache_main(["--dir", str(cache)]) == 0
     listed = capsys.readouterr().out
     assert "feature cache: 1 files" in listed and "image cache: 0 files" in listed
+    assert "image checks: 1 files" in listed
     assert cache_main(["clear", "--dir", str(cache)]) == 0
-    assert "feature cache: removed 1 files" in capsys.readouterr().out
-    assert [path.name for path in cache.iterdir()] == ["notes.txt"]
+    cleared = capsys.readouterr().out
+    assert "feature cache: removed 1 files" in cleared and "image checks: removed 1 files" in cleared
+    assert sorted(path.name for path in cache.rglob("*") if path.is_file()) == ["mine.json", "notes.txt"]

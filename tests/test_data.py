@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -183,6 +184,34 @@ def test_an_image_that_breaks_after_the_check_is_named_or_skipped(tmp_path, capl
                 assert path in caplog.text
         finally:
             open(path, "wb").write(original)
+
+
+def test_the_start_up_check_is_kept_until_an_image_changes(tmp_path, monkeypatch, caplog):
+    """Built again on the same images, a data set opens none of them for the check and leaves
+    out the same unreadable ones; a changed image checks its split again; a verdict file this
+    tool did not write is ignored."""
+    from finetune.data import image_check
+
+    root = make_image_folder(tmp_path / "photos")
+    break_images(root)
+    checked, check = [], image_check.unreadable
+    monkeypatch.setattr(image_check, "unreadable",
+                        lambda paths, opener: checked.append(len(paths)) or check(paths, opener))
+    cfg = make_config("data=imagefolder", f"data.root={root}", "data.num_workers=0",
+                      "data.cache_images=false")
+
+    def kept() -> tuple[int, int]:
+        data = build_data(cfg.data, spec(24), seed=0, cache_dir=str(tmp_path / "cache"))
+        return len(data.train_loader.dataset), len(data.val_loader.dataset)
+
+    assert kept() == (6, 6) and checked == [7, 7]  # each split: 6 images and a broken one
+    assert kept() == (6, 6) and checked == [7, 7]
+    (root / "train" / "cat" / "0.png").write_bytes(b"broken now")
+    assert kept() == (5, 6) and checked == [7, 7, 7]
+    for verdict in (tmp_path / "cache" / "checks").glob("*.json"):
+        verdict.write_text(json.dumps({"format": 1, "images": 7, "unreadable": {"/etc/passwd": "x"}}))
+    assert kept() == (5, 6) and checked == [7, 7, 7, 7, 7]
+    assert caplog.text.count("ignoring the start-up check's verdict") == 2
 
 
 def test_num_workers_auto_leaves_a_core_to_training(monkeypatch):

@@ -6,7 +6,6 @@ import io
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils.data import default_collate
 from torchvision import datasets
 
 from finetune.config.schemas import is_multi_label
+from finetune.data.image_check import checked_unreadable
 from finetune.data.images import open_image, read_image
 from finetune.data.transforms import Prepared, image_transforms
 from finetune.errors import ConfigError
@@ -125,21 +125,6 @@ def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[s
             CsvImages(val, classes, transforms["val"], skip, root), classes)
 
 
-def unreadable(paths: list[str], opener: Callable = open_image) -> dict[str, str]:
-    """The images PIL cannot open and verify, with the reason (checked in threads)."""
-    def problem(path: str) -> str | None:
-        try:
-            with opener(path) as image:  # past PIL's pixel limit: refused, with the advice
-                image.verify()
-        except Exception as error:  # PIL raises many types for broken files
-            return f"{type(error).__name__}: {error}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads: threads overlap the waits
-        return {path: reason for path, reason in zip(paths, pool.map(problem, paths), strict=True)
-                if reason is not None}
-
-
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder that names unreadable files: found at start-up, they are left out with one
     warning naming each (`skip`) or stop the run with their names (`fail`, a ConfigError).
@@ -151,15 +136,20 @@ class CheckedImageFolder(datasets.ImageFolder):
         self.skip = skip
         self.decoded = None  # image_cache.DecodedImages: the fixed part, read back
         self.whole_batches = False  # the cache's batches are read whole (image_cache.read_batch)
-        bad = unreadable([path for path, _ in self.samples], self.open_source)
+
+    def check_images(self, cache_dir: str | None) -> None:
+        """The start-up check (finetune/data/image_check.py, its verdict kept under cache_dir):
+        unreadable images stop the run naming each, or (`skip`) are left out with a warning."""
+        bad = checked_unreadable([path for path, _ in self.samples], self.open_source,
+                                 self.source_stamp, cache_dir)
         named = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
-        if bad and not skip:
+        if bad and not self.skip:
             raise ConfigError(f"data.bad_images=fail: {len(bad)} unreadable image file(s) in "
-                              f"{root}: {named}. Remove or replace them, or set "
+                              f"{self.root}: {named}. Remove or replace them, or set "
                               "data.bad_images=skip.")
         if bad:
             log.warning("data.bad_images=skip: leaving out %d unreadable image file(s) in %s: %s",
-                        len(bad), root, named)
+                        len(bad), self.root, named)
             self.samples = [sample for sample in self.samples if sample[0] not in bad]
             self.imgs, self.targets = self.samples, [target for _, target in self.samples]
 

@@ -218,6 +218,7 @@ def builder(cfg: DictConfig):
 def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
                shard: Shard | None = None, cache_dir: str | None = None) -> Data:
     train, val, class_names = builder(cfg)(cfg, spec)
+    check_images((train, val), cache_dir)
     if cfg.get("folds") is not None:
         train, val = cross_validation_fold(cfg, train, val)
     if len(train) == 0 or len(val) == 0:
@@ -230,6 +231,13 @@ def build_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = F
                 or mix is not None, mix=mix, multi_label=is_multi_label(cfg),
                 image_cache=image_cache, reading=reading(cfg, train, val, shard),
                 streamed=isinstance(train, StreamedImages))
+
+
+def check_images(found: tuple[Dataset | None, ...], cache_dir: str | None) -> None:
+    """Image data sets' start-up check, its verdict kept under trainer.cache_dir."""
+    for dataset in found:
+        if isinstance(dataset, CheckedImageFolder):
+            dataset.check_images(cache_dir)
 
 
 def reading(cfg: DictConfig, train: Dataset, val: Dataset, shard: Shard | None) -> str:
@@ -297,7 +305,8 @@ def cross_validation_fold(cfg: DictConfig, train: Dataset, val: Dataset) -> tupl
 
 
 def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: bool = False,
-                    shard: Shard | None = None) -> tuple[DataLoader, list[str]]:
+                    shard: Shard | None = None, cache_dir: str | None = None
+                    ) -> tuple[DataLoader, list[str]]:
     """The split data.split names alone (mode=evaluate: val, or test: images training never
     saw); an image folder's train/ is not read."""
     split = cfg.get("split", "val")
@@ -308,6 +317,7 @@ def validation_data(cfg: DictConfig, spec: InputSpec, seed: int, pin_memory: boo
                           "(a test/ folder) and data=csv (rows with split=test) can have one.")
     else:  # in memory or generated: the split needs both sides, and costs nothing to read
         _, val, class_names = builder(cfg)(cfg, spec)
+    check_images((val,), cache_dir)
     if len(val) == 0:
         raise ConfigError(f"data={cfg.name}: the {'validation' if split == 'val' else 'test'} set "
                           "is empty.")

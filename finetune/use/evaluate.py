@@ -81,7 +81,8 @@ def checkpoint_data(cfg: DictConfig, model: "LoadedModel", overrides: Sequence[s
                                                               "test_shards")
                  if data_cfg.get(key) is not None and data_cfg.get(key) == trained_on.get(key)]
     try:
-        loader, classes = validation_data(data_cfg, model.input_spec, cfg.seed, **options)
+        loader, classes = validation_data(data_cfg, model.input_spec, cfg.seed,
+                                          cache_dir=cfg.trainer.cache_dir, **options)
     except ConfigError as error:
         if not from_file:
             raise
