@@ -212,6 +212,8 @@ def test_the_start_up_check_is_kept_until_an_image_changes(tmp_path, monkeypatch
         verdict.write_text(json.dumps({"format": 1, "images": 7, "unreadable": {"/etc/passwd": "x"}}))
     assert kept() == (5, 6) and checked == [7, 7, 7, 7, 7]
     assert caplog.text.count("ignoring the start-up check's verdict") == 2
+    (root / "val" / "cat" / "gone.png").symlink_to(root / "nowhere.png")  # listed, then missing
+    assert kept() == (5, 6) and "gone.png" in caplog.text and checked[-1] == 8
 
 
 def test_num_workers_auto_leaves_a_core_to_training(monkeypatch):

@@ -221,6 +221,7 @@ def test_multi_label_rows_train_with_their_label_lists(tmp_path):
     (["a", "b", "c"], False, [[0, -1], [5, None, 2, -1, 7, 9, 9]]),
     (None, False, [[10, 2], [10, 33]]),
     (None, False, [["cat", "", None], ["dog"]]),
+    (None, False, [[1.0, float("nan")], [2.0]]),
     (["a", "b", "c"], True, [[[0, 2], None, []], [[1, 1], [2]]]),
     (["a", "b", "c"], True, [[[0], [0, -1]], [None, [7], [1, None]]]),
 ])

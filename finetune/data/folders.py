@@ -126,8 +126,9 @@ def one_folder(cfg: DictConfig, transforms: dict[str, Prepared], splits: tuple[s
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder that names unreadable files: found at start-up, they are left out with one
-    warning naming each (`skip`) or stop the run with their names (`fail`, a ConfigError).
+    """ImageFolder that names unreadable files: found by check_images at start-up (the data
+    stage calls it once the data sets are built), they are left out with one warning naming
+    each (`skip`) or stop the run with their names (`fail`, a ConfigError).
     A file that breaks later (a truncated JPEG passes the check) is named in the error, or
     skipped with a warning, instead of crashing a loader worker anonymously."""
 

@@ -52,8 +52,8 @@ def label_kind(table: Any, cfg: DictConfig) -> tuple[list[str] | None, bool]:
 
 
 def plain_value(value: Any) -> bool:
-    """Whether a plain label column's cell holds a label (not empty)."""
-    return value is not None and str(value) != ""
+    """Whether a plain label column's cell holds a label (not empty, not NaN)."""
+    return value is not None and str(value) != "" and value == value  # NaN != NaN
 
 
 def value_classes(values: Iterable) -> list[str]:
