@@ -63,12 +63,18 @@ def test_the_cache_gives_the_batches_the_files_give(jpegs, tmp_path, augment):
         assert torch.equal(images, cached_images) and torch.equal(labels, cached_labels)
 
 
-def test_a_second_run_reads_the_entry_and_a_changed_file_rebuilds_it(jpegs, tmp_path):
-    first = setup(jpegs, tmp_path / "cache")
+def test_a_second_run_reads_the_entry_and_a_changed_file_rebuilds_it(jpegs, tmp_path, monkeypatch):
+    """... and opens no image at start-up: the check's verdict and the entry's size are kept
+    (light augmentation: the training entry's size would come from every image's header)."""
+    from finetune.data import folders
+
+    first = setup(jpegs, tmp_path / "cache", "data.augment=light")
     assert "built now" in first.data.image_cache
-    before = entries(tmp_path / "cache")
-    second = setup(jpegs, tmp_path / "cache")
+    before, opened, open_image = entries(tmp_path / "cache"), [], folders.open_image
+    monkeypatch.setattr(folders, "open_image", lambda path: opened.append(path) or open_image(path))
+    second = setup(jpegs, tmp_path / "cache", "data.augment=light")
     assert "read from the cache" in second.data.image_cache and entries(tmp_path / "cache") == before
+    assert opened == []
     Image.new("RGB", (40, 40), (255, 255, 255)).save(jpegs / "val" / "cats" / "0.jpg")
     changed = setup(jpegs, tmp_path / "cache")
     assert "built now" in changed.data.image_cache  # the val entry: the train one still hits

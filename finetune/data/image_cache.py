@@ -249,9 +249,26 @@ def make_room(folder: str, needed: int, max_gb: float, keep: str) -> list[str]:
     return removed
 
 
+def entry_files(dataset, cache_dir: str) -> tuple[str, str, str]:
+    """An image dataset's entry: its key, data file and index file."""
+    key = entry_key([dataset.source_stamp(path) for path, _ in dataset.samples], dataset.transform.fixed)
+    folder = os.path.join(os.path.expanduser(cache_dir), "images")
+    return key, os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt")
+
+
+def entry_bytes(dataset, cache_dir: str) -> int:
+    """An image dataset's entry size: a built entry's data file's (a later run or a sweep's
+    job opens no image for it), else estimated from the image headers."""
+    _, data_path, index_path = entry_files(dataset, cache_dir)
+    if os.path.isfile(index_path) and os.path.isfile(data_path):
+        return os.path.getsize(data_path)  # a broken entry is rebuilt, re-estimated, in attach
+    return estimated_bytes([path for path, _ in dataset.samples], dataset.transform.fixed,
+                           dataset.open_source)
+
+
 def attach(dataset, cache_dir: str, max_gb: float, size: int) -> bool:
-    """Give an image dataset its entry (dataset.decoded; `size`: its estimated_bytes);
-    whether this call built it."""
+    """Give an image dataset its entry (dataset.decoded; `size`: its entry_bytes); whether
+    this call built it."""
     dataset.decoded, built = cached_images(dataset, cache_dir, max_gb, size)
     dataset.whole_batches = batch_readable(dataset)
     return built
@@ -262,13 +279,15 @@ def cached_images(dataset, cache_dir: str, max_gb: float, size: int) -> tuple[De
     whether this call built it."""
     paths = [path for path, _ in dataset.samples]
     fixed = dataset.transform.fixed
-    folder = os.path.join(os.path.expanduser(cache_dir), "images")
+    key, data_path, index_path = entry_files(dataset, cache_dir)
+    folder = os.path.dirname(data_path)
     os.makedirs(folder, exist_ok=True)
-    key = entry_key([dataset.source_stamp(path) for path in paths], fixed)
-    data_path, index_path = os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt")
+    had_data = os.path.isfile(data_path)
     index = load_index(index_path, data_path, key, len(paths), fixed)
     built = index is None
     if built:
+        if had_data:  # `size` was the broken entry's: what the images will take instead
+            size = estimated_bytes(paths, fixed, dataset.open_source)
         removed = make_room(folder, size, max_gb, key)
         if removed:
             log.info("image cache: removed %d older entries to stay under data.cache_max_gb=%g",

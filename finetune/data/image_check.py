@@ -1,7 +1,7 @@
 """The start-up check of an image data set: every image's header opened and verified, the
 unreadable ones named (data.bad_images=fail) or left out with a warning (skip).
 
-Opening every image is most of a start-up on many images (20,000 JPEGs: 2.7 to 3.0 s, where
+Opening every image is most of a start-up on many images (20,000 JPEGs: 2.5 to 3.0 s, where
 a bare ImageFolder scan takes 0.03 s; benchmarks/startup.py), and a sweep's jobs, a resumed
 run and a run on the same data again would repeat it. So the verdict is kept under
 trainer.cache_dir/checks, keyed by every image's source stamp (a file's path, size and

@@ -267,11 +267,10 @@ def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_di
     files = [dataset for dataset in files if isinstance(dataset, CheckedImageFolder)]
     if not files:
         return None
-    sizes = [image_cache.estimated_bytes([path for path, _ in dataset.samples],
-                                         dataset.transform.fixed, dataset.open_source)
-             for dataset in files]  # read once: the decision, then each entry's room
-    decision = image_cache.decide(str(cfg.cache_images).lower(), sum(map(len, files)), sum(sizes),
-                                  cfg.cache_max_gb)
+    setting = str(cfg.cache_images).lower()
+    sizes = [0 if setting == "false" else image_cache.entry_bytes(dataset, cache_dir)
+             for dataset in files]  # the decision, then each entry's room
+    decision = image_cache.decide(setting, sum(map(len, files)), sum(sizes), cfg.cache_max_gb)
     if decision.enabled:
         built = [image_cache.attach(dataset, cache_dir, cfg.cache_max_gb, size)
                  for dataset, size in zip(files, sizes, strict=True)]
