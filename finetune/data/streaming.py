@@ -2,7 +2,8 @@
 to keep (map-style copies data files into datasets' Arrow cache first).
 
 At start-up only the files' metadata (rows per row group), their features (datasets reads
-them from the schema) and the label column are read. Each epoch every process then trains on
+them from the schema) and the label column are read; the labels are kept as one array of
+class ids (hf_labels.ClassIds), not an object per row. Each epoch every process then trains on
 the same number of whole batches: N // (processes x batch size), N the training rows. The
 files are put in a new order each epoch and the rows taken from a circular range of them
 that starts at a new place; process r reads its own contiguous part of that range and each
