@@ -280,6 +280,23 @@ def test_only_raising_max_epochs_is_allowed():
                               compose_unresolved).data.num_workers == 2  # this machine's
 
 
+def test_a_saved_config_never_chooses_where_datasets_writes(tmp_path):
+    """data=hf's data.cache_dir (where datasets writes its Arrow copy) comes from the command
+    line, resuming and evaluating, as trainer.cache_dir does: never from the saved config."""
+    from finetune.use.evaluate import evaluation_data
+
+    chosen = f"data.cache_dir={tmp_path}/chosen-by-the-file"
+    config = OmegaConf.to_container(make_config(*FAST[:2], "data=hf", "data.path=/data/pets", chosen),
+                                    resolve=True)
+    saved = {"config": config, "overrides": ["data=hf", "data.path=/data/pets", chosen]}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert resumed_config("/run", saved, [], compose_unresolved).data.cache_dir is None
+        mine = resumed_config("/run", saved, [f"data.cache_dir={tmp_path}/mine"], compose_unresolved)
+        assert mine.data.cache_dir == f"{tmp_path}/mine" and mine.data.path == "/data/pets"
+    evaluated = evaluation_data(make_config(*FAST[:2], "mode=evaluate"), config["data"], [])
+    assert evaluated.cache_dir is None and evaluated.path == "/data/pets"
+
+
 # --- SIGKILL at random moments -------------------------------------------------------------
 
 def train_in_child(overrides: list[str], run_dir, resume: bool) -> None:

@@ -23,7 +23,8 @@ LAST = os.path.join("checkpoints", "last.pt")
 MAY_CHANGE = {"trainer.max_epochs",  # and only upwards
               "data.num_workers",  # this machine's loader processes (with random
               # augmentation, other draws: the docs say so)
-              "trust", "trainer.cache_dir"}  # taken from the command line, never from the file
+              "trust", "trainer.cache_dir", "data.cache_dir"}  # where the tool writes (and
+# what it trusts): taken from the command line, never from the file
 
 
 def find_run_dir(value: str, outputs_root: str = OUTPUTS_ROOT) -> str:
@@ -124,8 +125,9 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     The saved config is a file's, read through trust.config_from_file; keys it did not save
     (added by later versions) take the schema's defaults. Nothing of the file is composed:
     `compose(overrides)` composes the command line's overrides (with the run's data option,
-    so its data keys exist) to see what they change. `trust` and `trainer.cache_dir` come
-    from this command line only."""
+    so its data keys exist) to see what they change. `trust`, `trainer.cache_dir` and
+    data=hf's `data.cache_dir` (where datasets writes its Arrow copy) come from this command
+    line only."""
     source = f"resume={run_dir!r}"
     saved = record["config"]
     new_overrides = [item for item in new_overrides if not item.lstrip("+~").startswith("resume=")]
@@ -142,6 +144,8 @@ def resumed_config(run_dir: str, record: dict[str, Any], new_overrides: Sequence
     changed = requested_changes(saved, defaults, with_new, ours, new_overrides)
     settings = {"trust": ours["trust"], "trainer.cache_dir": ours["trainer"]["cache_dir"],
                 "resume": run_dir}
+    if "cache_dir" in ours["data"]:
+        settings["data.cache_dir"] = ours["data"]["cache_dir"]
     if "data.num_workers" in changed:
         settings["data.num_workers"] = ours["data"]["num_workers"]
     config = config_from_file(saved, source, ours["trust"], settings=settings)

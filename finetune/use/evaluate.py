@@ -44,13 +44,15 @@ def run_inference(cfg: DictConfig, run_dir: str, plots: bool = False,
 
 
 LOADER_KEYS = ("batch_size", "num_workers")  # this machine's, never the checkpoint's
+WRITE_KEYS = ("cache_dir",)  # data=hf: where datasets writes its Arrow copy; a file never chooses
 
 
 def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
                     overrides: Sequence[str]) -> DictConfig:
     """The data a checkpoint is evaluated on: what it was trained on (its root, classes,
     split), with the command line's data.KEY=VALUE on top; a data=OPTION on the command line
-    chooses other data altogether. Loader settings are always this command's."""
+    chooses other data altogether. Loader settings, and where data=hf writes its Arrow copy,
+    are always this command's."""
     keys = [item.lstrip("+~").split("=", 1)[0] for item in overrides]
     if "data" in keys:
         return cfg.data
@@ -64,6 +66,9 @@ def evaluation_data(cfg: DictConfig, trained_on: dict[str, Any],
                               f"which has no key {key!r}; add the data option it belongs to "
                               "(e.g. data=imagefolder) to evaluate on other data.")
         data[key] = cfg.data[key]
+    for key in WRITE_KEYS:
+        if key in data:  # this command's (its default where its data option has none)
+            data[key] = cfg.data.get(key)
     return data
 
 
@@ -78,7 +83,7 @@ def checkpoint_data(cfg: DictConfig, model: "LoadedModel", overrides: Sequence[s
         data_cfg.split = split
     trained_on = model.config["data"]
     from_file = [f"data.{key}={data_cfg[key]!r}" for key in ("root", "file", "path", "val_shards",
-                                                              "test_shards")
+                                                              "test_shards", "classes_file")
                  if data_cfg.get(key) is not None and data_cfg.get(key) == trained_on.get(key)]
     try:
         loader, classes = validation_data(data_cfg, model.input_spec, cfg.seed,
