@@ -21,6 +21,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -249,50 +250,57 @@ def make_room(folder: str, needed: int, max_gb: float, keep: str) -> list[str]:
     return removed
 
 
-def entry_files(dataset, cache_dir: str) -> tuple[str, str, str]:
+class Entry(NamedTuple):
     """An image dataset's entry: its key, data file and index file."""
+
+    key: str
+    data_path: str
+    index_path: str
+
+
+def entry_of(dataset, cache_dir: str) -> Entry:
+    """The entry for an image dataset's images as they are now (one stat each: found once)."""
     key = entry_key([dataset.source_stamp(path) for path, _ in dataset.samples], dataset.transform.fixed)
     folder = os.path.join(os.path.expanduser(cache_dir), "images")
-    return key, os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt")
+    return Entry(key, os.path.join(folder, f"{key}.u8"), os.path.join(folder, f"{key}.idx.pt"))
 
 
-def entry_bytes(dataset, cache_dir: str) -> int:
-    """An image dataset's entry size: a built entry's data file's (a later run or a sweep's
-    job opens no image for it), else estimated from the image headers."""
-    _, data_path, index_path = entry_files(dataset, cache_dir)
-    if os.path.isfile(index_path) and os.path.isfile(data_path):
-        return os.path.getsize(data_path)  # a broken entry is rebuilt, re-estimated, in attach
+def entry_bytes(dataset, entry: Entry) -> int:
+    """An entry's size: a built entry's data file's (a later run or a sweep's job opens no
+    image for it), else estimated from the image headers."""
+    if os.path.isfile(entry.index_path) and os.path.isfile(entry.data_path):
+        return os.path.getsize(entry.data_path)  # a broken entry is rebuilt, re-estimated, in attach
     return estimated_bytes([path for path, _ in dataset.samples], dataset.transform.fixed,
                            dataset.open_source)
 
 
-def attach(dataset, cache_dir: str, max_gb: float, size: int) -> bool:
+def attach(dataset, entry: Entry, max_gb: float, size: int) -> bool:
     """Give an image dataset its entry (dataset.decoded; `size`: its entry_bytes); whether
     this call built it."""
-    dataset.decoded, built = cached_images(dataset, cache_dir, max_gb, size)
+    dataset.decoded, built = cached_images(dataset, entry, max_gb, size)
     dataset.whole_batches = batch_readable(dataset)
     return built
 
 
-def cached_images(dataset, cache_dir: str, max_gb: float, size: int) -> tuple[DecodedImages, bool]:
+def cached_images(dataset, entry: Entry, max_gb: float, size: int) -> tuple[DecodedImages, bool]:
     """The entry for an image dataset's files and fixed transform, built on a miss; and
     whether this call built it."""
     paths = [path for path, _ in dataset.samples]
     fixed = dataset.transform.fixed
-    key, data_path, index_path = entry_files(dataset, cache_dir)
-    folder = os.path.dirname(data_path)
+    folder = os.path.dirname(entry.data_path)
     os.makedirs(folder, exist_ok=True)
-    had_data = os.path.isfile(data_path)
-    index = load_index(index_path, data_path, key, len(paths), fixed)
+    had_data = os.path.isfile(entry.data_path)
+    index = load_index(entry.index_path, entry.data_path, entry.key, len(paths), fixed)
     built = index is None
     if built:
         if had_data:  # `size` was the broken entry's: what the images will take instead
             size = estimated_bytes(paths, fixed, dataset.open_source)
-        removed = make_room(folder, size, max_gb, key)
+        removed = make_room(folder, size, max_gb, entry.key)
         if removed:
             log.info("image cache: removed %d older entries to stay under data.cache_max_gb=%g",
                      len(removed), max_gb)
-        index = build_entry(paths, fixed, dataset.loader, dataset.skip, data_path, index_path, key)
+        index = build_entry(paths, fixed, dataset.loader, dataset.skip, entry.data_path,
+                            entry.index_path, entry.key)
     else:
-        os.utime(index_path)  # last used: the bound removes the oldest first
-    return DecodedImages(data_path, index), built
+        os.utime(entry.index_path)  # last used: the bound removes the oldest first
+    return DecodedImages(entry.data_path, index), built

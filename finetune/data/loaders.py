@@ -268,12 +268,14 @@ def attach_image_caches(cfg: DictConfig, datasets: tuple[Dataset, ...], cache_di
     if not files:
         return None
     setting = str(cfg.cache_images).lower()
-    sizes = [0 if setting == "false" else image_cache.entry_bytes(dataset, cache_dir)
-             for dataset in files]  # the decision, then each entry's room
+    if setting == "false":  # no entry to find, no size to estimate
+        return image_cache.decide(setting, 0, 0, cfg.cache_max_gb).reason
+    entries = [image_cache.entry_of(dataset, cache_dir) for dataset in files]
+    sizes = [image_cache.entry_bytes(dataset, entry) for dataset, entry in zip(files, entries, strict=True)]
     decision = image_cache.decide(setting, sum(map(len, files)), sum(sizes), cfg.cache_max_gb)
-    if decision.enabled:
-        built = [image_cache.attach(dataset, cache_dir, cfg.cache_max_gb, size)
-                 for dataset, size in zip(files, sizes, strict=True)]
+    if decision.enabled:  # the sizes: the decision, then each entry's room
+        built = [image_cache.attach(dataset, entry, cfg.cache_max_gb, size)
+                 for dataset, entry, size in zip(files, entries, sizes, strict=True)]
         decision.reason += "; built now" if any(built) else "; read from the cache"
     return decision.reason
 
